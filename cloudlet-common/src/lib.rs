@@ -1,0 +1,209 @@
+//! Types shared by the XDP program (`cloudlet-ebpf`) and user space (`cloudlet-user`).
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, and laid out without implicit padding, so the
+//! kernel and user space agree on each byte of map keys and values.
+#![no_std]
+
+/// Most rules one policy may hold. Rule sets are bitmaps of this many bits.
+pub const MAX_RULES: usize = 256;
+/// `u64` words in a rule bitmap.
+pub const RULE_WORDS: usize = MAX_RULES / 64;
+/// Most zones one policy may define (zone sets are `u64` masks).
+pub const MAX_ZONES: usize = 64;
+/// Most IPv6 extension headers walked before a packet is judged malformed.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
+/// Most VLAN tags (802.1Q / 802.1ad) parsed; a third tag makes the frame malformed.
+pub const MAX_VLAN_TAGS: u32 = 2;
+
+/// Rule index meaning "no rule matched".
+pub const NO_RULE: u32 = u32::MAX;
+
+/// Actions a rule, the default or the malformed verdict can take.
+pub mod action {
+    /// Hand the packet to the kernel stack.
+    pub const PASS: u32 = 0;
+    /// Drop the packet.
+    pub const DROP: u32 = 1;
+    /// Number of actions (size of the per-action counter block).
+    pub const COUNT: u32 = 2;
+}
+
+/// Why a packet got its verdict: indexes the per-CPU `STATS` counters.
+pub mod reason {
+    /// A rule matched.
+    pub const RULE: u32 = 0;
+    /// No rule matched: the policy's default.
+    pub const DEFAULT: u32 = 1;
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the policy's `non_ip` verdict.
+    pub const NON_IP: u32 = 2;
+    /// Shorter than an Ethernet header.
+    pub const MALFORMED_ETHERNET: u32 = 3;
+    /// Truncated VLAN tag, or more than [`super::MAX_VLAN_TAGS`] tags.
+    pub const MALFORMED_VLAN: u32 = 4;
+    /// IPv4 header truncated, wrong version, IHL below 5, or a total length that
+    /// disagrees with the header or the frame.
+    pub const MALFORMED_IPV4: u32 = 5;
+    /// IPv6 fixed header truncated, wrong version, or payload beyond the frame.
+    pub const MALFORMED_IPV6: u32 = 6;
+    /// An IPv6 extension header runs past the end of the frame.
+    pub const MALFORMED_IPV6_EXT: u32 = 7;
+    /// More than [`super::MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
+    pub const MALFORMED_IPV6_EXT_CHAIN: u32 = 8;
+    /// TCP, UDP, ICMP or ICMPv6 header truncated (or a TCP data offset below 5)
+    /// in an unfragmented packet or a first fragment.
+    pub const MALFORMED_L4: u32 = 9;
+    /// Number of reasons.
+    pub const COUNT: u32 = 10;
+
+    /// First malformed reason: `reason >= FIRST_MALFORMED` means the packet was malformed.
+    pub const FIRST_MALFORMED: u32 = MALFORMED_ETHERNET;
+}
+
+/// Indexes of the `STATS` per-CPU array: one counter per reason, then one per action.
+pub mod stat {
+    use super::{action, reason};
+    /// Counter index of a reason.
+    pub const fn reason(r: u32) -> u32 {
+        r
+    }
+    /// Counter index of an action (the verdict actually taken).
+    pub const fn action(a: u32) -> u32 {
+        reason::COUNT + a
+    }
+    /// Size of the `STATS` array.
+    pub const COUNT: u32 = reason::COUNT + action::COUNT;
+}
+
+/// A packet and byte counter (per CPU in the kernel, summed in user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Policy-wide settings, the single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Action when no rule matches.
+    pub default_action: u32,
+    /// Action for packets that cannot be parsed.
+    pub malformed_action: u32,
+    /// Action for frames that carry neither IPv4 nor IPv6.
+    pub non_ip_action: u32,
+    /// Number of rules in `RULES`.
+    pub rule_count: u32,
+}
+
+/// One compiled rule, indexed by its position in the policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// One of [`action`].
+    pub action: u32,
+    /// Action argument (unused by pass and drop).
+    pub arg: u32,
+}
+
+/// What an address class means, the value of the `CLASSES` array.
+///
+/// Each address is looked up once and yields a class: all addresses of a class
+/// belong to the same zones and to the same rule prefix lists. The class carries
+/// precomputed rule bitmaps, so matching a packet is two lookups and an AND.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrClass {
+    /// Rules whose source criteria (`src_zone`, `src_prefix`) this class satisfies.
+    pub src_rules: [u64; RULE_WORDS],
+    /// Rules whose destination criteria (`dst_zone`, `dst_prefix`) this class satisfies.
+    pub dst_rules: [u64; RULE_WORDS],
+    /// Zones the class belongs to (bit i = zone i).
+    pub zones: u64,
+}
+
+/// Key of the IPv6 (and optional IPv4) LPM tries: aya's `Key` layout,
+/// prefix length then the address in network byte order.
+pub type Ipv6Addr = [u8; 16];
+
+/// Layout of the flat IPv4 table (`V4_TABLE`): a 16-8-8 multibit trie stored as an array
+/// of 256-entry chunks (one map element per chunk, so a chunk is one map update).
+///
+/// Elements `0..L1_CHUNKS` form the first level, indexed by the top 16 address bits
+/// (element `addr >> 24`, slot `(addr >> 16) & 0xff`). An entry is either a class id, or
+/// `PTR | element`: then the next 8 address bits index that element, and so on to /32.
+pub mod v4table {
+    /// Elements making up the first level (256 x 256 = one entry per /16).
+    pub const L1_CHUNKS: u32 = 256;
+    /// Entries in each chunk (8 address bits).
+    pub const CHUNK_ENTRIES: usize = 256;
+    /// Set in an entry that points to a chunk rather than holding a class.
+    pub const PTR: u32 = 1 << 31;
+}
+
+/// One element of `V4_TABLE`.
+pub type V4Chunk = [u32; v4table::CHUNK_ENTRIES];
+
+/// Frame-level facts recorded by the program for `cloudlet classify`.
+///
+/// Only written when the program was loaded with the `TRACE` global set, which only
+/// `classify` does: the verifier prunes the write from the attached program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// XDP return code.
+    pub xdp_code: u32,
+    /// One of [`action`].
+    pub action: u32,
+    /// One of [`reason`].
+    pub reason: u32,
+    /// Index of the matching rule, or [`NO_RULE`].
+    pub rule: u32,
+    /// Class of the source address (0 when not looked up).
+    pub src_class: u32,
+    /// Class of the destination address.
+    pub dst_class: u32,
+    /// 4, 6, or 0 when no IP header was parsed.
+    pub ip_version: u32,
+    /// IP protocol of the transport header (after extension headers), or 0.
+    pub l4_proto: u32,
+    /// VLAN tags seen (0..=2).
+    pub vlan_tags: u32,
+    /// Outer VLAN id, valid when `vlan_tags > 0`.
+    pub vlan_outer: u32,
+    /// Bit flags, see [`decision_flags`].
+    pub flags: u32,
+    /// IPv6 extension headers walked.
+    pub ext_headers: u32,
+    /// Source port (TCP/UDP), 0 otherwise.
+    pub src_port: u32,
+    /// Destination port (TCP/UDP), 0 otherwise.
+    pub dst_port: u32,
+}
+
+/// Bits of [`Decision::flags`].
+pub mod decision_flags {
+    /// The packet is a fragment (IPv4 MF/offset or an IPv6 fragment header).
+    pub const FRAGMENT: u32 = 1;
+    /// The fragment is not the first one (offset != 0): no transport header.
+    pub const NON_FIRST_FRAGMENT: u32 = 2;
+    /// A transport header was parsed.
+    pub const L4_PARSED: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, made only of integers, without padding.
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::PolicyConfig {}
+    unsafe impl aya::Pod for super::RuleEntry {}
+    unsafe impl aya::Pod for super::AddrClass {}
+    unsafe impl aya::Pod for super::Decision {}
+}
+
+// Layout checks: a size change here must be a deliberate change on both sides.
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * (2 * RULE_WORDS + 1));
+const _: () = assert!(core::mem::size_of::<Decision>() == 14 * 4);

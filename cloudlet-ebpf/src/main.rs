@@ -1,0 +1,102 @@
+//! Cloudlet's XDP programs: parse, classify addresses into zones, match rules, act, count.
+//!
+//! Entry points are thin; each stage lives in its own module. Nothing here logs on the
+//! per-packet path: outcomes are counted in per-CPU arrays.
+#![no_std]
+#![no_main]
+
+mod geofence;
+mod parse;
+mod rules;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, LpmTrie, PerCpuArray},
+    programs::XdpContext,
+};
+use cloudlet_common::{
+    AddrClass, Counter, Decision, Ipv6Addr, MAX_RULES, PolicyConfig, RuleEntry, V4Chunk, stat,
+    v4table,
+};
+
+/// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
+/// its decision in [`TRACE_DECISION`]. Zero in the attached program: the verifier sees a
+/// constant and prunes the recording.
+#[unsafe(no_mangle)]
+static TRACE: u32 = 0;
+
+/// Policy-wide settings (one entry).
+#[map]
+static CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
+
+/// Compiled rules, in policy order.
+#[map]
+static RULES: Array<RuleEntry> = Array::with_max_entries(MAX_RULES as u32, 0);
+
+/// Address classes: zones and precomputed rule bitmaps. Sized by the loader.
+#[map]
+static CLASSES: Array<AddrClass> = Array::with_max_entries(1, 0);
+
+/// Flat IPv4 table (16-8-8 multibit trie, see `cloudlet_common::v4table`). Sized by the loader.
+#[map]
+static V4_TABLE: Array<V4Chunk> = Array::with_max_entries(v4table::L1_CHUNKS, 0);
+
+/// IPv4 prefixes as an LPM trie, used only by `cloudlet_lpm4` (kept for comparison).
+#[map]
+static V4_TRIE: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
+
+/// IPv6 prefixes (network byte order) to address class. Sized by the loader.
+#[map]
+static V6_TRIE: LpmTrie<Ipv6Addr, u32> = LpmTrie::with_max_entries(1, 0);
+
+/// Counters per reason and per action (see `cloudlet_common::stat`).
+#[map]
+static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Counters per rule.
+#[map]
+static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_RULES as u32, 0);
+
+/// Counters per address class: index `2 * class` for sources, `2 * class + 1` for
+/// destinations. User space folds classes into zones. Sized by the loader.
+#[map]
+static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2, 0);
+
+/// The last decision, written only when [`TRACE`] is set.
+#[map]
+static TRACE_DECISION: Array<Decision> = Array::with_max_entries(1, 0);
+
+/// The policy program: IPv4 through the flat table, IPv6 through the LPM trie.
+#[xdp]
+pub fn cloudlet(ctx: XdpContext) -> u32 {
+    rules::run::<false>(&ctx)
+}
+
+/// The same policy program with IPv4 looked up in an LPM trie (`V4_TRIE`).
+#[xdp]
+pub fn cloudlet_lpm4(ctx: XdpContext) -> u32 {
+    rules::run::<true>(&ctx)
+}
+
+/// Parse only, then pass: the baseline for the cost of the lookups and rules.
+#[xdp]
+pub fn cloudlet_parse(ctx: XdpContext) -> u32 {
+    match parse::parse(&ctx) {
+        Ok(_) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_DROP,
+    }
+}
+
+/// Does nothing: the baseline cost of running an XDP program at all.
+#[xdp]
+pub fn cloudlet_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects programs that could reach this; it is never executed.
+    loop {}
+}

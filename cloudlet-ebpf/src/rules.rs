@@ -1,0 +1,123 @@
+//! Rule evaluation and the verdict: look up both addresses, AND the classes' rule bitmaps
+//! (the lowest set bit is the first matching rule), act and count.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use cloudlet_common::{Counter, Decision, NO_RULE, RULE_WORDS, action, reason, stat};
+
+use crate::{
+    CLASS_STATS, CLASSES, CONFIG, RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, geofence,
+    parse::{self, Packet},
+};
+
+/// Classifies and judges one frame. `LPM4` selects the IPv4 LPM trie instead of the flat table.
+#[inline(always)]
+pub fn run<const LPM4: bool>(ctx: &XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let mut d = Decision {
+        rule: NO_RULE,
+        ..Decision::default()
+    };
+    let act = match parse::parse(ctx) {
+        Ok(pkt) => judge::<LPM4>(&pkt, cfg.default_action, len, &mut d),
+        Err(u) => {
+            d.reason = u.reason;
+            d.vlan_tags = u.vlan_tags;
+            d.vlan_outer = u.vlan_outer;
+            d.ip_version = u.ip_version;
+            if u.reason == reason::NON_IP {
+                cfg.non_ip_action
+            } else {
+                cfg.malformed_action
+            }
+        }
+    };
+    count(&STATS, stat::reason(d.reason), len);
+    count(&STATS, stat::action(act), len);
+    let code = xdp_code(act);
+    // SAFETY: TRACE is a read-only global set at load time.
+    if unsafe { core::ptr::read_volatile(&TRACE) } != 0 {
+        d.action = act;
+        d.xdp_code = code;
+        if let Some(slot) = TRACE_DECISION.get_ptr_mut(0) {
+            // SAFETY: the pointer comes from the map and is valid for writes.
+            unsafe { *slot = d };
+        }
+    }
+    code
+}
+
+#[inline(always)]
+fn judge<const LPM4: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut Decision) -> u32 {
+    d.ip_version = pkt.ip_version;
+    d.l4_proto = pkt.l4_proto;
+    d.vlan_tags = pkt.vlan_tags;
+    d.vlan_outer = pkt.vlan_outer;
+    d.flags = pkt.flags;
+    d.ext_headers = pkt.ext_headers;
+    d.src_port = pkt.src_port;
+    d.dst_port = pkt.dst_port;
+
+    let (src_class, dst_class) = if pkt.ip_version == 4 {
+        if LPM4 {
+            (
+                geofence::class_v4_trie(pkt.src_v4()),
+                geofence::class_v4_trie(pkt.dst_v4()),
+            )
+        } else {
+            (
+                geofence::class_v4_flat(pkt.src_v4()),
+                geofence::class_v4_flat(pkt.dst_v4()),
+            )
+        }
+    } else {
+        (geofence::class_v6(&pkt.src), geofence::class_v6(&pkt.dst))
+    };
+    d.src_class = src_class;
+    d.dst_class = dst_class;
+    count(&CLASS_STATS, src_class.wrapping_mul(2), len);
+    count(&CLASS_STATS, dst_class.wrapping_mul(2).wrapping_add(1), len);
+
+    d.reason = reason::DEFAULT;
+    let (Some(src), Some(dst)) = (CLASSES.get(src_class), CLASSES.get(dst_class)) else {
+        return default_action;
+    };
+    let mut w = 0;
+    while w < RULE_WORDS {
+        let m = src.src_rules[w] & dst.dst_rules[w];
+        if m != 0 {
+            let rule = (w as u32) * 64 + m.trailing_zeros();
+            let Some(entry) = RULES.get(rule) else {
+                return default_action;
+            };
+            d.rule = rule;
+            d.reason = reason::RULE;
+            count(&RULE_STATS, rule, len);
+            return entry.action;
+        }
+        w += 1;
+    }
+    default_action
+}
+
+#[inline(always)]
+fn xdp_code(act: u32) -> u32 {
+    match act {
+        action::DROP => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn count(map: &aya_ebpf::maps::PerCpuArray<Counter>, index: u32, len: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot from the map; no other context on this CPU runs concurrently
+        // with an XDP program.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}

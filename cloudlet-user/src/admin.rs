@@ -1,0 +1,114 @@
+//! cloudletd's admin endpoint: a small HTTP/1.1 server on a Unix socket (so it is reachable
+//! from every network namespace), and the client `cloudlet stats` uses.
+//!
+//! Routes: `GET /stats` (JSON counters), `GET /healthz`.
+
+use std::{
+    io::{Read as _, Write as _},
+    path::Path,
+    sync::Arc,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::UnixListener,
+};
+
+/// Produces a response body for a route, or None for 404.
+pub type Handler = Arc<dyn Fn(&str) -> Option<(u16, String)> + Send + Sync>;
+
+/// Errors from the admin endpoint and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Binding or connecting to the socket failed.
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error status.
+    #[error("admin endpoint answered {status}: {body}")]
+    Status { status: u16, body: String },
+    /// The answer was not HTTP.
+    #[error("admin endpoint sent a malformed response")]
+    Malformed,
+}
+
+/// Binds the socket (replacing a stale one) and serves requests until the task is dropped.
+pub async fn serve(path: &Path, handler: Handler) -> Result<(), AdminError> {
+    let sock_err = |source| AdminError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            // Read the request head (bounded).
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, body) = if method != "GET" {
+                (405, "{\"error\":\"only GET is supported\"}".to_string())
+            } else {
+                handler(target).unwrap_or((404, "{\"error\":\"no such route\"}".to_string()))
+            };
+            let reason = match status {
+                200 => "OK",
+                404 => "Not Found",
+                405 => "Method Not Allowed",
+                _ => "Error",
+            };
+            let response = format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// `GET target` on the admin socket (blocking); returns the body of a 200 answer.
+pub fn get(path: &Path, target: &str) -> Result<String, AdminError> {
+    let sock_err = |source| AdminError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(sock_err)?;
+    write!(s, "GET {target} HTTP/1.1\r\nHost: cloudletd\r\nConnection: close\r\n\r\n").map_err(sock_err)?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).map_err(sock_err)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or(AdminError::Malformed)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or(AdminError::Malformed)?;
+    if status != 200 {
+        return Err(AdminError::Status {
+            status,
+            body: body.to_string(),
+        });
+    }
+    Ok(body.to_string())
+}

@@ -1,0 +1,242 @@
+//! cloudlet: the operator's command line.
+
+use std::{
+    io::{BufRead as _, Write as _},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use cloudlet::{
+    admin,
+    config::DEFAULT_ADMIN_SOCKET,
+    dataplane::{
+        classify::{ClassifyError, Classifier},
+        stats::Stats,
+    },
+    frame,
+    geoip::GeoDb,
+    node::prepare_policy,
+    policy,
+};
+
+#[derive(Parser)]
+#[command(name = "cloudlet", version, about = "Cloudlet operator CLI")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Runs the real XDP program (BPF_PROG_TEST_RUN) on frames and prints one JSON
+    /// verdict a line. Frames come as hex lines on stdin (one Ethernet frame a line;
+    /// blank lines and lines starting with '#' are skipped) or from a pcap file.
+    Classify {
+        /// The policy to judge by.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Read frames from this pcap file instead of stdin.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+    },
+    /// GeoIP lookups.
+    Geo {
+        #[command(subcommand)]
+        command: GeoCommand,
+    },
+    /// Counters of the running cloudletd.
+    Stats {
+        /// cloudletd's admin socket.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Print again every this many seconds, until interrupted.
+        #[arg(long)]
+        watch: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validates a policy file (and compiles it against its GeoIP database).
+    Check {
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum GeoCommand {
+    /// Prints the country of an address, and its zones under a policy.
+    Lookup {
+        ip: IpAddr,
+        /// Policy whose GeoIP database and zones to use.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// GeoIP database to use (when no policy is given).
+        #[arg(long, default_value = "data/geoip/geo-whois-asn-country.mmdb")]
+        database: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Policy { command: PolicyCommand::Check { file } } => policy_check(&file),
+        Command::Classify { policy, pcap } => classify(&policy, pcap.as_deref()),
+        Command::Geo { command: GeoCommand::Lookup { ip, policy, database } } => geo_lookup(ip, policy.as_deref(), &database),
+        Command::Stats { socket, json, watch } => stats(&socket, json, watch),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn policy_check(file: &Path) -> anyhow::Result<ExitCode> {
+    match prepare_policy(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok: {} rules, {} zones, {} GeoIP networks, {} IPv4 and {} IPv6 prefixes, {} address classes",
+                file.display(),
+                c.rules.len(),
+                c.zone_names.len(),
+                c.stats.geo_networks,
+                c.stats.v4_prefixes,
+                c.stats.v6_prefixes,
+                c.stats.classes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn classify(policy_path: &Path, pcap: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let compiled = match prepare_policy(policy_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let classifier = Classifier::new(&compiled).context("loading the XDP program (needs root)")?;
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0usize;
+    let mut judge = |input: Result<Vec<u8>, String>, line: usize, out: &mut dyn std::io::Write| -> anyhow::Result<()> {
+        let result = input.map_err(|e| e).and_then(|f| {
+            classifier.classify(&compiled, &f).map_err(|e| match e {
+                ClassifyError::TooShort(_) => e.to_string(),
+                other => format!("{other}"),
+            })
+        });
+        match result {
+            Ok(v) => writeln!(out, "{}", serde_json::to_string(&v)?)?,
+            Err(error) => {
+                failed += 1;
+                writeln!(out, "{}", serde_json::json!({ "line": line, "error": error }))?;
+            }
+        }
+        Ok(())
+    };
+    match pcap {
+        Some(path) => {
+            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let frames = frame::read_pcap(&data).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            for (i, f) in frames.into_iter().enumerate() {
+                judge(Ok(f), i + 1, &mut out)?;
+            }
+        }
+        None => {
+            for (i, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.context("reading stdin")?;
+                let t = line.trim();
+                if t.is_empty() || t.starts_with('#') {
+                    continue;
+                }
+                judge(frame::parse_hex_line(t), i + 1, &mut out)?;
+            }
+        }
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn geo_lookup(ip: IpAddr, policy_path: Option<&Path>, database: &Path) -> anyhow::Result<ExitCode> {
+    let (db_path, compiled) = match policy_path {
+        Some(p) => {
+            let pol = policy::load(p)?;
+            let db = pol.geoip_database.clone().context("the policy has no [geoip] database")?;
+            (db, Some(prepare_policy(p)?))
+        }
+        None => (database.to_path_buf(), None),
+    };
+    let db = GeoDb::open(&db_path)?;
+    let country = db.country(ip)?;
+    let zones: Option<Vec<String>> = compiled.as_ref().map(|c| {
+        c.class_zone_names(c.class_of(ip)).into_iter().map(str::to_string).collect()
+    });
+    let mut v = serde_json::json!({ "ip": ip.to_string(), "country": country });
+    if let Some(zones) = zones {
+        v["zone"] = serde_json::json!(zones.first());
+        v["zones"] = serde_json::json!(zones);
+    }
+    println!("{v}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats(socket: &Path, json: bool, watch: Option<f64>) -> anyhow::Result<ExitCode> {
+    loop {
+        let body = admin::get(socket, "/stats").with_context(|| "is cloudletd running?")?;
+        if json {
+            println!("{body}");
+        } else {
+            let s: Stats = serde_json::from_str(&body).context("decoding /stats")?;
+            print!("{}", render_stats(&s));
+        }
+        std::io::stdout().flush()?;
+        match watch {
+            Some(secs) => std::thread::sleep(Duration::from_secs_f64(secs.max(0.1))),
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+/// The counters as aligned tables.
+fn render_stats(s: &Stats) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<28} {:>14} {:>16}", "VERDICT", "PACKETS", "BYTES");
+    for n in &s.verdicts {
+        let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
+    }
+    let _ = writeln!(o, "\n{:<28} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
+    for n in s.reasons.iter().filter(|n| n.count.packets > 0 || !n.name.starts_with("malformed")) {
+        let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
+    }
+    let _ = writeln!(o, "\n{:<28} {:<6} {:>14} {:>16}", "RULE", "ACTION", "PACKETS", "BYTES");
+    for r in &s.rules {
+        let _ = writeln!(o, "{:<28} {:<6} {:>14} {:>16}", r.name, r.action, r.count.packets, r.count.bytes);
+    }
+    let _ = writeln!(o, "\n{:<28} {:>14} {:>14}", "ZONE", "FROM (PKTS)", "TO (PKTS)");
+    for z in &s.zones {
+        let _ = writeln!(o, "{:<28} {:>14} {:>14}", z.name, z.src.packets, z.dst.packets);
+    }
+    o
+}

@@ -1,0 +1,125 @@
+//! cloudletd: the Cloudlet node daemon.
+//!
+//! Loads the policy, attaches the XDP program to the configured interfaces, serves counters
+//! on the admin socket, reloads the policy on SIGHUP and detaches on SIGINT/SIGTERM.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use clap::Parser;
+use cloudlet::{
+    admin,
+    config::Config,
+    node::{Node, NodeError, mode_name},
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Exit status for configuration errors (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "cloudletd", version, about = "Cloudlet node daemon")]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let node = match Node::start(&config) {
+        Ok(n) => n,
+        Err(e) => {
+            log::error!("{e}");
+            return match e {
+                NodeError::Policy(_) | NodeError::GeoIp(_) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let node = Arc::new(Mutex::new(node));
+    let code = runtime.block_on(run(config, node.clone()));
+    // Dropping the node closes the links: the program leaves every interface.
+    let ifaces = node
+        .lock()
+        .map(|n| n.attachments().iter().map(|a| a.interface.clone()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    drop(node);
+    for iface in ifaces {
+        log::info!("detached from {iface}");
+    }
+    code
+}
+
+async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
+    let stats_node = node.clone();
+    let handler: admin::Handler = Arc::new(move |target: &str| match target {
+        "/stats" => Some(match stats_node.lock().map_err(|_| "lock poisoned".to_string()).and_then(|n| n.stats().map_err(|e| e.to_string())) {
+            Ok(s) => (200, serde_json::to_string(&s).unwrap_or_default()),
+            Err(e) => (500, serde_json::json!({ "error": e }).to_string()),
+        }),
+        "/healthz" => Some((200, "{\"status\":\"ok\"}".to_string())),
+        _ => None,
+    });
+    let socket = config.admin_socket.clone();
+    let admin_task = tokio::spawn(async move {
+        if let Err(e) = admin::serve(&socket, handler).await {
+            log::error!("{e}");
+        }
+    });
+    if let Ok(n) = node.lock() {
+        for a in n.attachments() {
+            log::info!("filtering on {} ({})", a.interface, mode_name(a.mode));
+        }
+    }
+    log::info!("admin endpoint on {}", config.admin_socket.display());
+
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        log::error!("cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => { log::info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => { log::info!("SIGTERM: shutting down"); break; }
+            _ = hup.recv() => {
+                log::info!("SIGHUP: reloading {}", config.policy.display());
+                let node = node.clone();
+                let path = config.policy.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    node.lock().map_err(|_| "lock poisoned".to_string())?.reload(&path).map_err(|e| e.to_string())
+                }).await;
+                match result {
+                    Ok(Ok(())) => log::info!("policy reloaded"),
+                    Ok(Err(e)) => log::error!("reload failed, the running policy stays in force: {e}"),
+                    Err(e) => log::error!("reload task failed, the running policy stays in force: {e}"),
+                }
+            }
+        }
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(&config.admin_socket);
+    ExitCode::SUCCESS
+}

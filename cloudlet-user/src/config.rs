@@ -1,0 +1,122 @@
+//! cloudletd's configuration file. Every section has a default, so a file naming just the
+//! policy starts a node. Documented in `docs/operations.md`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::dataplane::AttachMode;
+
+/// Default admin socket (HTTP over a Unix socket, reachable from any network namespace).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/cloudlet/cloudletd.sock";
+
+/// The daemon's configuration, paths resolved against the file's folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The policy file.
+    pub policy: PathBuf,
+    /// Interfaces to attach the XDP program to (none: load and count nothing).
+    pub interfaces: Vec<String>,
+    /// How to attach.
+    pub xdp_mode: AttachMode,
+    /// The admin endpoint's Unix socket.
+    pub admin_socket: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    policy: String,
+    #[serde(default)]
+    interfaces: Vec<String>,
+    #[serde(default)]
+    xdp_mode: AttachMode,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Default: [`DEFAULT_ADMIN_SOCKET`].
+    socket: Option<String>,
+}
+
+/// Errors from reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or bad values.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration `text`; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = crate::policy::line_column(text, e.span().map_or(0, |s| s.start));
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { base.join(p) }
+        };
+        Ok(Self {
+            policy: resolve(&raw.policy),
+            interfaces: raw.interfaces,
+            xdp_mode: raw.xdp_mode,
+            admin_socket: raw
+                .admin
+                .socket
+                .map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |s| resolve(&s)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse("policy = \"p.toml\"\n", Path::new("/etc/cloudlet/cloudlet.toml")).unwrap();
+        assert_eq!(c.policy, PathBuf::from("/etc/cloudlet/p.toml"));
+        assert_eq!(c.xdp_mode, AttachMode::Auto);
+        assert!(c.interfaces.is_empty());
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let err = Config::parse("policy = \"p.toml\"\ninterface = [\"eth0\"]\n", Path::new("c.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("c.toml:2:1: unknown field `interface`"), "{msg}");
+    }
+}

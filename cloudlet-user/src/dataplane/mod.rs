@@ -1,0 +1,283 @@
+//! The dataplane: compile a policy into the XDP program's maps, load and attach it,
+//! swap policies, run it on test frames, read its counters.
+
+pub mod classify;
+pub mod compile;
+pub mod stats;
+
+use std::time::{Duration, Instant};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapError, lpm_trie::Key},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
+};
+use cloudlet_common::{AddrClass, PolicyConfig, RuleEntry, V4Chunk, stat};
+
+pub use compile::{CompileError, CompiledPolicy, compile};
+
+/// Errors from loading, filling, attaching or reading the XDP program.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The eBPF object failed to load (a map could not be created, the verifier refused).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    /// Reading or writing a map failed.
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    /// A map or program the object should have is missing.
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// Which program of the object to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// The policy program (flat IPv4 table).
+    Policy,
+    /// The policy program with IPv4 in an LPM trie (for comparison).
+    PolicyLpm4,
+    /// Parses, then passes (benchmark baseline).
+    ParseOnly,
+    /// Returns XDP_PASS (benchmark baseline).
+    Noop,
+}
+
+impl ProgramKind {
+    /// The program's name in the object.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Self::Policy => "cloudlet",
+            Self::PolicyLpm4 => "cloudlet_lpm4",
+            Self::ParseOnly => "cloudlet_parse",
+            Self::Noop => "cloudlet_noop",
+        }
+    }
+}
+
+/// How to attach to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    #[default]
+    Auto,
+    /// Native mode only.
+    Native,
+    /// Generic (SKB) mode only.
+    Generic,
+}
+
+/// Time spent loading, for logs and benchmarks.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LoadTimings {
+    /// Creating maps and loading (verifying) the program.
+    pub load: Duration,
+    /// Filling the maps.
+    pub fill: Duration,
+}
+
+/// A loaded (not necessarily attached) program with its filled maps.
+pub struct Loaded {
+    ebpf: Ebpf,
+    kind: ProgramKind,
+    pub timings: LoadTimings,
+}
+
+impl Loaded {
+    /// Creates the maps sized for `compiled`, fills them and loads program `kind`.
+    /// `trace` makes the program record each decision (for `classify`).
+    pub fn new(compiled: &CompiledPolicy, kind: ProgramKind, trace: bool) -> Result<Self, DataplaneError> {
+        raise_memlock_limit();
+        let started = Instant::now();
+        let lpm4 = kind == ProgramKind::PolicyLpm4;
+        let classes = compiled.classes.len().max(1) as u32;
+        let v4_chunks = if lpm4 { 1 } else { compiled.v4_chunks.len() as u32 };
+        let v4_prefixes = if lpm4 { compiled.v4_prefixes.len().max(1) as u32 } else { 1 };
+        let trace_flag = u32::from(trace);
+        let ebpf = EbpfLoader::new()
+            .map_max_entries("CLASSES", classes)
+            .map_max_entries("CLASS_STATS", classes * 2)
+            .map_max_entries("V4_TABLE", v4_chunks)
+            .map_max_entries("V4_TRIE", v4_prefixes)
+            .map_max_entries("V6_TRIE", compiled.v6_prefixes.len().max(1) as u32)
+            .override_global("TRACE", &trace_flag, true)
+            .load(crate::EBPF_OBJECT)?;
+        let mut loaded = Self {
+            ebpf,
+            kind,
+            timings: LoadTimings::default(),
+        };
+        let fill_started = Instant::now();
+        loaded.fill(compiled, lpm4)?;
+        loaded.timings.fill = fill_started.elapsed();
+        loaded
+            .program_mut()?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                what: format!("loading program {}", kind.program_name()),
+                source,
+            })?;
+        loaded.timings.load = started.elapsed() - loaded.timings.fill;
+        Ok(loaded)
+    }
+
+    /// Which program this is.
+    pub const fn kind(&self) -> ProgramKind {
+        self.kind
+    }
+
+    /// The loaded program.
+    pub fn program_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let name = self.kind.program_name();
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: format!("program {name}"),
+                source,
+            })
+    }
+
+    /// The program, read-only (for `test_run`).
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        let name = self.kind.program_name();
+        self.ebpf
+            .program(name)
+            .ok_or(DataplaneError::Missing(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                what: format!("program {name}"),
+                source,
+            })
+    }
+
+    /// The eBPF object (maps).
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    fn fill(&mut self, c: &CompiledPolicy, lpm4: bool) -> Result<(), DataplaneError> {
+        let e = &mut self.ebpf;
+        let mut config: Array<_, PolicyConfig> =
+            Array::try_from(e.map_mut("CONFIG").ok_or(DataplaneError::Missing("map CONFIG"))?)
+                .map_err(map_err("CONFIG"))?;
+        config.set(0, c.config, 0).map_err(map_err("CONFIG"))?;
+
+        let mut rules: Array<_, RuleEntry> =
+            Array::try_from(e.map_mut("RULES").ok_or(DataplaneError::Missing("map RULES"))?)
+                .map_err(map_err("RULES"))?;
+        for (i, r) in c.rules.iter().enumerate() {
+            rules.set(i as u32, r, 0).map_err(map_err("RULES"))?;
+        }
+
+        let mut classes: Array<_, AddrClass> =
+            Array::try_from(e.map_mut("CLASSES").ok_or(DataplaneError::Missing("map CLASSES"))?)
+                .map_err(map_err("CLASSES"))?;
+        for (i, class) in c.classes.iter().enumerate() {
+            classes.set(i as u32, class, 0).map_err(map_err("CLASSES"))?;
+        }
+
+        if lpm4 {
+            let mut trie: LpmTrie<_, [u8; 4], u32> =
+                LpmTrie::try_from(e.map_mut("V4_TRIE").ok_or(DataplaneError::Missing("map V4_TRIE"))?)
+                    .map_err(map_err("V4_TRIE"))?;
+            for p in &c.v4_prefixes {
+                trie.insert(&Key::new(u32::from(p.len), p.addr), p.class, 0)
+                    .map_err(map_err("V4_TRIE"))?;
+            }
+        } else {
+            let mut table: Array<_, V4Chunk> =
+                Array::try_from(e.map_mut("V4_TABLE").ok_or(DataplaneError::Missing("map V4_TABLE"))?)
+                    .map_err(map_err("V4_TABLE"))?;
+            for (i, chunk) in c.v4_chunks.iter().enumerate() {
+                // Chunks of class 0 are already zero.
+                if chunk.iter().any(|e| *e != 0) {
+                    table.set(i as u32, chunk, 0).map_err(map_err("V4_TABLE"))?;
+                }
+            }
+        }
+
+        let mut trie: LpmTrie<_, [u8; 16], u32> =
+            LpmTrie::try_from(e.map_mut("V6_TRIE").ok_or(DataplaneError::Missing("map V6_TRIE"))?)
+                .map_err(map_err("V6_TRIE"))?;
+        for p in &c.v6_prefixes {
+            trie.insert(&Key::new(u32::from(p.len), p.addr), p.class, 0)
+                .map_err(map_err("V6_TRIE"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches to `iface`, returning the link (dropping it detaches) and the mode used.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(XdpLink, AttachMode), DataplaneError> {
+        let prog = self.program_mut()?;
+        let attach = |prog: &mut Xdp, m: XdpMode| {
+            prog.attach(iface, m)
+                .and_then(|id| prog.take_link(id))
+                .map_err(|source| DataplaneError::Program {
+                    what: format!("attaching to {iface} in {m:?} mode"),
+                    source,
+                })
+        };
+        match mode {
+            AttachMode::Native => attach(prog, XdpMode::Driver).map(|l| (l, AttachMode::Native)),
+            AttachMode::Generic => attach(prog, XdpMode::Skb).map(|l| (l, AttachMode::Generic)),
+            AttachMode::Auto => match attach(prog, XdpMode::Driver) {
+                Ok(l) => Ok((l, AttachMode::Native)),
+                Err(e) => {
+                    log::warn!("{e}; falling back to generic (SKB) mode, which is much slower");
+                    attach(prog, XdpMode::Skb).map(|l| (l, AttachMode::Generic))
+                }
+            },
+        }
+    }
+
+    /// Moves an attachment made by another `Loaded` onto this program in one step
+    /// (`BPF_LINK_UPDATE`): the interface is never without a program.
+    pub fn take_over(&mut self, link: XdpLink) -> Result<XdpLink, DataplaneError> {
+        let prog = self.program_mut()?;
+        prog.attach_to_link(link)
+            .and_then(|id| prog.take_link(id))
+            .map_err(|source| DataplaneError::Program {
+                what: "replacing the attached program".to_string(),
+                source,
+            })
+    }
+
+    /// Reads the counters, folded by rule and zone names of `compiled`.
+    pub fn stats(&self, compiled: &CompiledPolicy) -> Result<stats::Stats, DataplaneError> {
+        stats::read(&self.ebpf, compiled)
+    }
+}
+
+/// Index range of the `STATS` array, for readers.
+pub const STATS_LEN: u32 = stat::COUNT;
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer; failure only matters on old kernels.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        log::debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
+    }
+}

@@ -1,0 +1,175 @@
+//! The program's counters, summed over CPUs and named.
+
+use aya::{Ebpf, maps::PerCpuArray};
+use cloudlet_common::{Counter, action, reason, stat};
+use serde::{Deserialize, Serialize};
+
+use super::{CompiledPolicy, DataplaneError, map_err};
+use crate::policy::Action;
+
+/// Name of a `reason` code, as printed by `classify` and `stats`.
+pub const fn reason_name(r: u32) -> &'static str {
+    match r {
+        reason::RULE => "rule",
+        reason::DEFAULT => "default",
+        reason::NON_IP => "non_ip",
+        reason::MALFORMED_ETHERNET => "malformed_ethernet",
+        reason::MALFORMED_VLAN => "malformed_vlan",
+        reason::MALFORMED_IPV4 => "malformed_ipv4",
+        reason::MALFORMED_IPV6 => "malformed_ipv6",
+        reason::MALFORMED_IPV6_EXT => "malformed_ipv6_ext",
+        reason::MALFORMED_IPV6_EXT_CHAIN => "malformed_ipv6_ext_chain",
+        reason::MALFORMED_L4 => "malformed_l4",
+        _ => "unknown",
+    }
+}
+
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Count {
+    fn add(&mut self, c: Count) {
+        self.packets += c.packets;
+        self.bytes += c.bytes;
+    }
+}
+
+/// A named counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Named {
+    pub name: String,
+    #[serde(flatten)]
+    pub count: Count,
+}
+
+/// Counters of one rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCount {
+    pub name: String,
+    pub action: String,
+    #[serde(flatten)]
+    pub count: Count,
+}
+
+/// Counters of one zone: packets from it and packets to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneCount {
+    pub name: String,
+    pub src: Count,
+    pub dst: Count,
+}
+
+/// All counters of a running policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Packets by verdict taken ("pass", "drop").
+    pub verdicts: Vec<Named>,
+    /// Packets by reason ("rule", "default", "non_ip", "malformed_*").
+    pub reasons: Vec<Named>,
+    /// Packets by rule, in policy order.
+    pub rules: Vec<RuleCount>,
+    /// Packets by zone; an address in several zones counts in each. `(none)` holds
+    /// IP packets whose address is in no zone.
+    pub zones: Vec<ZoneCount>,
+}
+
+impl Stats {
+    /// Adds `other`'s counters (matched by name) to these: keeps totals across policy swaps.
+    pub fn absorb(&mut self, other: &Stats) {
+        fn add_named(into: &mut [Named], from: &[Named]) {
+            for f in from {
+                if let Some(i) = into.iter_mut().find(|i| i.name == f.name) {
+                    i.count.add(f.count);
+                }
+            }
+        }
+        add_named(&mut self.verdicts, &other.verdicts);
+        add_named(&mut self.reasons, &other.reasons);
+        for f in &other.rules {
+            if let Some(i) = self.rules.iter_mut().find(|i| i.name == f.name) {
+                i.count.add(f.count);
+            }
+        }
+        for f in &other.zones {
+            if let Some(i) = self.zones.iter_mut().find(|i| i.name == f.name) {
+                i.src.add(f.src);
+                i.dst.add(f.dst);
+            }
+        }
+    }
+
+    /// The counter of verdict `name`.
+    pub fn verdict(&self, name: &str) -> Count {
+        self.verdicts.iter().find(|n| n.name == name).map(|n| n.count).unwrap_or_default()
+    }
+
+    /// The counter of reason `name`.
+    pub fn reason(&self, name: &str) -> Count {
+        self.reasons.iter().find(|n| n.name == name).map(|n| n.count).unwrap_or_default()
+    }
+}
+
+fn per_cpu_sum(map: &PerCpuArray<&aya::maps::MapData, Counter>, index: u32) -> Result<Count, aya::maps::MapError> {
+    let values = map.get(&index, 0)?;
+    let mut c = Count::default();
+    for v in values.iter() {
+        c.packets += v.packets;
+        c.bytes += v.bytes;
+    }
+    Ok(c)
+}
+
+fn per_cpu<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<PerCpuArray<&'a aya::maps::MapData, Counter>, DataplaneError> {
+    PerCpuArray::try_from(ebpf.map(name).ok_or(DataplaneError::Missing(name))?).map_err(map_err(name))
+}
+
+/// Reads every counter of a loaded program.
+pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneError> {
+    let stats = per_cpu(ebpf, "STATS")?;
+    let mut out = Stats::default();
+    for a in 0..action::COUNT {
+        let name = Action::from_code(a).map_or("unknown", Action::name);
+        let count = per_cpu_sum(&stats, stat::action(a)).map_err(map_err("STATS"))?;
+        out.verdicts.push(Named { name: name.to_string(), count });
+    }
+    for r in 0..reason::COUNT {
+        let count = per_cpu_sum(&stats, stat::reason(r)).map_err(map_err("STATS"))?;
+        out.reasons.push(Named { name: reason_name(r).to_string(), count });
+    }
+
+    let rule_stats = per_cpu(ebpf, "RULE_STATS")?;
+    for (i, name) in compiled.rule_names.iter().enumerate() {
+        let count = per_cpu_sum(&rule_stats, i as u32).map_err(map_err("RULE_STATS"))?;
+        let action = Action::from_code(compiled.rules[i].action).map_or("unknown", Action::name);
+        out.rules.push(RuleCount { name: name.clone(), action: action.to_string(), count });
+    }
+
+    let class_stats = per_cpu(ebpf, "CLASS_STATS")?;
+    let mut zones: Vec<ZoneCount> = compiled
+        .zone_names
+        .iter()
+        .chain(std::iter::once(&"(none)".to_string()))
+        .map(|n| ZoneCount { name: n.clone(), src: Count::default(), dst: Count::default() })
+        .collect();
+    let none = zones.len() - 1;
+    for (class, entry) in compiled.classes.iter().enumerate() {
+        let src = per_cpu_sum(&class_stats, 2 * class as u32).map_err(map_err("CLASS_STATS"))?;
+        let dst = per_cpu_sum(&class_stats, 2 * class as u32 + 1).map_err(map_err("CLASS_STATS"))?;
+        if entry.zones == 0 {
+            zones[none].src.add(src);
+            zones[none].dst.add(dst);
+        }
+        for (z, zone) in zones.iter_mut().enumerate().take(none) {
+            if entry.zones >> z & 1 == 1 {
+                zone.src.add(src);
+                zone.dst.add(dst);
+            }
+        }
+    }
+    out.zones = zones;
+    Ok(out)
+}

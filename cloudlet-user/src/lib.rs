@@ -1,0 +1,17 @@
+//! Cloudlet user space: the library behind `cloudletd` and `cloudlet`.
+//!
+//! One module per subsystem: [`policy`] (the policy file), [`geoip`] (the IP-to-country
+//! database), [`dataplane`] (compiling policies into the XDP program's maps, loading,
+//! attaching, classifying and counting), [`config`] (cloudletd's configuration),
+//! [`admin`] (the daemon's local HTTP endpoint), and [`frame`] (building test frames).
+
+pub mod admin;
+pub mod config;
+pub mod dataplane;
+pub mod frame;
+pub mod geoip;
+pub mod node;
+pub mod policy;
+
+/// The XDP object built by build.rs (cloudlet-ebpf, bpfel).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloudlet"));

@@ -1,0 +1,440 @@
+//! The policy file: TOML in, a validated [`Policy`] out, or every problem with its
+//! `file:line:column`. Pure: no maps, no sockets. `docs/policy.md` documents each key.
+
+pub mod countries;
+mod prefix;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use prefix::{Prefix, PrefixError};
+
+use cloudlet_common::{MAX_RULES, MAX_ZONES};
+
+/// What a rule, the default, the malformed or the non-IP verdict does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Hand the packet to the kernel stack.
+    Pass,
+    /// Drop it.
+    Drop,
+}
+
+impl Action {
+    /// The action's name as written in policy files and printed by `classify`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Drop => "drop",
+        }
+    }
+
+    /// The code the XDP program uses (`cloudlet_common::action`).
+    pub const fn code(self) -> u32 {
+        match self {
+            Self::Pass => cloudlet_common::action::PASS,
+            Self::Drop => cloudlet_common::action::DROP,
+        }
+    }
+
+    /// The action for a kernel code, if it is one.
+    pub const fn from_code(code: u32) -> Option<Self> {
+        match code {
+            cloudlet_common::action::PASS => Some(Self::Pass),
+            cloudlet_common::action::DROP => Some(Self::Drop),
+            _ => None,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pass" => Some(Self::Pass),
+            "drop" => Some(Self::Drop),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A named set of addresses: the networks of some countries plus explicit prefixes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Zone {
+    pub name: String,
+    /// ISO 3166 alpha-2 codes, upper case.
+    pub countries: Vec<String>,
+    pub prefixes: Vec<Prefix>,
+}
+
+/// A reference to a zone from a rule: `"eu"` or `"!eu"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneMatch {
+    /// Index into [`Policy::zones`].
+    pub zone: usize,
+    /// True for `"!name"`: the address is in none of that zone's networks.
+    pub negate: bool,
+}
+
+/// One rule. Every criterion present must hold (AND); a rule without criteria matches all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub src_prefix: Option<Vec<Prefix>>,
+    pub dst_prefix: Option<Vec<Prefix>>,
+    pub src_zone: Option<ZoneMatch>,
+    pub dst_zone: Option<ZoneMatch>,
+    pub action: Action,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Verdict when no rule matches.
+    pub default_action: Action,
+    /// Verdict for packets that cannot be parsed.
+    pub malformed_action: Action,
+    /// Verdict for frames that carry neither IPv4 nor IPv6.
+    pub non_ip_action: Action,
+    /// The GeoIP database, resolved against the policy file's folder.
+    pub geoip_database: Option<PathBuf>,
+    /// Zones, sorted by name; a zone's index is its bit in the kernel's zone masks.
+    pub zones: Vec<Zone>,
+    /// Rules in file order: the first match wins.
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Index of the zone called `name`.
+    pub fn zone_index(&self, name: &str) -> Option<usize> {
+        self.zones.iter().position(|z| z.name == name)
+    }
+
+    /// Whether any zone is built from countries (and so needs the GeoIP database).
+    pub fn uses_countries(&self) -> bool {
+        self.zones.iter().any(|z| !z.countries.is_empty())
+    }
+}
+
+/// One problem found in a policy file, located by line and column (1-based).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Errors from reading or validating a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or does not have the policy's shape, or breaks a rule
+    /// of validation. Every problem found is listed.
+    #[error("{}", render_diagnostics(.path, .diagnostics))]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn render_diagnostics(path: &Path, diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(|d| format!("{}:{}:{}: {}", path.display(), d.line, d.column, d.message))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// The file's shape. Spans locate validation errors.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    default: Option<Spanned<String>>,
+    malformed: Option<Spanned<String>>,
+    non_ip: Option<Spanned<String>>,
+    geoip: Option<RawGeoip>,
+    #[serde(default)]
+    zones: BTreeMap<Spanned<String>, RawZone>,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGeoip {
+    database: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZone {
+    #[serde(default)]
+    countries: Vec<Spanned<String>>,
+    #[serde(default)]
+    prefixes: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    src_prefix: Option<Vec<Spanned<String>>>,
+    dst_prefix: Option<Vec<Spanned<String>>>,
+    src_zone: Option<Spanned<String>>,
+    dst_zone: Option<Spanned<String>>,
+    action: Spanned<String>,
+}
+
+/// Reads and validates the policy at `path`.
+pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates policy `text`; `path` names it in errors and anchors relative paths.
+pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
+    let mut v = Validator {
+        text,
+        diagnostics: Vec::new(),
+    };
+    let raw: RawPolicy = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            v.error(e.span().unwrap_or(0..0), e.message().to_string());
+            return Err(v.into_error(path));
+        }
+    };
+    let policy = v.policy(raw, path);
+    if v.diagnostics.is_empty() {
+        Ok(policy)
+    } else {
+        Err(v.into_error(path))
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: String) {
+        let (line, column) = line_column(self.text, span.start);
+        self.diagnostics.push(Diagnostic {
+            line,
+            column,
+            message,
+        });
+    }
+
+    fn into_error(mut self, path: &Path) -> PolicyError {
+        self.diagnostics.sort_by_key(|d| (d.line, d.column));
+        PolicyError::Invalid {
+            path: path.to_path_buf(),
+            diagnostics: self.diagnostics,
+        }
+    }
+
+    fn action(&mut self, value: Option<Spanned<String>>, key: &str, default: Action) -> Action {
+        let Some(value) = value else {
+            return default;
+        };
+        Action::parse(value.get_ref()).unwrap_or_else(|| {
+            self.error(
+                value.span(),
+                format!(
+                    "`{key}`: unknown action {:?}, expected \"pass\" or \"drop\"",
+                    value.get_ref()
+                ),
+            );
+            default
+        })
+    }
+
+    fn prefixes(&mut self, list: Vec<Spanned<String>>) -> Vec<Prefix> {
+        list.into_iter()
+            .filter_map(|p| match p.get_ref().parse::<Prefix>() {
+                Ok(prefix) => Some(prefix),
+                Err(e) => {
+                    self.error(p.span(), format!("bad prefix {:?}: {e}", p.get_ref()));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn zone_match(&mut self, value: Option<Spanned<String>>, zones: &[Zone]) -> Option<ZoneMatch> {
+        let value = value?;
+        let text = value.get_ref().trim();
+        let (negate, name) = match text.strip_prefix('!') {
+            Some(rest) => (true, rest.trim()),
+            None => (false, text),
+        };
+        match zones.iter().position(|z| z.name == name) {
+            Some(zone) => Some(ZoneMatch { zone, negate }),
+            None => {
+                let known = zones.iter().map(|z| z.name.as_str()).collect::<Vec<_>>();
+                self.error(
+                    value.span(),
+                    format!(
+                        "unknown zone {name:?} (zones defined: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn policy(&mut self, raw: RawPolicy, path: &Path) -> Policy {
+        let default_action = self.action(raw.default, "default", Action::Pass);
+        let malformed_action = self.action(raw.malformed, "malformed", Action::Drop);
+        let non_ip_action = self.action(raw.non_ip, "non_ip", Action::Pass);
+
+        let geoip_database = raw.geoip.map(|g| {
+            let db = PathBuf::from(g.database.get_ref());
+            if db.is_absolute() {
+                db
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(db)
+            }
+        });
+
+        let mut zones = Vec::with_capacity(raw.zones.len());
+        for (name, zone) in raw.zones {
+            let span = name.span();
+            let name = name.into_inner();
+            if name.is_empty() || name.starts_with('!') || name.chars().any(char::is_whitespace) {
+                self.error(
+                    span.clone(),
+                    format!("bad zone name {name:?}: must be non-empty, without spaces or a leading '!'"),
+                );
+            }
+            let mut countries = Vec::with_capacity(zone.countries.len());
+            for c in zone.countries {
+                let code = c.get_ref().trim().to_ascii_uppercase();
+                if countries::is_country_code(&code) {
+                    countries.push(code);
+                } else {
+                    self.error(
+                        c.span(),
+                        format!("unknown country code {:?} (expected ISO 3166 alpha-2, such as \"DE\")", c.get_ref()),
+                    );
+                }
+            }
+            if !countries.is_empty() && geoip_database.is_none() {
+                self.error(
+                    span.clone(),
+                    format!("zone {name:?} names countries, but the policy has no [geoip] database"),
+                );
+            }
+            let prefixes = self.prefixes(zone.prefixes);
+            zones.push(Zone {
+                name,
+                countries,
+                prefixes,
+            });
+        }
+        if zones.len() > MAX_ZONES {
+            self.error(0..0, format!("{} zones defined; at most {MAX_ZONES} are supported", zones.len()));
+        }
+
+        if raw.rules.len() > MAX_RULES {
+            self.error(
+                raw.rules[MAX_RULES].span(),
+                format!("{} rules defined; at most {MAX_RULES} are supported", raw.rules.len()),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for (i, rule) in raw.rules.into_iter().enumerate() {
+            let rule_span = rule.span();
+            let rule = rule.into_inner();
+            let name = match rule.name {
+                Some(name) => {
+                    if name.get_ref().is_empty() {
+                        self.error(name.span(), "empty rule name".to_string());
+                    } else if !names.insert(name.get_ref().clone()) {
+                        self.error(name.span(), format!("duplicate rule name {:?}", name.get_ref()));
+                    }
+                    name.into_inner()
+                }
+                None => {
+                    let name = format!("rule-{}", i + 1);
+                    if !names.insert(name.clone()) {
+                        self.error(rule_span, format!("duplicate rule name {name:?} (the default name of rule {})", i + 1));
+                    }
+                    name
+                }
+            };
+            let src_prefix = rule.src_prefix.map(|l| self.prefixes(l));
+            let dst_prefix = rule.dst_prefix.map(|l| self.prefixes(l));
+            let src_zone = self.zone_match(rule.src_zone, &zones);
+            let dst_zone = self.zone_match(rule.dst_zone, &zones);
+            let action = match Action::parse(rule.action.get_ref()) {
+                Some(a) => a,
+                None => {
+                    self.error(
+                        rule.action.span(),
+                        format!("unknown action {:?}, expected \"pass\" or \"drop\"", rule.action.get_ref()),
+                    );
+                    Action::Pass
+                }
+            };
+            rules.push(Rule {
+                name,
+                src_prefix,
+                dst_prefix,
+                src_zone,
+                dst_zone,
+                action,
+            });
+        }
+
+        Policy {
+            default_action,
+            malformed_action,
+            non_ip_action,
+            geoip_database,
+            zones,
+            rules,
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..offset].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;
