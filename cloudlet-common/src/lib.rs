@@ -8,8 +8,6 @@
 pub const MAX_RULES: usize = 256;
 /// `u64` words in a rule bitmap.
 pub const RULE_WORDS: usize = MAX_RULES / 64;
-/// Most zones one policy may define (zone sets are `u64` masks).
-pub const MAX_ZONES: usize = 64;
 /// Most IPv6 extension headers walked before a packet is judged malformed.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
 /// Most VLAN tags (802.1Q / 802.1ad) parsed; a third tag makes the frame malformed.
@@ -118,8 +116,6 @@ pub struct AddrClass {
     pub src_rules: [u64; RULE_WORDS],
     /// Rules whose destination criteria (`dst_zone`, `dst_prefix`) this class satisfies.
     pub dst_rules: [u64; RULE_WORDS],
-    /// Zones the class belongs to (bit i = zone i).
-    pub zones: u64,
 }
 
 /// Key of the IPv6 (and optional IPv4) LPM tries: aya's `Key` layout,
@@ -205,5 +201,5 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
-const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * (2 * RULE_WORDS + 1));
+const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * RULE_WORDS);
 const _: () = assert!(core::mem::size_of::<Decision>() == 14 * 4);

@@ -133,7 +133,7 @@ pub const fn mode_name(mode: AttachMode) -> &'static str {
 
 fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant) {
     log::info!(
-        "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 chunks; ready in {:.0?} (program load {:.0?}, map fill {:.0?})",
+        "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 chunks; ready in {} ms (program load {} ms, map fill {} ms)",
         path.display(),
         c.rules.len(),
         c.zone_names.len(),
@@ -142,8 +142,8 @@ fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant
         c.stats.v6_prefixes,
         c.stats.classes,
         c.stats.v4_chunks,
-        started.elapsed(),
-        loaded.timings.load,
-        loaded.timings.fill,
+        started.elapsed().as_millis(),
+        loaded.timings.load.as_millis(),
+        loaded.timings.fill.as_millis(),
     );
 }

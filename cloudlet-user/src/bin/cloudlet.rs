@@ -208,7 +208,7 @@ fn stats(socket: &Path, json: bool, watch: Option<f64>) -> anyhow::Result<ExitCo
             println!("{body}");
         } else {
             let s: Stats = serde_json::from_str(&body).context("decoding /stats")?;
-            print!("{}", render_stats(&s));
+            print!("{}", s.render_table());
         }
         std::io::stdout().flush()?;
         match watch {
@@ -216,27 +216,4 @@ fn stats(socket: &Path, json: bool, watch: Option<f64>) -> anyhow::Result<ExitCo
             None => return Ok(ExitCode::SUCCESS),
         }
     }
-}
-
-/// The counters as aligned tables.
-fn render_stats(s: &Stats) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let _ = writeln!(o, "{:<28} {:>14} {:>16}", "VERDICT", "PACKETS", "BYTES");
-    for n in &s.verdicts {
-        let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
-    }
-    let _ = writeln!(o, "\n{:<28} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
-    for n in s.reasons.iter().filter(|n| n.count.packets > 0 || !n.name.starts_with("malformed")) {
-        let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
-    }
-    let _ = writeln!(o, "\n{:<28} {:<6} {:>14} {:>16}", "RULE", "ACTION", "PACKETS", "BYTES");
-    for r in &s.rules {
-        let _ = writeln!(o, "{:<28} {:<6} {:>14} {:>16}", r.name, r.action, r.count.packets, r.count.bytes);
-    }
-    let _ = writeln!(o, "\n{:<28} {:>14} {:>14}", "ZONE", "FROM (PKTS)", "TO (PKTS)");
-    for z in &s.zones {
-        let _ = writeln!(o, "{:<28} {:>14} {:>14}", z.name, z.src.packets, z.dst.packets);
-    }
-    o
 }

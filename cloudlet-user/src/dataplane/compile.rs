@@ -5,9 +5,10 @@
 //! in all of them) and the rule prefix lists that contain it. Each class carries two rule
 //! bitmaps, the rules whose source and whose destination criteria it satisfies, so the
 //! kernel matches a packet with one lookup per address and an AND, however many rules and
-//! prefixes the policy has. Pure: no maps, no syscalls.
+//! prefixes the policy has. Zones live in user space only (for `classify` and counters).
+//! Pure: no maps, no syscalls.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, hash::Hash, net::IpAddr};
 
 use cloudlet_common::{
     AddrClass, PolicyConfig, RULE_WORDS, RuleEntry, V4Chunk,
@@ -16,12 +17,67 @@ use cloudlet_common::{
 
 use crate::{
     geoip::{GeoDb, GeoIpError},
-    policy::{Policy, Prefix, ZoneMatch},
+    policy::{MAX_ZONES, Policy, Prefix, ZoneMatch},
 };
 
-/// Most prefix lists (a source and a destination list per rule).
-const LIST_WORDS: usize = RULE_WORDS * 2;
-type ListSet = [u64; LIST_WORDS];
+/// A set of zones, bit i = zone i.
+pub type ZoneSet = [u64; MAX_ZONES / 64];
+/// A set of rule prefix lists: list `2r` is rule r's `src_prefix`, `2r + 1` its `dst_prefix`.
+type ListSet = [u64; RULE_WORDS * 2];
+
+fn has<const W: usize>(set: &[u64; W], i: usize) -> bool {
+    set[i / 64] >> (i % 64) & 1 == 1
+}
+
+fn with<const W: usize>(mut set: [u64; W], i: usize) -> [u64; W] {
+    set[i / 64] |= 1 << (i % 64);
+    set
+}
+
+/// Interned sets: equal sets get equal ids, id 0 is the empty set.
+struct Sets<const W: usize> {
+    ids: HashMap<[u64; W], u32>,
+    sets: Vec<[u64; W]>,
+    unions: HashMap<(u32, u32), u32>,
+}
+
+impl<const W: usize> Sets<W> {
+    fn new() -> Self {
+        Self {
+            ids: HashMap::from([([0; W], 0)]),
+            sets: vec![[0; W]],
+            unions: HashMap::new(),
+        }
+    }
+
+    fn id(&mut self, set: [u64; W]) -> u32 {
+        intern(&mut self.ids, &mut self.sets, set)
+    }
+
+    fn union(&mut self, a: u32, b: u32) -> u32 {
+        if a == b || b == 0 {
+            return a;
+        }
+        if a == 0 {
+            return b;
+        }
+        let key = (a.min(b), a.max(b));
+        if let Some(id) = self.unions.get(&key) {
+            return *id;
+        }
+        let (x, y) = (self.sets[a as usize], self.sets[b as usize]);
+        let id = self.id(std::array::from_fn(|i| x[i] | y[i]));
+        self.unions.insert(key, id);
+        id
+    }
+}
+
+fn intern<K: Copy + Eq + Hash>(ids: &mut HashMap<K, u32>, all: &mut Vec<K>, key: K) -> u32 {
+    *ids.entry(key).or_insert_with(|| {
+        all.push(key);
+        (all.len() - 1) as u32
+    })
+}
 
 /// Errors from compiling a policy.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +131,8 @@ pub struct CompiledPolicy {
     pub zone_names: Vec<String>,
     /// Class 0 is "no zone, no list": addresses nothing names.
     pub classes: Vec<AddrClass>,
+    /// The zones of each class (user space only).
+    pub class_zones: Vec<ZoneSet>,
     /// The flat IPv4 table, `L1_CHUNKS` first-level chunks then the rest.
     pub v4_chunks: Vec<V4Chunk>,
     /// IPv4 as LPM entries (for the LPM variant of the program).
@@ -86,13 +144,17 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// Whether class `class` lies in zone `zone`.
+    pub fn class_in_zone(&self, class: u32, zone: usize) -> bool {
+        self.class_zones.get(class as usize).is_some_and(|z| has(z, zone))
+    }
+
     /// Names of the zones of class `class` (empty for unknown classes).
     pub fn class_zone_names(&self, class: u32) -> Vec<&str> {
-        let zones = self.classes.get(class as usize).map_or(0, |c| c.zones);
         self.zone_names
             .iter()
             .enumerate()
-            .filter(|(i, _)| zones >> i & 1 == 1)
+            .filter(|(i, _)| self.class_in_zone(class, *i))
             .map(|(_, n)| n.as_str())
             .collect()
     }
@@ -108,25 +170,25 @@ impl CompiledPolicy {
     }
 }
 
-/// One prefix with what it contributes.
+/// One prefix with what it contributes; zone and list sets by id.
 #[derive(Clone, Copy)]
 struct Node {
     start: u128,
     end: u128,
     len: u8,
-    explicit_zones: u64,
-    country_zones: u64,
-    /// Index into the list-set table, 0 for none.
+    explicit_zones: u32,
+    country_zones: u32,
     lists: u32,
 }
 
+/// Prefixes of one address family.
 struct Family {
     ipv4: bool,
     nodes: Vec<Node>,
 }
 
 impl Family {
-    fn push(&mut self, p: Prefix, explicit_zones: u64, country_zones: u64, lists: u32) {
+    fn push(&mut self, p: Prefix, explicit_zones: u32, country_zones: u32, lists: u32) {
         let (start, end) = p.range();
         self.nodes.push(Node {
             start,
@@ -139,49 +201,63 @@ impl Family {
     }
 }
 
+/// The interning state shared by both families.
+struct Interned {
+    zones: Sets<{ MAX_ZONES / 64 }>,
+    lists: Sets<{ RULE_WORDS * 2 }>,
+    class_ids: HashMap<(u32, u32), u32>,
+    /// (zone set id, list set id) of each class; class 0 is (0, 0).
+    classes: Vec<(u32, u32)>,
+}
+
+impl Interned {
+    fn class(&mut self, zones: u32, lists: u32) -> u32 {
+        intern(&mut self.class_ids, &mut self.classes, (zones, lists))
+    }
+}
+
 /// Compiles `policy`; `geo` must be given when its zones name countries.
 pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, CompileError> {
-    let mut v4 = Family {
-        ipv4: true,
-        nodes: Vec::new(),
+    let mut v4 = Family { ipv4: true, nodes: Vec::new() };
+    let mut v6 = Family { ipv4: false, nodes: Vec::new() };
+    let mut it = Interned {
+        zones: Sets::new(),
+        lists: Sets::new(),
+        class_ids: HashMap::from([((0, 0), 0)]),
+        classes: vec![(0, 0)],
     };
-    let mut v6 = Family {
-        ipv4: false,
-        nodes: Vec::new(),
-    };
-    // List sets: index 0 is the empty set.
-    let mut list_sets: Vec<ListSet> = vec![[0; LIST_WORDS]];
     let mut stats = CompileStats::default();
 
     for (z, zone) in policy.zones.iter().enumerate() {
+        let id = it.zones.id(with([0; MAX_ZONES / 64], z));
         for p in &zone.prefixes {
             let fam = if p.is_ipv4() { &mut v4 } else { &mut v6 };
-            fam.push(*p, 1 << z, 0, 0);
+            fam.push(*p, id, 0, 0);
         }
     }
     for (r, rule) in policy.rules.iter().enumerate() {
-        for (list_id, list) in [(2 * r, &rule.src_prefix), (2 * r + 1, &rule.dst_prefix)] {
-            let Some(list) = list else { continue };
-            let mut set = [0; LIST_WORDS];
-            set[list_id / 64] |= 1 << (list_id % 64);
-            list_sets.push(set);
-            let idx = (list_sets.len() - 1) as u32;
-            for p in list {
+        for (list, prefixes) in [(2 * r, &rule.src_prefix), (2 * r + 1, &rule.dst_prefix)] {
+            let Some(prefixes) = prefixes else { continue };
+            let id = it.lists.id(with([0; RULE_WORDS * 2], list));
+            for p in prefixes {
                 let fam = if p.is_ipv4() { &mut v4 } else { &mut v6 };
-                fam.push(*p, 0, 0, idx);
+                fam.push(*p, 0, 0, id);
             }
         }
     }
     if policy.uses_countries() {
         let geo = geo.ok_or(CompileError::NoGeoIp)?;
-        let mut country_zones: HashMap<&str, u64> = HashMap::new();
+        let mut country_zones: HashMap<&str, ZoneSet> = HashMap::new();
         for (z, zone) in policy.zones.iter().enumerate() {
             for c in &zone.countries {
-                *country_zones.entry(c.as_str()).or_default() |= 1 << z;
+                let set = country_zones.entry(c.as_str()).or_default();
+                *set = with(*set, z);
             }
         }
+        let country_ids: HashMap<&str, u32> =
+            country_zones.into_iter().map(|(c, set)| (c, it.zones.id(set))).collect();
         geo.for_each_network(
-            |code| country_zones.get(code).copied(),
+            |code| country_ids.get(code).copied(),
             |prefix, zones| {
                 stats.geo_networks += 1;
                 let fam = if prefix.is_ipv4() { &mut v4 } else { &mut v6 };
@@ -190,18 +266,18 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         )?;
     }
 
-    let mut interner = ClassInterner::default();
-    let v4_ranges = sweep(&mut v4, &mut list_sets, &mut interner);
-    let v6_ranges = sweep(&mut v6, &mut list_sets, &mut interner);
-    if interner.classes.len() >= PTR as usize {
-        return Err(CompileError::TooManyClasses(interner.classes.len()));
+    let v4_ranges = sweep(&mut v4, &mut it);
+    let v6_ranges = sweep(&mut v6, &mut it);
+    if it.classes.len() >= PTR as usize {
+        return Err(CompileError::TooManyClasses(it.classes.len()));
     }
 
-    let classes = interner
+    let classes = it
         .classes
         .iter()
-        .map(|(zones, lists)| class_entry(policy, *zones, lists))
+        .map(|&(z, l)| class_entry(policy, &it.zones.sets[z as usize], &it.lists.sets[l as usize]))
         .collect::<Vec<_>>();
+    let class_zones = it.classes.iter().map(|&(z, _)| it.zones.sets[z as usize]).collect();
     let v4_chunks = flat_v4_table(&v4_ranges);
     let v4_prefixes = lpm_entries::<4>(&v4_ranges, 32);
     let v6_prefixes = lpm_entries::<16>(&v6_ranges, 128);
@@ -220,17 +296,11 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             non_ip_action: policy.non_ip_action.code(),
             rule_count: policy.rules.len() as u32,
         },
-        rules: policy
-            .rules
-            .iter()
-            .map(|r| RuleEntry {
-                action: r.action.code(),
-                arg: 0,
-            })
-            .collect(),
+        rules: policy.rules.iter().map(|r| RuleEntry { action: r.action.code(), arg: 0 }).collect(),
         rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
         zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
         classes,
+        class_zones,
         v4_chunks,
         v4_prefixes,
         v6_prefixes,
@@ -240,82 +310,46 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
     })
 }
 
-#[derive(Default)]
-struct ClassInterner {
-    ids: HashMap<(u64, ListSet), u32>,
-    classes: Vec<(u64, ListSet)>,
-}
-
-impl ClassInterner {
-    fn id(&mut self, zones: u64, lists: ListSet) -> u32 {
-        if self.classes.is_empty() {
-            self.classes.push((0, [0; LIST_WORDS]));
-            self.ids.insert((0, [0; LIST_WORDS]), 0);
-        }
-        *self.ids.entry((zones, lists)).or_insert_with(|| {
-            self.classes.push((zones, lists));
-            (self.classes.len() - 1) as u32
-        })
-    }
-}
-
-fn class_entry(policy: &Policy, zones: u64, lists: &ListSet) -> AddrClass {
-    let zone_ok = |m: Option<ZoneMatch>| {
-        m.is_none_or(|m| (zones >> m.zone & 1 == 1) != m.negate)
-    };
-    let in_list = |id: usize| lists[id / 64] >> (id % 64) & 1 == 1;
-    let mut c = AddrClass {
-        zones,
-        ..AddrClass::default()
-    };
+/// The rule bitmaps of a class with these zones and prefix lists.
+fn class_entry(policy: &Policy, zones: &ZoneSet, lists: &ListSet) -> AddrClass {
+    let zone_ok = |m: Option<ZoneMatch>| m.is_none_or(|m| has(zones, m.zone) != m.negate);
+    let mut c = AddrClass::default();
     for (r, rule) in policy.rules.iter().enumerate() {
-        if zone_ok(rule.src_zone) && (rule.src_prefix.is_none() || in_list(2 * r)) {
+        if zone_ok(rule.src_zone) && (rule.src_prefix.is_none() || has(lists, 2 * r)) {
             c.src_rules[r / 64] |= 1 << (r % 64);
         }
-        if zone_ok(rule.dst_zone) && (rule.dst_prefix.is_none() || in_list(2 * r + 1)) {
+        if zone_ok(rule.dst_zone) && (rule.dst_prefix.is_none() || has(lists, 2 * r + 1)) {
             c.dst_rules[r / 64] |= 1 << (r % 64);
         }
     }
     c
 }
 
-fn union(a: &ListSet, b: &ListSet) -> ListSet {
-    std::array::from_fn(|i| a[i] | b[i])
-}
-
 /// Turns the family's (nested or disjoint) prefixes into contiguous ranges covering the
 /// whole address space, each with its class, adjacent equal classes merged.
-fn sweep(fam: &mut Family, list_sets: &mut Vec<ListSet>, interner: &mut ClassInterner) -> Vec<Range> {
+fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
     let max: u128 = if fam.ipv4 { u128::from(u32::MAX) } else { u128::MAX };
     let nodes = &mut fam.nodes;
-    // Parents sort before their children: same start, shorter first.
+    // CIDR prefixes nest or are disjoint; sorted so, a parent comes before its children.
     nodes.sort_unstable_by_key(|n| (n.start, n.len));
-    // Merge duplicates of one prefix.
     let mut merged: Vec<Node> = Vec::with_capacity(nodes.len());
     for n in nodes.drain(..) {
         match merged.last_mut() {
             Some(m) if m.start == n.start && m.len == n.len => {
-                m.explicit_zones |= n.explicit_zones;
-                m.country_zones |= n.country_zones;
-                if n.lists != 0 {
-                    m.lists = if m.lists == 0 {
-                        n.lists
-                    } else {
-                        let u = union(&list_sets[m.lists as usize], &list_sets[n.lists as usize]);
-                        list_sets.push(u);
-                        (list_sets.len() - 1) as u32
-                    };
-                }
+                m.explicit_zones = it.zones.union(m.explicit_zones, n.explicit_zones);
+                m.country_zones = it.zones.union(m.country_zones, n.country_zones);
+                m.lists = it.lists.union(m.lists, n.lists);
             }
             _ => merged.push(n),
         }
     }
 
+    /// A prefix whose range is still open, with its effective sets.
     struct Open {
         end: u128,
         class: u32,
-        zones: u64,
-        lists: ListSet,
+        zones: u32,
+        lists: u32,
     }
     let mut out: Vec<Range> = Vec::new();
     let mut emit = |start: u128, end: u128, class: u32| match out.last_mut() {
@@ -325,28 +359,31 @@ fn sweep(fam: &mut Family, list_sets: &mut Vec<ListSet>, interner: &mut ClassInt
     // Next address not yet emitted; None once the whole space is done.
     let mut cursor: Option<u128> = Some(0);
     let mut stack: Vec<Open> = Vec::new();
+    let close = |top: &Open, cursor: &mut Option<u128>, emit: &mut dyn FnMut(u128, u128, u32)| {
+        if let Some(c) = *cursor
+            && c <= top.end
+        {
+            emit(c, top.end, top.class);
+        }
+        *cursor = top.end.checked_add(1);
+    };
     for n in &merged {
         while let Some(top) = stack.last() {
             if top.end >= n.start {
                 break;
             }
-            if let Some(c) = cursor {
-                if c <= top.end {
-                    emit(c, top.end, top.class);
-                }
-            }
-            cursor = top.end.checked_add(1);
+            close(top, &mut cursor, &mut emit);
             stack.pop();
         }
-        let (parent_class, parent_zones, parent_lists) = stack
-            .last()
-            .map_or((0, 0, [0; LIST_WORDS]), |t| (t.class, t.zones, t.lists));
-        if let Some(c) = cursor {
-            if c < n.start {
-                emit(c, n.start - 1, parent_class);
-            }
+        let (parent_class, parent_zones, parent_lists) =
+            stack.last().map_or((0, 0, 0), |t| (t.class, t.zones, t.lists));
+        if let Some(c) = cursor
+            && c < n.start
+        {
+            emit(c, n.start - 1, parent_class);
         }
         cursor = Some(n.start);
+        // Longest prefix wins for zones; explicit prefixes win ties over countries.
         let zones = if n.explicit_zones != 0 {
             n.explicit_zones
         } else if n.country_zones != 0 {
@@ -354,26 +391,22 @@ fn sweep(fam: &mut Family, list_sets: &mut Vec<ListSet>, interner: &mut ClassInt
         } else {
             parent_zones
         };
-        let lists = union(&parent_lists, &list_sets[n.lists as usize]);
+        // Prefix lists accumulate: an address is in every list that covers it.
+        let lists = it.lists.union(parent_lists, n.lists);
         stack.push(Open {
             end: n.end,
-            class: interner.id(zones, lists),
+            class: it.class(zones, lists),
             zones,
             lists,
         });
     }
     while let Some(top) = stack.pop() {
-        if let Some(c) = cursor {
-            if c <= top.end {
-                emit(c, top.end, top.class);
-            }
-        }
-        cursor = top.end.checked_add(1);
+        close(&top, &mut cursor, &mut emit);
     }
-    if let Some(c) = cursor {
-        if c <= max {
-            emit(c, max, 0);
-        }
+    if let Some(c) = cursor
+        && c <= max
+    {
+        emit(c, max, 0);
     }
     out
 }

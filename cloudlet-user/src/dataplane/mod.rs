@@ -214,12 +214,21 @@ impl Loaded {
             }
         }
 
-        let mut trie: LpmTrie<_, [u8; 16], u32> =
-            LpmTrie::try_from(e.map_mut("V6_TRIE").ok_or(DataplaneError::Missing("map V6_TRIE"))?)
-                .map_err(map_err("V6_TRIE"))?;
-        for p in &c.v6_prefixes {
-            trie.insert(&Key::new(u32::from(p.len), p.addr), p.class, 0)
-                .map_err(map_err("V6_TRIE"))?;
+        let map = e.map_mut("V6_TRIE").ok_or(DataplaneError::Missing("map V6_TRIE"))?;
+        let keys: Vec<Key<[u8; 16]>> = c.v6_prefixes.iter().map(|p| Key::new(u32::from(p.len), p.addr)).collect();
+        let values: Vec<u32> = c.v6_prefixes.iter().map(|p| p.class).collect();
+        let batched = match map {
+            aya::maps::Map::LpmTrie(data) => update_batch(data, &keys, &values).map_err(|e| DataplaneError::Map {
+                map: "V6_TRIE",
+                source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e }),
+            })?,
+            _ => false,
+        };
+        if !batched {
+            let mut trie: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(map).map_err(map_err("V6_TRIE"))?;
+            for (k, v) in keys.iter().zip(&values) {
+                trie.insert(k, v, 0).map_err(map_err("V6_TRIE"))?;
+            }
         }
         Ok(())
     }
@@ -280,4 +289,56 @@ fn raise_memlock_limit() {
     if ret != 0 {
         log::debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+): writes many entries in one syscall. Returns
+/// `Ok(false)` when the map type has no batch support, so callers fall back to single
+/// updates.
+fn update_batch<K: Copy, V: Copy>(map: &aya::maps::MapData, keys: &[K], values: &[V]) -> std::io::Result<bool> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    debug_assert_eq!(keys.len(), values.len());
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0usize;
+    while done < keys.len() {
+        let n = (keys.len() - done).min(1 << 16);
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: n as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points to key and value arrays of `count` entries each, laid out
+        // as the map's key and value types; the kernel writes back only `count`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if ret != 0 {
+            let err = std::io::Error::last_os_error();
+            if done == 0 && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) {
+                return Ok(false);
+            }
+            return Err(err);
+        }
+        done += n;
+    }
+    Ok(true)
 }

@@ -107,6 +107,30 @@ impl Stats {
         self.verdicts.iter().find(|n| n.name == name).map(|n| n.count).unwrap_or_default()
     }
 
+    /// The counters as aligned tables, as `cloudlet stats` prints them.
+    pub fn render_table(&self) -> String {
+        let s = self;
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let _ = writeln!(o, "{:<28} {:>14} {:>16}", "VERDICT", "PACKETS", "BYTES");
+        for n in &s.verdicts {
+            let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
+        }
+        let _ = writeln!(o, "\n{:<28} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
+        for n in s.reasons.iter().filter(|n| n.count.packets > 0 || !n.name.starts_with("malformed")) {
+            let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
+        }
+        let _ = writeln!(o, "\n{:<28} {:<6} {:>14} {:>16}", "RULE", "ACTION", "PACKETS", "BYTES");
+        for r in &s.rules {
+            let _ = writeln!(o, "{:<28} {:<6} {:>14} {:>16}", r.name, r.action, r.count.packets, r.count.bytes);
+        }
+        let _ = writeln!(o, "\n{:<28} {:>14} {:>14}", "ZONE", "FROM (PKTS)", "TO (PKTS)");
+        for z in &s.zones {
+            let _ = writeln!(o, "{:<28} {:>14} {:>14}", z.name, z.src.packets, z.dst.packets);
+        }
+        o
+    }
+
     /// The counter of reason `name`.
     pub fn reason(&self, name: &str) -> Count {
         self.reasons.iter().find(|n| n.name == name).map(|n| n.count).unwrap_or_default()
@@ -156,15 +180,15 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
         .map(|n| ZoneCount { name: n.clone(), src: Count::default(), dst: Count::default() })
         .collect();
     let none = zones.len() - 1;
-    for (class, entry) in compiled.classes.iter().enumerate() {
+    for class in 0..compiled.classes.len() {
         let src = per_cpu_sum(&class_stats, 2 * class as u32).map_err(map_err("CLASS_STATS"))?;
         let dst = per_cpu_sum(&class_stats, 2 * class as u32 + 1).map_err(map_err("CLASS_STATS"))?;
-        if entry.zones == 0 {
+        if compiled.class_zones[class] == [0; 4] {
             zones[none].src.add(src);
             zones[none].dst.add(dst);
         }
         for (z, zone) in zones.iter_mut().enumerate().take(none) {
-            if entry.zones >> z & 1 == 1 {
+            if compiled.class_in_zone(class as u32, z) {
                 zone.src.add(src);
                 zone.dst.add(dst);
             }

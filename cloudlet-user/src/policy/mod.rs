@@ -16,7 +16,10 @@ use toml::Spanned;
 
 pub use prefix::{Prefix, PrefixError};
 
-use cloudlet_common::{MAX_RULES, MAX_ZONES};
+pub use cloudlet_common::MAX_RULES;
+
+/// Most zones one policy may define (a multiple of 64: zone sets are bitmaps).
+pub const MAX_ZONES: usize = 256;
 
 /// What a rule, the default, the malformed or the non-IP verdict does with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -108,7 +111,7 @@ pub struct Policy {
     pub non_ip_action: Action,
     /// The GeoIP database, resolved against the policy file's folder.
     pub geoip_database: Option<PathBuf>,
-    /// Zones, sorted by name; a zone's index is its bit in the kernel's zone masks.
+    /// Zones, sorted by name; a zone's index is its bit in zone sets.
     pub zones: Vec<Zone>,
     /// Rules in file order: the first match wins.
     pub rules: Vec<Rule>,
