@@ -7,11 +7,20 @@ use anyhow::{Context as _, anyhow};
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest_dir.join("../cloudlet-ebpf").canonicalize().context("cloudlet-ebpf dir")?;
-    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let ebpf_dir = manifest_dir
+        .join("../cloudlet-ebpf")
+        .canonicalize()
+        .context("cloudlet-ebpf dir")?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     // The eBPF object also depends on the shared types.
-    println!("cargo:rerun-if-changed={}", manifest_dir.join("../cloudlet-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../cloudlet-common/src").display()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "cloudlet-ebpf",

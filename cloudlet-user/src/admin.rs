@@ -95,10 +95,16 @@ pub fn get(path: &Path, target: &str) -> Result<String, AdminError> {
         source,
     };
     let mut s = std::os::unix::net::UnixStream::connect(path).map_err(sock_err)?;
-    write!(s, "GET {target} HTTP/1.1\r\nHost: cloudletd\r\nConnection: close\r\n\r\n").map_err(sock_err)?;
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: cloudletd\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(sock_err)?;
     let mut response = String::new();
     s.read_to_string(&mut response).map_err(sock_err)?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or(AdminError::Malformed)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or(AdminError::Malformed)?;
     let status = head
         .split_whitespace()
         .nth(1)

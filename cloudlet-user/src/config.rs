@@ -106,7 +106,11 @@ mod tests {
 
     #[test]
     fn defaults_and_relative_paths() {
-        let c = Config::parse("policy = \"p.toml\"\n", Path::new("/etc/cloudlet/cloudlet.toml")).unwrap();
+        let c = Config::parse(
+            "policy = \"p.toml\"\n",
+            Path::new("/etc/cloudlet/cloudlet.toml"),
+        )
+        .unwrap();
         assert_eq!(c.policy, PathBuf::from("/etc/cloudlet/p.toml"));
         assert_eq!(c.xdp_mode, AttachMode::Auto);
         assert!(c.interfaces.is_empty());
@@ -115,8 +119,15 @@ mod tests {
 
     #[test]
     fn unknown_key_is_located() {
-        let err = Config::parse("policy = \"p.toml\"\ninterface = [\"eth0\"]\n", Path::new("c.toml")).unwrap_err();
+        let err = Config::parse(
+            "policy = \"p.toml\"\ninterface = [\"eth0\"]\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("c.toml:2:1: unknown field `interface`"), "{msg}");
+        assert!(
+            msg.starts_with("c.toml:2:1: unknown field `interface`"),
+            "{msg}"
+        );
     }
 }

@@ -30,9 +30,17 @@ impl Ext {
 /// The transport header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Udp { sport: u16, dport: u16 },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
     /// `flags` is the TCP flag byte (0x02 SYN, 0x10 ACK, ...); `option_words` 32-bit words of NOPs.
-    Tcp { sport: u16, dport: u16, flags: u8, option_words: u8 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        option_words: u8,
+    },
     /// ICMP (IPv4) or ICMPv6 (IPv6) echo request.
     Echo,
     /// Any other protocol number, with the payload as its body.
@@ -127,7 +135,10 @@ impl Frame {
         }
         let ipv6 = self.src.is_ipv6();
         f.extend_from_slice(&(if ipv6 { 0x86ddu16 } else { 0x0800 }).to_be_bytes());
-        let l4 = self.l4.map(|l4| self.l4_bytes(l4)).unwrap_or_else(|| self.payload.clone());
+        let l4 = self
+            .l4
+            .map(|l4| self.l4_bytes(l4))
+            .unwrap_or_else(|| self.payload.clone());
         let proto = self.l4.map_or(17, |l| l.proto(ipv6));
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => f.extend_from_slice(&self.ipv4(s, d, proto, &l4)),
@@ -210,7 +221,12 @@ impl Frame {
                 b.extend_from_slice(&[0, 0]);
                 b
             }
-            L4::Tcp { sport, dport, flags, option_words } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                option_words,
+            } => {
                 let mut b = Vec::new();
                 b.extend_from_slice(&sport.to_be_bytes());
                 b.extend_from_slice(&dport.to_be_bytes());
@@ -233,7 +249,11 @@ impl Frame {
             L4::Other(_) => None,
         };
         if let Some(at) = sum_at {
-            let pseudo = if proto == 1 { 0 } else { pseudo_header_sum(self.src, self.dst, proto, b.len()) };
+            let pseudo = if proto == 1 {
+                0
+            } else {
+                pseudo_header_sum(self.src, self.dst, proto, b.len())
+            };
             let mut sum = checksum(&b, pseudo);
             if sum == 0 && proto == 17 {
                 sum = 0xffff;
@@ -319,7 +339,11 @@ pub fn read_pcap(data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     };
     let u32_at = |at: usize| {
         let b = [data[at], data[at + 1], data[at + 2], data[at + 3]];
-        if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) }
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
     };
     let linktype = u32_at(20) & 0x0fff_ffff;
     if linktype != 1 {
@@ -366,13 +390,25 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_verifies() {
-        let f = Frame::udp("192.0.2.1".parse().unwrap(), "198.51.100.2".parse().unwrap(), 1, 2).build();
+        let f = Frame::udp(
+            "192.0.2.1".parse().unwrap(),
+            "198.51.100.2".parse().unwrap(),
+            1,
+            2,
+        )
+        .build();
         assert_eq!(checksum(&f[14..34], 0), 0);
     }
 
     #[test]
     fn hex_and_pcap_round_trip() {
-        let f = Frame::udp("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), 1, 2).build();
+        let f = Frame::udp(
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+            1,
+            2,
+        )
+        .build();
         assert_eq!(parse_hex_line(&to_hex(&f)).unwrap(), f);
         assert_eq!(parse_hex_line("0x0a:0b 0c").unwrap(), vec![10, 11, 12]);
         assert!(parse_hex_line("abc").is_err());

@@ -71,7 +71,9 @@ impl GeoDb {
     /// Country code of `ip`, if the database has one.
     pub fn country(&self, ip: IpAddr) -> Result<Option<String>, GeoIpError> {
         let found = self.reader.lookup(ip).map_err(|e| self.read_error(e))?;
-        found.decode_path(COUNTRY_PATH).map_err(|e| self.read_error(e))
+        found
+            .decode_path(COUNTRY_PATH)
+            .map_err(|e| self.read_error(e))
     }
 
     /// Calls `f` with every network of the database whose country `select` maps to
@@ -94,8 +96,9 @@ impl GeoDb {
             let value = match by_record.get(&offset) {
                 Some(v) => *v,
                 None => {
-                    let code: Option<String> =
-                        item.decode_path(COUNTRY_PATH).map_err(|e| self.read_error(e))?;
+                    let code: Option<String> = item
+                        .decode_path(COUNTRY_PATH)
+                        .map_err(|e| self.read_error(e))?;
                     let v = code.as_deref().and_then(&mut select);
                     by_record.insert(offset, v);
                     v

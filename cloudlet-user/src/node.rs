@@ -7,7 +7,10 @@ use aya::programs::xdp::XdpLink;
 
 use crate::{
     config::Config,
-    dataplane::{self, AttachMode, CompileError, CompiledPolicy, DataplaneError, Loaded, ProgramKind, stats::Stats},
+    dataplane::{
+        self, AttachMode, CompileError, CompiledPolicy, DataplaneError, Loaded, ProgramKind,
+        stats::Stats,
+    },
     geoip::{GeoDb, GeoIpError},
     policy::{self, PolicyError},
 };

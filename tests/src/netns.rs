@@ -16,7 +16,9 @@ pub struct NetNs {
 }
 
 fn run_checked(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",
@@ -29,7 +31,11 @@ fn run_checked(cmd: &mut Command) -> Output {
 impl NetNs {
     /// Creates a namespace named `{prefix}-{pid}-{n}` with its loopback up.
     pub fn new(prefix: &str) -> Self {
-        let name = format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
         Self::named(&name)
     }
 
@@ -37,7 +43,9 @@ impl NetNs {
     pub fn named(name: &str) -> Self {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run_checked(Command::new("ip").args(["netns", "add", name]));
-        let ns = Self { name: name.to_string() };
+        let ns = Self {
+            name: name.to_string(),
+        };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -49,7 +57,11 @@ impl NetNs {
 
     /// Runs a command inside the namespace (`ip netns exec`); panics if it fails.
     pub fn exec(&self, args: &[&str]) -> Output {
-        run_checked(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
+        run_checked(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args),
+        )
     }
 
     /// A command that will run inside the namespace.
@@ -79,7 +91,11 @@ impl NetNs {
     pub fn mac(&self, iface: &str) -> [u8; 6] {
         let out = self.exec(&["cat", &format!("/sys/class/net/{iface}/address")]);
         let text = String::from_utf8_lossy(&out.stdout);
-        let bytes: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).expect("MAC byte")).collect();
+        let bytes: Vec<u8> = text
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("MAC byte"))
+            .collect();
         bytes.try_into().expect("6-byte MAC")
     }
 }
@@ -87,7 +103,9 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace also removes its veth ends (and so their peers).
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -95,10 +113,25 @@ impl Drop for NetNs {
 /// (no router solicitations or MLD reports to muddle counts).
 pub fn veth_pair(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
     run_checked(Command::new("ip").args([
-        "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ]));
     for (ns, iface) in [(a, a_if), (b, b_if)] {
-        ns.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{iface}.disable_ipv6=1")]);
+        ns.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{iface}.disable_ipv6=1"),
+        ]);
         ns.exec(&["ip", "link", "set", iface, "up"]);
     }
 }

@@ -1,15 +1,189 @@
-//! Temporary entry point to exercise `setup`; replaced by the real xtask CLI.
+//! `cargo xtask`: set up a machine, build, run the demo node, run the tests and benchmarks.
+//!
+//! Every command that needs prerequisites runs `setup` first (a few seconds when all is
+//! installed), so each works on a fresh machine by itself.
 
 mod setup;
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-fn main() -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Cloudlet's build, demo, test and benchmark tasks"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite (apt packages, toolchains, bpf-linker, GeoIP data).
+    Setup {
+        /// Print only what changes.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Build the daemon, the CLI and the demo (release).
+    Build,
+    /// Run the demo node: two namespaces on a veth pair, cloudletd with the demo policy on
+    /// the real GeoIP database, traffic from several countries, live counters.
+    Run {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Frames per second the demo sends.
+        #[arg(long, default_value_t = 2000)]
+        pps: u32,
+    },
+    /// Run every test: unit tests, then the privileged integration tests (needs root).
+    Test,
+    /// Check formatting and lints.
+    Lint,
+    /// Run the benchmarks and write target/cloudlet-bench/results.json.
+    Bench {
+        /// A shorter run (fewer repetitions).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("xtask lives one level below the workspace root");
-    let quiet = std::env::args().any(|a| a == "--quiet");
-    setup::run(root, &setup::SetupOptions { quiet })?;
-    println!("geoip database: {}", setup::geoip_db_path(root).display());
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with the command line if it fails.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
     Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (BPF, XDP and network namespaces); run it as root");
+    }
+    Ok(())
+}
+
+fn setup_quiet() -> Result<()> {
+    setup::run(&root(), &setup::SetupOptions { quiet: true })
+}
+
+fn build_release() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "cloudlet-user",
+        "-p",
+        "cloudlet-tests",
+        "--bins",
+    ]))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let root = root();
+    match args.command {
+        Task::Setup { quiet } => setup::run(&root, &setup::SetupOptions { quiet }),
+        Task::Build => {
+            setup_quiet()?;
+            build_release()
+        }
+        Task::Run { duration, pps } => {
+            require_root("the demo")?;
+            setup_quiet()?;
+            build_release()?;
+            let mut demo = Command::new(root.join("target/release/cloudlet-demo"));
+            demo.args([
+                "--cloudletd",
+                "target/release/cloudletd",
+                "--pps",
+                &pps.to_string(),
+            ]);
+            if let Some(d) = duration {
+                demo.args(["--duration", &d.to_string()]);
+            }
+            run(&mut demo)
+        }
+        Task::Test => {
+            require_root("the integration tests")?;
+            setup_quiet()?;
+            // One build profile for everything, so nothing is compiled twice. The daemon's
+            // binaries first: the integration tests run them.
+            run(cargo().args(["build", "-p", "cloudlet-user", "--bins"]))?;
+            run(cargo().args([
+                "test",
+                "-p",
+                "cloudlet-common",
+                "-p",
+                "cloudlet-user",
+                "-p",
+                "xtask",
+                "-p",
+                "cloudlet-tests",
+                "-p",
+                "cloudlet-benches",
+            ]))
+        }
+        Task::Lint => {
+            setup_quiet()?;
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--all-targets",
+                "-p",
+                "cloudlet-common",
+                "-p",
+                "cloudlet-user",
+                "-p",
+                "xtask",
+                "-p",
+                "cloudlet-tests",
+                "-p",
+                "cloudlet-benches",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        }
+        Task::Bench { quick } => {
+            require_root("the benchmarks")?;
+            setup_quiet()?;
+            run(cargo().args(["build", "--release", "-p", "cloudlet-benches", "--bins"]))?;
+            let mut bench = Command::new(root.join("target/release/packet-bench"));
+            bench.args(["--out", "target/cloudlet-bench"]);
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)?;
+            let mut criterion = cargo();
+            criterion.args(["bench", "-p", "cloudlet-benches", "--bench", "userspace"]);
+            if quick {
+                criterion.args(["--", "--warm-up-time", "1", "--measurement-time", "2"]);
+            }
+            run(&mut criterion)
+        }
+    }
 }

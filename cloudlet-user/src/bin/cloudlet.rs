@@ -14,7 +14,7 @@ use cloudlet::{
     admin,
     config::DEFAULT_ADMIN_SOCKET,
     dataplane::{
-        classify::{ClassifyError, Classifier},
+        classify::{Classifier, ClassifyError},
         stats::Stats,
     },
     frame,
@@ -70,9 +70,7 @@ enum Command {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validates a policy file (and compiles it against its GeoIP database).
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -93,10 +91,23 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
     let result = match args.command {
-        Command::Policy { command: PolicyCommand::Check { file } } => policy_check(&file),
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => policy_check(&file),
         Command::Classify { policy, pcap } => classify(&policy, pcap.as_deref()),
-        Command::Geo { command: GeoCommand::Lookup { ip, policy, database } } => geo_lookup(ip, policy.as_deref(), &database),
-        Command::Stats { socket, json, watch } => stats(&socket, json, watch),
+        Command::Geo {
+            command:
+                GeoCommand::Lookup {
+                    ip,
+                    policy,
+                    database,
+                },
+        } => geo_lookup(ip, policy.as_deref(), &database),
+        Command::Stats {
+            socket,
+            json,
+            watch,
+        } => stats(&socket, json, watch),
     };
     match result {
         Ok(code) => code,
@@ -140,7 +151,10 @@ fn classify(policy_path: &Path, pcap: Option<&Path>) -> anyhow::Result<ExitCode>
     let classifier = Classifier::new(&compiled).context("loading the XDP program (needs root)")?;
     let mut out = std::io::stdout().lock();
     let mut failed = 0usize;
-    let mut judge = |input: Result<Vec<u8>, String>, line: usize, out: &mut dyn std::io::Write| -> anyhow::Result<()> {
+    let mut judge = |input: Result<Vec<u8>, String>,
+                     line: usize,
+                     out: &mut dyn std::io::Write|
+     -> anyhow::Result<()> {
         let result = input.map_err(|e| e).and_then(|f| {
             classifier.classify(&compiled, &f).map_err(|e| match e {
                 ClassifyError::TooShort(_) => e.to_string(),
@@ -151,15 +165,21 @@ fn classify(policy_path: &Path, pcap: Option<&Path>) -> anyhow::Result<ExitCode>
             Ok(v) => writeln!(out, "{}", serde_json::to_string(&v)?)?,
             Err(error) => {
                 failed += 1;
-                writeln!(out, "{}", serde_json::json!({ "line": line, "error": error }))?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "line": line, "error": error })
+                )?;
             }
         }
         Ok(())
     };
     match pcap {
         Some(path) => {
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let frames = frame::read_pcap(&data).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let data =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let frames =
+                frame::read_pcap(&data).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             for (i, f) in frames.into_iter().enumerate() {
                 judge(Ok(f), i + 1, &mut out)?;
             }
@@ -175,14 +195,21 @@ fn classify(policy_path: &Path, pcap: Option<&Path>) -> anyhow::Result<ExitCode>
             }
         }
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 fn geo_lookup(ip: IpAddr, policy_path: Option<&Path>, database: &Path) -> anyhow::Result<ExitCode> {
     let (db_path, compiled) = match policy_path {
         Some(p) => {
             let pol = policy::load(p)?;
-            let db = pol.geoip_database.clone().context("the policy has no [geoip] database")?;
+            let db = pol
+                .geoip_database
+                .clone()
+                .context("the policy has no [geoip] database")?;
             (db, Some(prepare_policy(p)?))
         }
         None => (database.to_path_buf(), None),
@@ -190,7 +217,10 @@ fn geo_lookup(ip: IpAddr, policy_path: Option<&Path>, database: &Path) -> anyhow
     let db = GeoDb::open(&db_path)?;
     let country = db.country(ip)?;
     let zones: Option<Vec<String>> = compiled.as_ref().map(|c| {
-        c.class_zone_names(c.class_of(ip)).into_iter().map(str::to_string).collect()
+        c.class_zone_names(c.class_of(ip))
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     });
     let mut v = serde_json::json!({ "ip": ip.to_string(), "country": country });
     if let Some(zones) = zones {

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             log::error!("starting the runtime: {e}");
@@ -60,7 +63,12 @@ fn main() -> ExitCode {
     // Dropping the node closes the links: the program leaves every interface.
     let ifaces = node
         .lock()
-        .map(|n| n.attachments().iter().map(|a| a.interface.clone()).collect::<Vec<_>>())
+        .map(|n| {
+            n.attachments()
+                .iter()
+                .map(|a| a.interface.clone())
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     drop(node);
     for iface in ifaces {
@@ -72,10 +80,16 @@ fn main() -> ExitCode {
 async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
     let stats_node = node.clone();
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
-        "/stats" => Some(match stats_node.lock().map_err(|_| "lock poisoned".to_string()).and_then(|n| n.stats().map_err(|e| e.to_string())) {
-            Ok(s) => (200, serde_json::to_string(&s).unwrap_or_default()),
-            Err(e) => (500, serde_json::json!({ "error": e }).to_string()),
-        }),
+        "/stats" => Some(
+            match stats_node
+                .lock()
+                .map_err(|_| "lock poisoned".to_string())
+                .and_then(|n| n.stats().map_err(|e| e.to_string()))
+            {
+                Ok(s) => (200, serde_json::to_string(&s).unwrap_or_default()),
+                Err(e) => (500, serde_json::json!({ "error": e }).to_string()),
+            },
+        ),
         "/healthz" => Some((200, "{\"status\":\"ok\"}".to_string())),
         _ => None,
     });

@@ -55,7 +55,9 @@ pub enum ClassifyError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     /// The frame is shorter than the kernel accepts for a test run.
-    #[error("frame of {0} bytes is shorter than an Ethernet header ({MIN_TEST_FRAME}); the kernel cannot run it")]
+    #[error(
+        "frame of {0} bytes is shorter than an Ethernet header ({MIN_TEST_FRAME}); the kernel cannot run it"
+    )]
     TooShort(usize),
     /// BPF_PROG_TEST_RUN failed.
     #[error("BPF_PROG_TEST_RUN: {0}")]
@@ -70,23 +72,39 @@ pub struct Classifier {
 impl Classifier {
     /// Loads the program for `compiled`. Needs root (BPF).
     pub fn new(compiled: &CompiledPolicy) -> Result<Self, DataplaneError> {
-        Ok(Self { loaded: Loaded::new(compiled, ProgramKind::Policy, true)? })
+        Ok(Self {
+            loaded: Loaded::new(compiled, ProgramKind::Policy, true)?,
+        })
     }
 
     /// Runs the program once on `frame`.
-    pub fn classify(&self, compiled: &CompiledPolicy, frame: &[u8]) -> Result<Verdict, ClassifyError> {
+    pub fn classify(
+        &self,
+        compiled: &CompiledPolicy,
+        frame: &[u8],
+    ) -> Result<Verdict, ClassifyError> {
         if frame.len() < MIN_TEST_FRAME {
             return Err(ClassifyError::TooShort(frame.len()));
         }
         let prog = self.loaded.program()?;
-        let opts = TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..Default::default()
+        };
         let result = prog.test_run(opts).map_err(ClassifyError::TestRun)?;
         let trace: Array<_, Decision> = Array::try_from(
-            self.loaded.ebpf().map("TRACE_DECISION").ok_or(DataplaneError::Missing("map TRACE_DECISION"))?,
+            self.loaded
+                .ebpf()
+                .map("TRACE_DECISION")
+                .ok_or(DataplaneError::Missing("map TRACE_DECISION"))?,
         )
         .map_err(map_err("TRACE_DECISION"))
         .map_err(ClassifyError::Dataplane)?;
-        let d = trace.get(&0, 0).map_err(map_err("TRACE_DECISION")).map_err(ClassifyError::Dataplane)?;
+        let d = trace
+            .get(&0, 0)
+            .map_err(map_err("TRACE_DECISION"))
+            .map_err(ClassifyError::Dataplane)?;
         Ok(verdict(compiled, &d, result.return_value))
     }
 }
@@ -103,18 +121,32 @@ fn xdp_name(code: u32) -> &'static str {
 }
 
 fn verdict(compiled: &CompiledPolicy, d: &Decision, code: u32) -> Verdict {
-    let ip = d.ip_version != 0 && d.reason < cloudlet_common::reason::FIRST_MALFORMED && d.reason != cloudlet_common::reason::NON_IP;
+    let ip = d.ip_version != 0
+        && d.reason < cloudlet_common::reason::FIRST_MALFORMED
+        && d.reason != cloudlet_common::reason::NON_IP;
     let zones = |class: u32| -> Vec<String> {
-        if ip { compiled.class_zone_names(class).into_iter().map(str::to_string).collect() } else { Vec::new() }
+        if ip {
+            compiled
+                .class_zone_names(class)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        } else {
+            Vec::new()
+        }
     };
     let src_zones = zones(d.src_class);
     let dst_zones = zones(d.dst_class);
     let l4 = d.flags & decision_flags::L4_PARSED != 0;
     let ports = l4 && matches!(d.l4_proto, 6 | 17);
     Verdict {
-        verdict: Action::from_code(d.action).map_or("unknown", Action::name).to_string(),
+        verdict: Action::from_code(d.action)
+            .map_or("unknown", Action::name)
+            .to_string(),
         xdp: xdp_name(code),
-        rule: (d.rule != NO_RULE).then(|| compiled.rule_names.get(d.rule as usize).cloned()).flatten(),
+        rule: (d.rule != NO_RULE)
+            .then(|| compiled.rule_names.get(d.rule as usize).cloned())
+            .flatten(),
         reason: reason_name(d.reason),
         src_zone: src_zones.first().cloned(),
         dst_zone: dst_zones.first().cloned(),

@@ -146,7 +146,9 @@ pub struct CompiledPolicy {
 impl CompiledPolicy {
     /// Whether class `class` lies in zone `zone`.
     pub fn class_in_zone(&self, class: u32, zone: usize) -> bool {
-        self.class_zones.get(class as usize).is_some_and(|z| has(z, zone))
+        self.class_zones
+            .get(class as usize)
+            .is_some_and(|z| has(z, zone))
     }
 
     /// Names of the zones of class `class` (empty for unknown classes).
@@ -218,8 +220,14 @@ impl Interned {
 
 /// Compiles `policy`; `geo` must be given when its zones name countries.
 pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, CompileError> {
-    let mut v4 = Family { ipv4: true, nodes: Vec::new() };
-    let mut v6 = Family { ipv4: false, nodes: Vec::new() };
+    let mut v4 = Family {
+        ipv4: true,
+        nodes: Vec::new(),
+    };
+    let mut v6 = Family {
+        ipv4: false,
+        nodes: Vec::new(),
+    };
     let mut it = Interned {
         zones: Sets::new(),
         lists: Sets::new(),
@@ -254,8 +262,10 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
                 *set = with(*set, z);
             }
         }
-        let country_ids: HashMap<&str, u32> =
-            country_zones.into_iter().map(|(c, set)| (c, it.zones.id(set))).collect();
+        let country_ids: HashMap<&str, u32> = country_zones
+            .into_iter()
+            .map(|(c, set)| (c, it.zones.id(set)))
+            .collect();
         geo.for_each_network(
             |code| country_ids.get(code).copied(),
             |prefix, zones| {
@@ -275,9 +285,19 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
     let classes = it
         .classes
         .iter()
-        .map(|&(z, l)| class_entry(policy, &it.zones.sets[z as usize], &it.lists.sets[l as usize]))
+        .map(|&(z, l)| {
+            class_entry(
+                policy,
+                &it.zones.sets[z as usize],
+                &it.lists.sets[l as usize],
+            )
+        })
         .collect::<Vec<_>>();
-    let class_zones = it.classes.iter().map(|&(z, _)| it.zones.sets[z as usize]).collect();
+    let class_zones = it
+        .classes
+        .iter()
+        .map(|&(z, _)| it.zones.sets[z as usize])
+        .collect();
     let v4_chunks = flat_v4_table(&v4_ranges);
     let v4_prefixes = lpm_entries::<4>(&v4_ranges, 32);
     let v6_prefixes = lpm_entries::<16>(&v6_ranges, 128);
@@ -296,7 +316,14 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             non_ip_action: policy.non_ip_action.code(),
             rule_count: policy.rules.len() as u32,
         },
-        rules: policy.rules.iter().map(|r| RuleEntry { action: r.action.code(), arg: 0 }).collect(),
+        rules: policy
+            .rules
+            .iter()
+            .map(|r| RuleEntry {
+                action: r.action.code(),
+                arg: 0,
+            })
+            .collect(),
         rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
         zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
         classes,
@@ -328,7 +355,11 @@ fn class_entry(policy: &Policy, zones: &ZoneSet, lists: &ListSet) -> AddrClass {
 /// Turns the family's (nested or disjoint) prefixes into contiguous ranges covering the
 /// whole address space, each with its class, adjacent equal classes merged.
 fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
-    let max: u128 = if fam.ipv4 { u128::from(u32::MAX) } else { u128::MAX };
+    let max: u128 = if fam.ipv4 {
+        u128::from(u32::MAX)
+    } else {
+        u128::MAX
+    };
     let nodes = &mut fam.nodes;
     // CIDR prefixes nest or are disjoint; sorted so, a parent comes before its children.
     nodes.sort_unstable_by_key(|n| (n.start, n.len));
@@ -353,7 +384,9 @@ fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
     }
     let mut out: Vec<Range> = Vec::new();
     let mut emit = |start: u128, end: u128, class: u32| match out.last_mut() {
-        Some(last) if last.class == class && last.end.checked_add(1) == Some(start) => last.end = end,
+        Some(last) if last.class == class && last.end.checked_add(1) == Some(start) => {
+            last.end = end
+        }
         _ => out.push(Range { start, end, class }),
     };
     // Next address not yet emitted; None once the whole space is done.
@@ -375,8 +408,9 @@ fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
             close(top, &mut cursor, &mut emit);
             stack.pop();
         }
-        let (parent_class, parent_zones, parent_lists) =
-            stack.last().map_or((0, 0, 0), |t| (t.class, t.zones, t.lists));
+        let (parent_class, parent_zones, parent_lists) = stack
+            .last()
+            .map_or((0, 0, 0), |t| (t.class, t.zones, t.lists));
         if let Some(c) = cursor
             && c < n.start
         {
@@ -432,7 +466,12 @@ fn flat_v4_table(ranges: &[Range]) -> Vec<V4Chunk> {
         let idx = chunks.len();
         chunks.push([0; CHUNK_ENTRIES]);
         for i in 0..CHUNK_ENTRIES {
-            let e = slot(chunks, uniform, start + ((i as u128) << child_bits), child_bits);
+            let e = slot(
+                chunks,
+                uniform,
+                start + ((i as u128) << child_bits),
+                child_bits,
+            );
             chunks[idx][i] = e;
         }
         PTR | idx as u32
@@ -446,7 +485,11 @@ fn flat_v4_table(ranges: &[Range]) -> Vec<V4Chunk> {
 
 /// Last address of the block of `2^bits` addresses starting at `start` (aligned).
 fn block_end(start: u128, bits: u32) -> u128 {
-    if bits >= 128 { u128::MAX } else { start | ((1u128 << bits) - 1) }
+    if bits >= 128 {
+        u128::MAX
+    } else {
+        start | ((1u128 << bits) - 1)
+    }
 }
 
 /// The fewest CIDR prefixes covering each range of a non-zero class.

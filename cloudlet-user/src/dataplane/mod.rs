@@ -102,13 +102,25 @@ pub struct Loaded {
 impl Loaded {
     /// Creates the maps sized for `compiled`, fills them and loads program `kind`.
     /// `trace` makes the program record each decision (for `classify`).
-    pub fn new(compiled: &CompiledPolicy, kind: ProgramKind, trace: bool) -> Result<Self, DataplaneError> {
+    pub fn new(
+        compiled: &CompiledPolicy,
+        kind: ProgramKind,
+        trace: bool,
+    ) -> Result<Self, DataplaneError> {
         raise_memlock_limit();
         let started = Instant::now();
         let lpm4 = kind == ProgramKind::PolicyLpm4;
         let classes = compiled.classes.len().max(1) as u32;
-        let v4_chunks = if lpm4 { 1 } else { compiled.v4_chunks.len() as u32 };
-        let v4_prefixes = if lpm4 { compiled.v4_prefixes.len().max(1) as u32 } else { 1 };
+        let v4_chunks = if lpm4 {
+            1
+        } else {
+            compiled.v4_chunks.len() as u32
+        };
+        let v4_prefixes = if lpm4 {
+            compiled.v4_prefixes.len().max(1) as u32
+        } else {
+            1
+        };
         let trace_flag = u32::from(trace);
         let ebpf = EbpfLoader::new()
             .map_max_entries("CLASSES", classes)
@@ -175,37 +187,49 @@ impl Loaded {
 
     fn fill(&mut self, c: &CompiledPolicy, lpm4: bool) -> Result<(), DataplaneError> {
         let e = &mut self.ebpf;
-        let mut config: Array<_, PolicyConfig> =
-            Array::try_from(e.map_mut("CONFIG").ok_or(DataplaneError::Missing("map CONFIG"))?)
-                .map_err(map_err("CONFIG"))?;
+        let mut config: Array<_, PolicyConfig> = Array::try_from(
+            e.map_mut("CONFIG")
+                .ok_or(DataplaneError::Missing("map CONFIG"))?,
+        )
+        .map_err(map_err("CONFIG"))?;
         config.set(0, c.config, 0).map_err(map_err("CONFIG"))?;
 
-        let mut rules: Array<_, RuleEntry> =
-            Array::try_from(e.map_mut("RULES").ok_or(DataplaneError::Missing("map RULES"))?)
-                .map_err(map_err("RULES"))?;
+        let mut rules: Array<_, RuleEntry> = Array::try_from(
+            e.map_mut("RULES")
+                .ok_or(DataplaneError::Missing("map RULES"))?,
+        )
+        .map_err(map_err("RULES"))?;
         for (i, r) in c.rules.iter().enumerate() {
             rules.set(i as u32, r, 0).map_err(map_err("RULES"))?;
         }
 
-        let mut classes: Array<_, AddrClass> =
-            Array::try_from(e.map_mut("CLASSES").ok_or(DataplaneError::Missing("map CLASSES"))?)
-                .map_err(map_err("CLASSES"))?;
+        let mut classes: Array<_, AddrClass> = Array::try_from(
+            e.map_mut("CLASSES")
+                .ok_or(DataplaneError::Missing("map CLASSES"))?,
+        )
+        .map_err(map_err("CLASSES"))?;
         for (i, class) in c.classes.iter().enumerate() {
-            classes.set(i as u32, class, 0).map_err(map_err("CLASSES"))?;
+            classes
+                .set(i as u32, class, 0)
+                .map_err(map_err("CLASSES"))?;
         }
 
         if lpm4 {
-            let mut trie: LpmTrie<_, [u8; 4], u32> =
-                LpmTrie::try_from(e.map_mut("V4_TRIE").ok_or(DataplaneError::Missing("map V4_TRIE"))?)
-                    .map_err(map_err("V4_TRIE"))?;
+            let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(
+                e.map_mut("V4_TRIE")
+                    .ok_or(DataplaneError::Missing("map V4_TRIE"))?,
+            )
+            .map_err(map_err("V4_TRIE"))?;
             for p in &c.v4_prefixes {
                 trie.insert(&Key::new(u32::from(p.len), p.addr), p.class, 0)
                     .map_err(map_err("V4_TRIE"))?;
             }
         } else {
-            let mut table: Array<_, V4Chunk> =
-                Array::try_from(e.map_mut("V4_TABLE").ok_or(DataplaneError::Missing("map V4_TABLE"))?)
-                    .map_err(map_err("V4_TABLE"))?;
+            let mut table: Array<_, V4Chunk> = Array::try_from(
+                e.map_mut("V4_TABLE")
+                    .ok_or(DataplaneError::Missing("map V4_TABLE"))?,
+            )
+            .map_err(map_err("V4_TABLE"))?;
             for (i, chunk) in c.v4_chunks.iter().enumerate() {
                 // Chunks of class 0 are already zero.
                 if chunk.iter().any(|e| *e != 0) {
@@ -214,18 +238,30 @@ impl Loaded {
             }
         }
 
-        let map = e.map_mut("V6_TRIE").ok_or(DataplaneError::Missing("map V6_TRIE"))?;
-        let keys: Vec<Key<[u8; 16]>> = c.v6_prefixes.iter().map(|p| Key::new(u32::from(p.len), p.addr)).collect();
+        let map = e
+            .map_mut("V6_TRIE")
+            .ok_or(DataplaneError::Missing("map V6_TRIE"))?;
+        let keys: Vec<Key<[u8; 16]>> = c
+            .v6_prefixes
+            .iter()
+            .map(|p| Key::new(u32::from(p.len), p.addr))
+            .collect();
         let values: Vec<u32> = c.v6_prefixes.iter().map(|p| p.class).collect();
         let batched = match map {
-            aya::maps::Map::LpmTrie(data) => update_batch(data, &keys, &values).map_err(|e| DataplaneError::Map {
-                map: "V6_TRIE",
-                source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error: e }),
-            })?,
+            aya::maps::Map::LpmTrie(data) => {
+                update_batch(data, &keys, &values).map_err(|e| DataplaneError::Map {
+                    map: "V6_TRIE",
+                    source: MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error: e,
+                    }),
+                })?
+            }
             _ => false,
         };
         if !batched {
-            let mut trie: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(map).map_err(map_err("V6_TRIE"))?;
+            let mut trie: LpmTrie<_, [u8; 16], u32> =
+                LpmTrie::try_from(map).map_err(map_err("V6_TRIE"))?;
             for (k, v) in keys.iter().zip(&values) {
                 trie.insert(k, v, 0).map_err(map_err("V6_TRIE"))?;
             }
@@ -234,7 +270,11 @@ impl Loaded {
     }
 
     /// Attaches to `iface`, returning the link (dropping it detaches) and the mode used.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(XdpLink, AttachMode), DataplaneError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<(XdpLink, AttachMode), DataplaneError> {
         let prog = self.program_mut()?;
         let attach = |prog: &mut Xdp, m: XdpMode| {
             prog.attach(iface, m)
@@ -287,14 +327,21 @@ fn raise_memlock_limit() {
     // SAFETY: setrlimit with a valid pointer; failure only matters on old kernels.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
-        log::debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+): writes many entries in one syscall. Returns
 /// `Ok(false)` when the map type has no batch support, so callers fall back to single
 /// updates.
-fn update_batch<K: Copy, V: Copy>(map: &aya::maps::MapData, keys: &[K], values: &[V]) -> std::io::Result<bool> {
+fn update_batch<K: Copy, V: Copy>(
+    map: &aya::maps::MapData,
+    keys: &[K],
+    values: &[V],
+) -> std::io::Result<bool> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     #[repr(C)]
     #[derive(Default)]

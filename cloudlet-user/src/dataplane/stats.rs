@@ -104,7 +104,11 @@ impl Stats {
 
     /// The counter of verdict `name`.
     pub fn verdict(&self, name: &str) -> Count {
-        self.verdicts.iter().find(|n| n.name == name).map(|n| n.count).unwrap_or_default()
+        self.verdicts
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.count)
+            .unwrap_or_default()
     }
 
     /// The counters as aligned tables, as `cloudlet stats` prints them.
@@ -114,30 +118,65 @@ impl Stats {
         let mut o = String::new();
         let _ = writeln!(o, "{:<28} {:>14} {:>16}", "VERDICT", "PACKETS", "BYTES");
         for n in &s.verdicts {
-            let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
+            let _ = writeln!(
+                o,
+                "{:<28} {:>14} {:>16}",
+                n.name, n.count.packets, n.count.bytes
+            );
         }
         let _ = writeln!(o, "\n{:<28} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
-        for n in s.reasons.iter().filter(|n| n.count.packets > 0 || !n.name.starts_with("malformed")) {
-            let _ = writeln!(o, "{:<28} {:>14} {:>16}", n.name, n.count.packets, n.count.bytes);
+        for n in s
+            .reasons
+            .iter()
+            .filter(|n| n.count.packets > 0 || !n.name.starts_with("malformed"))
+        {
+            let _ = writeln!(
+                o,
+                "{:<28} {:>14} {:>16}",
+                n.name, n.count.packets, n.count.bytes
+            );
         }
-        let _ = writeln!(o, "\n{:<28} {:<6} {:>14} {:>16}", "RULE", "ACTION", "PACKETS", "BYTES");
+        let _ = writeln!(
+            o,
+            "\n{:<28} {:<6} {:>14} {:>16}",
+            "RULE", "ACTION", "PACKETS", "BYTES"
+        );
         for r in &s.rules {
-            let _ = writeln!(o, "{:<28} {:<6} {:>14} {:>16}", r.name, r.action, r.count.packets, r.count.bytes);
+            let _ = writeln!(
+                o,
+                "{:<28} {:<6} {:>14} {:>16}",
+                r.name, r.action, r.count.packets, r.count.bytes
+            );
         }
-        let _ = writeln!(o, "\n{:<28} {:>14} {:>14}", "ZONE", "FROM (PKTS)", "TO (PKTS)");
+        let _ = writeln!(
+            o,
+            "\n{:<28} {:>14} {:>14}",
+            "ZONE", "FROM (PKTS)", "TO (PKTS)"
+        );
         for z in &s.zones {
-            let _ = writeln!(o, "{:<28} {:>14} {:>14}", z.name, z.src.packets, z.dst.packets);
+            let _ = writeln!(
+                o,
+                "{:<28} {:>14} {:>14}",
+                z.name, z.src.packets, z.dst.packets
+            );
         }
         o
     }
 
     /// The counter of reason `name`.
     pub fn reason(&self, name: &str) -> Count {
-        self.reasons.iter().find(|n| n.name == name).map(|n| n.count).unwrap_or_default()
+        self.reasons
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.count)
+            .unwrap_or_default()
     }
 }
 
-fn per_cpu_sum(map: &PerCpuArray<&aya::maps::MapData, Counter>, index: u32) -> Result<Count, aya::maps::MapError> {
+fn per_cpu_sum(
+    map: &PerCpuArray<&aya::maps::MapData, Counter>,
+    index: u32,
+) -> Result<Count, aya::maps::MapError> {
     let values = map.get(&index, 0)?;
     let mut c = Count::default();
     for v in values.iter() {
@@ -147,8 +186,12 @@ fn per_cpu_sum(map: &PerCpuArray<&aya::maps::MapData, Counter>, index: u32) -> R
     Ok(c)
 }
 
-fn per_cpu<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<PerCpuArray<&'a aya::maps::MapData, Counter>, DataplaneError> {
-    PerCpuArray::try_from(ebpf.map(name).ok_or(DataplaneError::Missing(name))?).map_err(map_err(name))
+fn per_cpu<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<&'a aya::maps::MapData, Counter>, DataplaneError> {
+    PerCpuArray::try_from(ebpf.map(name).ok_or(DataplaneError::Missing(name))?)
+        .map_err(map_err(name))
 }
 
 /// Reads every counter of a loaded program.
@@ -158,18 +201,28 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
     for a in 0..action::COUNT {
         let name = Action::from_code(a).map_or("unknown", Action::name);
         let count = per_cpu_sum(&stats, stat::action(a)).map_err(map_err("STATS"))?;
-        out.verdicts.push(Named { name: name.to_string(), count });
+        out.verdicts.push(Named {
+            name: name.to_string(),
+            count,
+        });
     }
     for r in 0..reason::COUNT {
         let count = per_cpu_sum(&stats, stat::reason(r)).map_err(map_err("STATS"))?;
-        out.reasons.push(Named { name: reason_name(r).to_string(), count });
+        out.reasons.push(Named {
+            name: reason_name(r).to_string(),
+            count,
+        });
     }
 
     let rule_stats = per_cpu(ebpf, "RULE_STATS")?;
     for (i, name) in compiled.rule_names.iter().enumerate() {
         let count = per_cpu_sum(&rule_stats, i as u32).map_err(map_err("RULE_STATS"))?;
         let action = Action::from_code(compiled.rules[i].action).map_or("unknown", Action::name);
-        out.rules.push(RuleCount { name: name.clone(), action: action.to_string(), count });
+        out.rules.push(RuleCount {
+            name: name.clone(),
+            action: action.to_string(),
+            count,
+        });
     }
 
     let class_stats = per_cpu(ebpf, "CLASS_STATS")?;
@@ -177,12 +230,17 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
         .zone_names
         .iter()
         .chain(std::iter::once(&"(none)".to_string()))
-        .map(|n| ZoneCount { name: n.clone(), src: Count::default(), dst: Count::default() })
+        .map(|n| ZoneCount {
+            name: n.clone(),
+            src: Count::default(),
+            dst: Count::default(),
+        })
         .collect();
     let none = zones.len() - 1;
     for class in 0..compiled.classes.len() {
         let src = per_cpu_sum(&class_stats, 2 * class as u32).map_err(map_err("CLASS_STATS"))?;
-        let dst = per_cpu_sum(&class_stats, 2 * class as u32 + 1).map_err(map_err("CLASS_STATS"))?;
+        let dst =
+            per_cpu_sum(&class_stats, 2 * class as u32 + 1).map_err(map_err("CLASS_STATS"))?;
         if compiled.class_zones[class] == [0; 4] {
             zones[none].src.add(src);
             zones[none].dst.add(dst);

@@ -334,7 +334,9 @@ impl Validator<'_> {
             if name.is_empty() || name.starts_with('!') || name.chars().any(char::is_whitespace) {
                 self.error(
                     span.clone(),
-                    format!("bad zone name {name:?}: must be non-empty, without spaces or a leading '!'"),
+                    format!(
+                        "bad zone name {name:?}: must be non-empty, without spaces or a leading '!'"
+                    ),
                 );
             }
             let mut countries = Vec::with_capacity(zone.countries.len());
@@ -345,14 +347,19 @@ impl Validator<'_> {
                 } else {
                     self.error(
                         c.span(),
-                        format!("unknown country code {:?} (expected ISO 3166 alpha-2, such as \"DE\")", c.get_ref()),
+                        format!(
+                            "unknown country code {:?} (expected ISO 3166 alpha-2, such as \"DE\")",
+                            c.get_ref()
+                        ),
                     );
                 }
             }
             if !countries.is_empty() && geoip_database.is_none() {
                 self.error(
                     span.clone(),
-                    format!("zone {name:?} names countries, but the policy has no [geoip] database"),
+                    format!(
+                        "zone {name:?} names countries, but the policy has no [geoip] database"
+                    ),
                 );
             }
             let prefixes = self.prefixes(zone.prefixes);
@@ -363,13 +370,22 @@ impl Validator<'_> {
             });
         }
         if zones.len() > MAX_ZONES {
-            self.error(0..0, format!("{} zones defined; at most {MAX_ZONES} are supported", zones.len()));
+            self.error(
+                0..0,
+                format!(
+                    "{} zones defined; at most {MAX_ZONES} are supported",
+                    zones.len()
+                ),
+            );
         }
 
         if raw.rules.len() > MAX_RULES {
             self.error(
                 raw.rules[MAX_RULES].span(),
-                format!("{} rules defined; at most {MAX_RULES} are supported", raw.rules.len()),
+                format!(
+                    "{} rules defined; at most {MAX_RULES} are supported",
+                    raw.rules.len()
+                ),
             );
         }
         let mut names = HashSet::new();
@@ -382,14 +398,23 @@ impl Validator<'_> {
                     if name.get_ref().is_empty() {
                         self.error(name.span(), "empty rule name".to_string());
                     } else if !names.insert(name.get_ref().clone()) {
-                        self.error(name.span(), format!("duplicate rule name {:?}", name.get_ref()));
+                        self.error(
+                            name.span(),
+                            format!("duplicate rule name {:?}", name.get_ref()),
+                        );
                     }
                     name.into_inner()
                 }
                 None => {
                     let name = format!("rule-{}", i + 1);
                     if !names.insert(name.clone()) {
-                        self.error(rule_span, format!("duplicate rule name {name:?} (the default name of rule {})", i + 1));
+                        self.error(
+                            rule_span,
+                            format!(
+                                "duplicate rule name {name:?} (the default name of rule {})",
+                                i + 1
+                            ),
+                        );
                     }
                     name
                 }
@@ -403,7 +428,10 @@ impl Validator<'_> {
                 None => {
                     self.error(
                         rule.action.span(),
-                        format!("unknown action {:?}, expected \"pass\" or \"drop\"", rule.action.get_ref()),
+                        format!(
+                            "unknown action {:?}, expected \"pass\" or \"drop\"",
+                            rule.action.get_ref()
+                        ),
                     );
                     Action::Pass
                 }

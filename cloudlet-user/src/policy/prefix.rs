@@ -73,7 +73,11 @@ impl Prefix {
     pub fn range(&self) -> (u128, u128) {
         let host = u32::from(self.width() - self.len);
         let start = self.bits();
-        let span = if host >= 128 { u128::MAX } else { (1u128 << host) - 1 };
+        let span = if host >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << host) - 1
+        };
         (start, start | span)
     }
 
@@ -160,9 +164,18 @@ mod tests {
 
     #[test]
     fn refuses_bad_prefixes() {
-        assert_eq!("10.0.0.1/8".parse::<Prefix>(), Err(PrefixError::HostBits("10.0.0.0/8".into())));
-        assert_eq!("10.0.0.0/33".parse::<Prefix>(), Err(PrefixError::Length { max: 32 }));
-        assert_eq!("2001:db8::/129".parse::<Prefix>(), Err(PrefixError::Length { max: 128 }));
+        assert_eq!(
+            "10.0.0.1/8".parse::<Prefix>(),
+            Err(PrefixError::HostBits("10.0.0.0/8".into()))
+        );
+        assert_eq!(
+            "10.0.0.0/33".parse::<Prefix>(),
+            Err(PrefixError::Length { max: 32 })
+        );
+        assert_eq!(
+            "2001:db8::/129".parse::<Prefix>(),
+            Err(PrefixError::Length { max: 128 })
+        );
         assert_eq!("10.0.0/8".parse::<Prefix>(), Err(PrefixError::Address));
         assert_eq!("eu".parse::<Prefix>(), Err(PrefixError::Address));
     }

@@ -38,14 +38,26 @@ fn the_documented_example_validates() {
     assert_eq!(p.default_action, Action::Pass);
     assert_eq!(p.malformed_action, Action::Drop);
     assert_eq!(p.non_ip_action, Action::Pass);
-    assert_eq!(p.geoip_database.as_deref(), Some(Path::new("/etc/cloudlet/data/geo.mmdb")));
+    assert_eq!(
+        p.geoip_database.as_deref(),
+        Some(Path::new("/etc/cloudlet/data/geo.mmdb"))
+    );
     assert_eq!(p.zones.len(), 1);
     assert_eq!(p.zones[0].countries, ["DE", "FR", "NL"]);
     assert_eq!(p.zones[0].prefixes.len(), 2);
     let r = &p.rules[0];
     assert_eq!(r.name, "health-data-stays-in-eu");
-    assert_eq!(r.src_zone, Some(ZoneMatch { zone: 0, negate: true }));
-    assert_eq!(r.dst_prefix.as_ref().unwrap()[0].to_string(), "10.10.0.0/16");
+    assert_eq!(
+        r.src_zone,
+        Some(ZoneMatch {
+            zone: 0,
+            negate: true
+        })
+    );
+    assert_eq!(
+        r.dst_prefix.as_ref().unwrap()[0].to_string(),
+        "10.10.0.0/16"
+    );
     assert_eq!(r.action, Action::Drop);
 }
 
@@ -59,30 +71,70 @@ fn empty_policy_passes_everything() {
 #[test]
 fn errors_name_line_and_column() {
     let cases: &[(&str, &str, &str)] = &[
-        ("unknown top-level key", "defualt = \"pass\"\n", "1:1: unknown field `defualt`"),
-        ("unknown rule key", "[[rules]]\nname = \"a\"\nsrc_zones = \"x\"\naction = \"drop\"\n", "3:1: unknown field `src_zones`"),
-        ("unknown zone", "[[rules]]\nsrc_zone = \"!eu\"\naction = \"drop\"\n", "2:12: unknown zone \"eu\""),
+        (
+            "unknown top-level key",
+            "defualt = \"pass\"\n",
+            "1:1: unknown field `defualt`",
+        ),
+        (
+            "unknown rule key",
+            "[[rules]]\nname = \"a\"\nsrc_zones = \"x\"\naction = \"drop\"\n",
+            "3:1: unknown field `src_zones`",
+        ),
+        (
+            "unknown zone",
+            "[[rules]]\nsrc_zone = \"!eu\"\naction = \"drop\"\n",
+            "2:12: unknown zone \"eu\"",
+        ),
         (
             "unknown country",
             "[geoip]\ndatabase = \"g.mmdb\"\n[zones.x]\ncountries = [\"DE\", \"XX\"]\n",
             "4:20: unknown country code \"XX\"",
         ),
-        ("bad prefix", "[zones.x]\nprefixes = [\"10.0.0.1/8\"]\n", "2:13: bad prefix \"10.0.0.1/8\": host bits set; the network is 10.0.0.0/8"),
-        ("prefix too long", "[[rules]]\ndst_prefix = [\"10.0.0.0/33\"]\naction = \"drop\"\n", "2:15: bad prefix"),
-        ("bad action", "[[rules]]\naction = \"reject\"\n", "2:10: unknown action \"reject\""),
-        ("bad default", "default = \"block\"\n", "1:11: `default`: unknown action"),
+        (
+            "bad prefix",
+            "[zones.x]\nprefixes = [\"10.0.0.1/8\"]\n",
+            "2:13: bad prefix \"10.0.0.1/8\": host bits set; the network is 10.0.0.0/8",
+        ),
+        (
+            "prefix too long",
+            "[[rules]]\ndst_prefix = [\"10.0.0.0/33\"]\naction = \"drop\"\n",
+            "2:15: bad prefix",
+        ),
+        (
+            "bad action",
+            "[[rules]]\naction = \"reject\"\n",
+            "2:10: unknown action \"reject\"",
+        ),
+        (
+            "bad default",
+            "default = \"block\"\n",
+            "1:11: `default`: unknown action",
+        ),
         (
             "duplicate rule",
             "[[rules]]\nname = \"a\"\naction = \"drop\"\n[[rules]]\nname = \"a\"\naction = \"pass\"\n",
             "5:8: duplicate rule name \"a\"",
         ),
-        ("countries without database", "[zones.x]\ncountries = [\"DE\"]\n", "no [geoip] database"),
+        (
+            "countries without database",
+            "[zones.x]\ncountries = [\"DE\"]\n",
+            "no [geoip] database",
+        ),
         ("not toml", "default = \n", "1:"),
-        ("wrong type", "[[rules]]\naction = \"drop\"\ndst_prefix = \"10.0.0.0/8\"\n", "3:14:"),
+        (
+            "wrong type",
+            "[[rules]]\naction = \"drop\"\ndst_prefix = \"10.0.0.0/8\"\n",
+            "3:14:",
+        ),
     ];
     for (name, text, want) in cases {
         let got = diagnostics(text);
-        assert!(got.iter().any(|d| d.starts_with(want) || (d.contains(want) && !want.contains(':'))), "{name}: want {want:?}, got {got:?}");
+        assert!(
+            got.iter()
+                .any(|d| d.starts_with(want) || (d.contains(want) && !want.contains(':'))),
+            "{name}: want {want:?}, got {got:?}"
+        );
     }
 }
 
@@ -114,7 +166,9 @@ fn rules_get_default_names_and_limits_hold() {
     let got = diagnostics(&many);
     assert!(got.iter().any(|d| d.contains("at most 256")), "{got:?}");
 
-    let zones: String = (0..=MAX_ZONES).map(|i| format!("[zones.z{i}]\nprefixes = []\n")).collect();
+    let zones: String = (0..=MAX_ZONES)
+        .map(|i| format!("[zones.z{i}]\nprefixes = []\n"))
+        .collect();
     let got = diagnostics(&zones);
     assert!(got.iter().any(|d| d.contains("at most 256")), "{got:?}");
 }

@@ -118,9 +118,15 @@ fn main() {
     }
     std::fs::create_dir_all(&args.work).expect("creating the work folder");
     let work = args.work.canonicalize().expect("work folder");
-    let policy = args.policy.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", args.policy.display()));
+    let policy = args
+        .policy
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", args.policy.display()));
     let parsed = cloudlet::policy::load(&policy).unwrap_or_else(|e| panic!("{e}"));
-    let db_path = parsed.geoip_database.clone().expect("the demo policy names a GeoIP database");
+    let db_path = parsed
+        .geoip_database
+        .clone()
+        .expect("the demo policy names a GeoIP database");
     let db = GeoDb::open(&db_path).unwrap_or_else(|e| panic!("{e}"));
     let sources = sources(&db);
 
@@ -160,14 +166,22 @@ fn main() {
             if let Some(f) = log.as_mut() {
                 let _ = writeln!(f, "{line}");
             }
-            if line.contains("policy") || line.contains("attached") || line.contains("ERROR") || line.contains("WARN") {
+            if line.contains("policy")
+                || line.contains("attached")
+                || line.contains("ERROR")
+                || line.contains("WARN")
+            {
                 eprintln!("cloudletd: {line}");
             }
         }
     });
     let started = Instant::now();
     while admin::get(&socket, "/healthz").is_err() {
-        assert!(started.elapsed() < Duration::from_secs(60), "cloudletd did not come up; see {}", work.join("cloudletd.log").display());
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "cloudletd did not come up; see {}",
+            work.join("cloudletd.log").display()
+        );
         if STOP.load(Ordering::SeqCst) {
             return;
         }
@@ -237,8 +251,13 @@ fn main() {
         let began = Instant::now();
         loop {
             std::thread::sleep(Duration::from_secs(1));
-            let done = STOP.load(Ordering::SeqCst) || args.duration.is_some_and(|d| began.elapsed().as_secs_f64() >= d);
-            let stats: Option<Stats> = admin::get(&socket, "/stats").ok().and_then(|b| serde_json::from_str(&b).ok());
+            let done = STOP.load(Ordering::SeqCst)
+                || args
+                    .duration
+                    .is_some_and(|d| began.elapsed().as_secs_f64() >= d);
+            let stats: Option<Stats> = admin::get(&socket, "/stats")
+                .ok()
+                .and_then(|b| serde_json::from_str(&b).ok());
             let mut out = String::new();
             if tty {
                 out.push_str("\x1b[2J\x1b[H");
@@ -272,7 +291,10 @@ fn main() {
         }
     });
     drop(daemon);
-    println!("cloudletd stopped; removing namespaces (log: {})", work.join("cloudletd.log").display());
+    println!(
+        "cloudletd stopped; removing namespaces (log: {})",
+        work.join("cloudletd.log").display()
+    );
     drop(gw);
     drop(net);
 }

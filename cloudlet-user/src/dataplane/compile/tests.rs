@@ -40,7 +40,11 @@ fn lpm_lookup<const N: usize>(entries: &[LpmEntry<N>], addr: u128, width: u32) -
             b[16 - N..].copy_from_slice(&e.addr);
             let start = u128::from_be_bytes(b);
             let host = width - u32::from(e.len);
-            let end = if host >= 128 { u128::MAX } else { start | ((1u128 << host) - 1) };
+            let end = if host >= 128 {
+                u128::MAX
+            } else {
+                start | ((1u128 << host) - 1)
+            };
             (start..=end).contains(&addr)
         })
         .max_by_key(|e| e.len)
@@ -135,7 +139,10 @@ fn ranges_cover_each_family_exactly() {
 prefixes = ["0.0.0.0/1", "10.0.0.0/8", "10.0.0.0/32", "255.255.255.255/32", "::/0", "2001:db8::/32"]
 "#,
     );
-    for (ranges, max) in [(&c.v4_ranges, u128::from(u32::MAX)), (&c.v6_ranges, u128::MAX)] {
+    for (ranges, max) in [
+        (&c.v4_ranges, u128::from(u32::MAX)),
+        (&c.v6_ranges, u128::MAX),
+    ] {
         assert_eq!(ranges[0].start, 0);
         assert_eq!(ranges.last().unwrap().end, max);
         for w in ranges.windows(2) {
@@ -149,7 +156,10 @@ prefixes = ["0.0.0.0/1", "10.0.0.0/8", "10.0.0.0/32", "255.255.255.255/32", "::/
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 11
     }
 }
@@ -167,17 +177,26 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
         }
         for _ in 0..20 {
             let len = 16 + (rng.next() % 100) as u32;
-            let addr = (u128::from(rng.next()) << 64 | u128::from(rng.next())) & (u128::MAX << (128 - len));
+            let addr = (u128::from(rng.next()) << 64 | u128::from(rng.next()))
+                & (u128::MAX << (128 - len));
             prefixes.push(format!("\"{}/{len}\"", std::net::Ipv6Addr::from(addr)));
         }
-        text.push_str(&format!("[zones.z{z}]\nprefixes = [{}]\n", prefixes.join(", ")));
+        text.push_str(&format!(
+            "[zones.z{z}]\nprefixes = [{}]\n",
+            prefixes.join(", ")
+        ));
     }
     let c = compiled(&text);
     assert!(c.stats.classes > 6);
     for _ in 0..20_000 {
         let a = rng.next() as u32;
         let want = c.class_of(IpAddr::from(std::net::Ipv4Addr::from(a)));
-        assert_eq!(flat_lookup(&c, a), want, "flat table at {}", std::net::Ipv4Addr::from(a));
+        assert_eq!(
+            flat_lookup(&c, a),
+            want,
+            "flat table at {}",
+            std::net::Ipv4Addr::from(a)
+        );
         assert_eq!(lpm_lookup(&c.v4_prefixes, u128::from(a), 32), want);
     }
     // Probe every range edge too.
@@ -196,14 +215,20 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
 
 #[test]
 fn class_zero_means_nothing_and_config_is_encoded() {
-    let c = compiled("default = \"drop\"\nmalformed = \"pass\"\nnon_ip = \"drop\"\n[[rules]]\naction = \"pass\"\n");
+    let c = compiled(
+        "default = \"drop\"\nmalformed = \"pass\"\nnon_ip = \"drop\"\n[[rules]]\naction = \"pass\"\n",
+    );
     assert_eq!(c.class_zones[0], [0; 4]);
     assert_eq!(c.config.default_action, cloudlet_common::action::DROP);
     assert_eq!(c.config.malformed_action, cloudlet_common::action::PASS);
     assert_eq!(c.config.non_ip_action, cloudlet_common::action::DROP);
     assert_eq!(c.config.rule_count, 1);
     // A rule without criteria is in every class's source and destination bitmaps.
-    assert!(c.classes.iter().all(|k| k.src_rules[0] & 1 == 1 && k.dst_rules[0] & 1 == 1));
+    assert!(
+        c.classes
+            .iter()
+            .all(|k| k.src_rules[0] & 1 == 1 && k.dst_rules[0] & 1 == 1)
+    );
     assert!(c.v4_prefixes.is_empty() && c.v6_prefixes.is_empty());
     assert_eq!(c.v4_chunks.len(), L1_CHUNKS as usize);
 }

@@ -1,0 +1,347 @@
+//! Real frames across a veth pair with the XDP program attached in native mode: the
+//! receiver gets exactly the frames the policy allows. And cloudletd itself: attach,
+//! counters on the admin socket, SIGHUP reload (a bad policy leaves the running one in
+//! force), detach on SIGTERM.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cloudlet::{
+    admin,
+    dataplane::{AttachMode, Loaded, ProgramKind, stats::Stats},
+    frame::Frame,
+    geoip::GeoDb,
+    node::prepare_policy,
+};
+use cloudlet_tests::{
+    netns::{NetNs, veth_pair},
+    progtest::GEOIP_DATABASE,
+    traffic::PacketSocket,
+};
+
+/// Addresses whose country the test checks against the database before use.
+const SOURCES: &[(&str, &str)] = &[
+    ("194.25.2.129", "DE"),
+    ("85.214.0.1", "DE"),
+    ("90.0.0.1", "FR"),
+    ("8.8.8.8", "US"),
+    ("1.1.1.1", "AU"),
+    ("2003::1", "DE"),
+    ("2a01:cb00::1", "FR"),
+    ("2001:4860:4860::8888", "US"),
+];
+
+fn policy_text(extra: &str) -> String {
+    format!(
+        r#"
+default = "pass"
+malformed = "drop"
+[geoip]
+database = "{}"
+[zones.eu]
+countries = ["DE", "FR", "NL"]
+[zones.lab]
+prefixes = ["10.10.0.0/16", "fd00:10::/32"]
+[[rules]]
+name = "lab-only-from-eu"
+src_zone = "!eu"
+dst_zone = "lab"
+action = "drop"
+{extra}
+"#,
+        GEOIP_DATABASE
+    )
+}
+
+/// One frame per source and destination, each carrying its index as a marker.
+fn frames(dst_mac: [u8; 6]) -> Vec<(String, IpAddr, IpAddr, Vec<u8>)> {
+    let db =
+        GeoDb::open(Path::new(GEOIP_DATABASE)).expect("GeoIP database (run cargo xtask setup)");
+    let mut out = Vec::new();
+    for (src, country) in SOURCES {
+        let src: IpAddr = src.parse().unwrap();
+        assert_eq!(
+            db.country(src).unwrap().as_deref(),
+            Some(*country),
+            "country of {src}"
+        );
+        let dsts: [&str; 2] = if src.is_ipv4() {
+            ["10.10.0.5", "10.20.0.5"]
+        } else {
+            ["fd00:10::5", "fd00:20::5"]
+        };
+        for dst in dsts {
+            let dst: IpAddr = dst.parse().unwrap();
+            let marker = format!("cloudlet-veth-{}", out.len());
+            let mut f = Frame::udp(src, dst, 5353, 8443).payload(marker.as_bytes());
+            f.dst_mac = dst_mac;
+            out.push((country.to_string(), src, dst, f.build()));
+        }
+    }
+    out
+}
+
+fn markers(frames: &[Vec<u8>]) -> BTreeSet<usize> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let at = f.windows(14).position(|w| w == b"cloudlet-veth-")?;
+            std::str::from_utf8(&f[at + 14..])
+                .ok()?
+                .trim_end_matches('\0')
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Sends `frames` from `src`'s `src_if` and returns what arrived on `dut`'s `dut_if`.
+fn exchange(
+    src: &NetNs,
+    src_if: &str,
+    dut: &NetNs,
+    dut_if: &str,
+    frames: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    dut.run(|| {
+        let rx = PacketSocket::bind(dut_if).expect("receiver socket");
+        src.run(|| {
+            let tx = PacketSocket::bind(src_if).expect("sender socket");
+            for f in frames {
+                tx.send(f).expect("send");
+            }
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Some(n) = rx.recv(&mut buf, Duration::from_millis(500)).expect("recv") {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    })
+}
+
+#[test]
+fn native_xdp_passes_exactly_the_allowed_frames() {
+    let dir = std::env::temp_dir().join(format!("cloudlet-veth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, policy_text("")).unwrap();
+    let compiled = prepare_policy(&policy).unwrap_or_else(|e| panic!("{e}"));
+
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    veth_pair(&src, "src0", &dut, "dut0");
+    let frames = frames(dut.mac("dut0"));
+    let allowed: BTreeSet<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, (country, _, dst, _))| {
+            let to_lab =
+                dst.to_string().starts_with("10.10.") || dst.to_string().starts_with("fd00:10:");
+            !to_lab || matches!(country.as_str(), "DE" | "FR" | "NL")
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        allowed.len() < frames.len() && !allowed.is_empty(),
+        "the case mixes allowed and denied frames"
+    );
+    let raw: Vec<Vec<u8>> = frames.iter().map(|f| f.3.clone()).collect();
+
+    // Without a program every frame arrives: the path itself loses nothing.
+    let got = exchange(&src, "src0", &dut, "dut0", &raw);
+    assert_eq!(
+        markers(&got),
+        (0..frames.len()).collect(),
+        "baseline without XDP"
+    );
+
+    let (got, stats) = dut.run(|| {
+        let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false).expect("load");
+        let (link, mode) = loaded
+            .attach("dut0", AttachMode::Native)
+            .expect("native attach on veth");
+        assert_eq!(mode, AttachMode::Native);
+        let got = exchange(&src, "src0", &dut, "dut0", &raw);
+        let stats = loaded.stats(&compiled).expect("stats");
+        drop(link);
+        (got, stats)
+    });
+    assert_eq!(
+        markers(&got),
+        allowed,
+        "the receiver gets exactly the allowed frames"
+    );
+    assert_eq!(stats.verdict("pass").packets as usize, allowed.len());
+    assert_eq!(
+        stats.verdict("drop").packets as usize,
+        frames.len() - allowed.len()
+    );
+    let rule = &stats.rules[0];
+    assert_eq!(rule.count.packets as usize, frames.len() - allowed.len());
+    let eu = stats.zones.iter().find(|z| z.name == "eu").unwrap();
+    let from_eu = frames
+        .iter()
+        .filter(|f| matches!(f.0.as_str(), "DE" | "FR" | "NL"))
+        .count();
+    assert_eq!(eu.src.packets as usize, from_eu);
+
+    // Detached again: everything arrives.
+    let got = exchange(&src, "src0", &dut, "dut0", &raw);
+    assert_eq!(markers(&got).len(), frames.len(), "after detach");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn cloudletd_path() -> PathBuf {
+    std::env::var_os("CLOUDLETD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cloudletd"))
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(socket: &Path) {
+    let start = Instant::now();
+    while admin::get(socket, "/healthz").is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "cloudletd did not answer on {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stats(socket: &Path) -> Stats {
+    serde_json::from_str(&admin::get(socket, "/stats").expect("GET /stats")).expect("stats JSON")
+}
+
+fn hup_and_wait(d: &Daemon, socket: &Path, until: impl Fn(&Stats) -> bool) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.0.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    while !until(&stats(socket)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "cloudletd did not reach the expected state after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cloudletd_filters_reloads_and_keeps_a_good_policy_over_a_bad_one() {
+    let bin = cloudletd_path();
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build -p cloudlet-user --bins` (cargo xtask test does)",
+        bin.display()
+    );
+    let dir = std::env::temp_dir().join(format!("cloudlet-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.toml");
+    let socket = dir.join("cloudletd.sock");
+    std::fs::write(&policy, policy_text("")).unwrap();
+    std::fs::write(
+        dir.join("cloudlet.toml"),
+        format!("policy = \"policy.toml\"\ninterfaces = [\"dut1\"]\nxdp_mode = \"native\"\n[admin]\nsocket = {:?}\n", socket.display().to_string()),
+    )
+    .unwrap();
+
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    veth_pair(&src, "src1", &dut, "dut1");
+    let frames = frames(dut.mac("dut1"));
+    let raw: Vec<Vec<u8>> = frames.iter().map(|f| f.3.clone()).collect();
+    let denied = frames
+        .iter()
+        .filter(|(c, _, d, _)| {
+            !matches!(c.as_str(), "DE" | "FR" | "NL")
+                && (d.to_string().starts_with("10.10.") || d.to_string().starts_with("fd00:10:"))
+        })
+        .count();
+
+    let daemon = Daemon(
+        dut.command(&bin.display().to_string())
+            .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start cloudletd"),
+    );
+    wait_for(&socket);
+    let got = exchange(&src, "src1", &dut, "dut1", &raw);
+    assert_eq!(got.len(), frames.len() - denied, "policy 1 in force");
+    let s = stats(&socket);
+    assert_eq!(s.rules[0].count.packets as usize, denied);
+
+    // A policy that does not validate: the running one stays.
+    std::fs::write(&policy, "[[rules]]\naction = \"reject\"\n").unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    let got = exchange(&src, "src1", &dut, "dut1", &raw);
+    assert_eq!(
+        got.len(),
+        frames.len() - denied,
+        "after a bad policy, the old one still filters"
+    );
+    assert_eq!(stats(&socket).rules[0].count.packets as usize, 2 * denied);
+
+    // A good new policy: drop everything from the US as well, ahead of the old rule.
+    let text = policy_text("").replace(
+        "[[rules]]\nname = \"lab-only-from-eu\"",
+        "[zones.us]\ncountries = [\"US\"]\n[[rules]]\nname = \"no-us\"\nsrc_zone = \"us\"\naction = \"drop\"\n[[rules]]\nname = \"lab-only-from-eu\"",
+    );
+    std::fs::write(&policy, text).unwrap();
+    hup_and_wait(&daemon, &socket, |s| s.rules.len() == 2);
+    let from_us = frames.iter().filter(|f| f.0 == "US").count();
+    let us_to_lab = frames
+        .iter()
+        .filter(|(c, _, d, _)| {
+            c == "US"
+                && (d.to_string().starts_with("10.10.") || d.to_string().starts_with("fd00:10:"))
+        })
+        .count();
+    let got = exchange(&src, "src1", &dut, "dut1", &raw);
+    assert_eq!(
+        got.len(),
+        frames.len() - denied - (from_us - us_to_lab),
+        "policy 2 in force"
+    );
+    let s = stats(&socket);
+    assert_eq!(s.rules[0].name, "no-us");
+    assert_eq!(s.rules[0].count.packets as usize, from_us);
+    // Counters of the kept rule carry over the swap.
+    assert_eq!(
+        s.rules[1].count.packets as usize,
+        2 * denied + denied - us_to_lab
+    );
+
+    // SIGTERM detaches: afterwards every frame arrives.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    let mut d = daemon;
+    let status = d.0.wait().expect("wait");
+    assert!(status.success(), "cloudletd exit status {status}");
+    let got = exchange(&src, "src1", &dut, "dut1", &raw);
+    assert_eq!(
+        got.len(),
+        frames.len(),
+        "after cloudletd exits, nothing is filtered"
+    );
+    assert!(!socket.exists(), "the admin socket is removed on exit");
+    let _ = Command::new("true").status();
+    let _ = std::fs::remove_dir_all(&dir);
+}
