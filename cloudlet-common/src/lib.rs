@@ -43,12 +43,12 @@ pub mod reason {
     pub const MALFORMED_IPV4: u32 = 5;
     /// IPv6 fixed header truncated, wrong version, or payload beyond the frame.
     pub const MALFORMED_IPV6: u32 = 6;
-    /// An IPv6 extension header runs past the end of the frame.
+    /// An IPv6 extension header runs past the end of the frame or of the IPv6 payload.
     pub const MALFORMED_IPV6_EXT: u32 = 7;
     /// More than [`super::MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
     pub const MALFORMED_IPV6_EXT_CHAIN: u32 = 8;
-    /// TCP, UDP, ICMP or ICMPv6 header truncated (or a TCP data offset below 5)
-    /// in an unfragmented packet or a first fragment.
+    /// TCP, UDP, ICMP (in IPv4) or ICMPv6 (in IPv6) header truncated, or a TCP data
+    /// offset below 5, in an unfragmented packet or a first fragment.
     pub const MALFORMED_L4: u32 = 9;
     /// Number of reasons.
     pub const COUNT: u32 = 10;
@@ -122,13 +122,15 @@ pub struct AddrClass {
 /// prefix length then the address in network byte order.
 pub type Ipv6Addr = [u8; 16];
 
-/// Layout of the flat IPv4 table (`V4_TABLE`): a 16-8-8 multibit trie stored as an array
-/// of 256-entry chunks (one map element per chunk, so a chunk is one map update).
+/// Layout of the flat address tables (`V4_TABLE`, `V6_TABLE`): a multibit trie with a
+/// 16-bit first level and 8-bit levels below, stored as an array of 256-entry chunks (one
+/// map element per chunk, so a chunk is one map update).
 ///
-/// Elements `0..L1_CHUNKS` form the first level, indexed by the top 16 address bits
-/// (element `addr >> 24`, slot `(addr >> 16) & 0xff`). An entry is either a class id, or
-/// `PTR | element`: then the next 8 address bits index that element, and so on to /32.
-pub mod v4table {
+/// Elements `0..L1_CHUNKS` form the first level, indexed by the first two address bytes
+/// (element `addr[0]`, slot `addr[1]`). An entry is either a class id, or `PTR | element`:
+/// then the next address byte indexes that element, and so on. A lookup reads at most one
+/// chunk per address byte after the second, and stops at the first class it meets.
+pub mod flat {
     /// Elements making up the first level (256 x 256 = one entry per /16).
     pub const L1_CHUNKS: u32 = 256;
     /// Entries in each chunk (8 address bits).
@@ -137,8 +139,8 @@ pub mod v4table {
     pub const PTR: u32 = 1 << 31;
 }
 
-/// One element of `V4_TABLE`.
-pub type V4Chunk = [u32; v4table::CHUNK_ENTRIES];
+/// One element of a flat address table.
+pub type FlatChunk = [u32; flat::CHUNK_ENTRIES];
 
 /// Frame-level facts recorded by the program for `cloudlet classify`.
 ///

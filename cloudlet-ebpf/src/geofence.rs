@@ -1,47 +1,35 @@
 //! Address classification: each address maps to an address class (its zones and the rule
 //! prefix lists it falls in), longest prefix first. Unknown addresses are class 0.
 
-use aya_ebpf::maps::lpm_trie::Key;
-use cloudlet_common::v4table::PTR;
+use aya_ebpf::maps::{Array, LpmTrie, lpm_trie::Key};
+use cloudlet_common::{FlatChunk, flat::PTR};
 
-use crate::{V4_TABLE, V4_TRIE, V6_TRIE};
-
-/// Class of an IPv4 address (host order) from the flat 16-8-8 table: at most three
-/// array reads, whatever the table's size.
+/// Class of an address (`N` bytes, network order) from a flat multibit table: one array
+/// read per address byte at most, stopping at the first class, whatever the table's size.
 #[inline(always)]
-pub fn class_v4_flat(addr: u32) -> u32 {
-    let Some(chunk) = V4_TABLE.get(addr >> 24) else {
+pub fn class_flat<const N: usize>(table: &Array<FlatChunk>, addr: &[u8; N]) -> u32 {
+    let Some(chunk) = table.get(u32::from(addr[0])) else {
         return 0;
     };
-    let e = chunk[((addr >> 16) & 0xff) as usize];
-    if e & PTR == 0 {
-        return e;
+    let mut e = chunk[usize::from(addr[1])];
+    let mut i = 2;
+    while i < N {
+        if e & PTR == 0 {
+            return e;
+        }
+        let Some(chunk) = table.get(e & !PTR) else {
+            return 0;
+        };
+        e = chunk[usize::from(addr[i])];
+        i += 1;
     }
-    let Some(chunk) = V4_TABLE.get(e & !PTR) else {
-        return 0;
-    };
-    let e = chunk[((addr >> 8) & 0xff) as usize];
-    if e & PTR == 0 {
-        return e;
-    }
-    let Some(chunk) = V4_TABLE.get(e & !PTR) else {
-        return 0;
-    };
-    let e = chunk[(addr & 0xff) as usize];
     if e & PTR == 0 { e } else { 0 }
 }
 
-/// Class of an IPv4 address (host order) from the LPM trie.
+/// Class of an address (`N` bytes, network order) from an LPM trie.
 #[inline(always)]
-pub fn class_v4_trie(addr: u32) -> u32 {
-    V4_TRIE
-        .get(Key::new(32, addr.to_be_bytes()))
+pub fn class_trie<const N: usize>(trie: &LpmTrie<[u8; N], u32>, addr: &[u8; N]) -> u32 {
+    trie.get(Key::new(N as u32 * 8, *addr))
         .copied()
         .unwrap_or(0)
-}
-
-/// Class of an IPv6 address (network order) from the LPM trie.
-#[inline(always)]
-pub fn class_v6(addr: &[u8; 16]) -> u32 {
-    V6_TRIE.get(Key::new(128, *addr)).copied().unwrap_or(0)
 }

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, Counter, Decision, Ipv6Addr, MAX_RULES, PolicyConfig, RuleEntry, V4Chunk, stat,
-    v4table,
+    AddrClass, Counter, Decision, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig, RuleEntry, flat,
+    stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -38,15 +38,20 @@ static RULES: Array<RuleEntry> = Array::with_max_entries(MAX_RULES as u32, 0);
 #[map]
 static CLASSES: Array<AddrClass> = Array::with_max_entries(1, 0);
 
-/// Flat IPv4 table (16-8-8 multibit trie, see `cloudlet_common::v4table`). Sized by the loader.
+/// IPv4 address to class: a flat multibit table (see `cloudlet_common::flat`). Sized by
+/// the loader.
 #[map]
-static V4_TABLE: Array<V4Chunk> = Array::with_max_entries(v4table::L1_CHUNKS, 0);
+static V4_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS, 0);
 
-/// IPv4 prefixes as an LPM trie, used only by `cloudlet_lpm4` (kept for comparison).
+/// IPv6 address to class, the same structure. Sized by the loader.
+#[map]
+static V6_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS, 0);
+
+/// IPv4 prefixes as an LPM trie, used only by `cloudlet_lpm` (kept for comparison).
 #[map]
 static V4_TRIE: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
 
-/// IPv6 prefixes (network byte order) to address class. Sized by the loader.
+/// IPv6 prefixes as an LPM trie, used only by `cloudlet_lpm`.
 #[map]
 static V6_TRIE: LpmTrie<Ipv6Addr, u32> = LpmTrie::with_max_entries(1, 0);
 
@@ -67,15 +72,16 @@ static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 static TRACE_DECISION: Array<Decision> = Array::with_max_entries(1, 0);
 
-/// The policy program: IPv4 through the flat table, IPv6 through the LPM trie.
+/// The policy program, addresses looked up in the flat tables.
 #[xdp]
 pub fn cloudlet(ctx: XdpContext) -> u32 {
     rules::run::<false>(&ctx)
 }
 
-/// The same policy program with IPv4 looked up in an LPM trie (`V4_TRIE`).
+/// The same policy program with addresses looked up in the kernel's LPM tries, kept to
+/// measure the flat tables against.
 #[xdp]
-pub fn cloudlet_lpm4(ctx: XdpContext) -> u32 {
+pub fn cloudlet_lpm(ctx: XdpContext) -> u32 {
     rules::run::<true>(&ctx)
 }
 

@@ -46,16 +46,16 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// IPv4 source as a host-order integer.
+    /// IPv4 source, network order.
     #[inline(always)]
-    pub fn src_v4(&self) -> u32 {
-        u32::from_be_bytes([self.src[0], self.src[1], self.src[2], self.src[3]])
+    pub fn src_v4(&self) -> [u8; 4] {
+        [self.src[0], self.src[1], self.src[2], self.src[3]]
     }
 
-    /// IPv4 destination as a host-order integer.
+    /// IPv4 destination, network order.
     #[inline(always)]
-    pub fn dst_v4(&self) -> u32 {
-        u32::from_be_bytes([self.dst[0], self.dst[1], self.dst[2], self.dst[3]])
+    pub fn dst_v4(&self) -> [u8; 4] {
+        [self.dst[0], self.dst[1], self.dst[2], self.dst[3]]
     }
 }
 
@@ -306,7 +306,9 @@ fn parse_l4(
             pkt.src_port = u32::from(be16([u[0], u[1]]));
             pkt.dst_port = u32::from(be16([u[2], u[3]]));
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        // ICMP belongs to IPv4 and ICMPv6 to IPv6; the other pairing is judged on
+        // addresses alone, like any unknown transport.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if (proto == IPPROTO_ICMP) == (pkt.ip_version == 4) => {
             if ptr_at::<8>(ctx, off).is_none() || off + 8 > ip_end {
                 return Err(out);
             }

@@ -5,13 +5,14 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use cloudlet_common::{Counter, Decision, NO_RULE, RULE_WORDS, action, reason, stat};
 
 use crate::{
-    CLASS_STATS, CLASSES, CONFIG, RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, geofence,
+    CLASS_STATS, CLASSES, CONFIG, RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE,
+    V4_TRIE, V6_TABLE, V6_TRIE, geofence,
     parse::{self, Packet},
 };
 
-/// Classifies and judges one frame. `LPM4` selects the IPv4 LPM trie instead of the flat table.
+/// Classifies and judges one frame. `LPM` selects the LPM tries instead of the flat tables.
 #[inline(always)]
-pub fn run<const LPM4: bool>(ctx: &XdpContext) -> u32 {
+pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let Some(cfg) = CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
@@ -21,7 +22,7 @@ pub fn run<const LPM4: bool>(ctx: &XdpContext) -> u32 {
         ..Decision::default()
     };
     let act = match parse::parse(ctx) {
-        Ok(pkt) => judge::<LPM4>(&pkt, cfg.default_action, len, &mut d),
+        Ok(pkt) => judge::<LPM>(&pkt, cfg.default_action, len, &mut d),
         Err(u) => {
             d.reason = u.reason;
             d.vlan_tags = u.vlan_tags;
@@ -50,7 +51,7 @@ pub fn run<const LPM4: bool>(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn judge<const LPM4: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut Decision) -> u32 {
+fn judge<const LPM: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut Decision) -> u32 {
     d.ip_version = pkt.ip_version;
     d.l4_proto = pkt.l4_proto;
     d.vlan_tags = pkt.vlan_tags;
@@ -60,20 +61,23 @@ fn judge<const LPM4: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut 
     d.src_port = pkt.src_port;
     d.dst_port = pkt.dst_port;
 
-    let (src_class, dst_class) = if pkt.ip_version == 4 {
-        if LPM4 {
-            (
-                geofence::class_v4_trie(pkt.src_v4()),
-                geofence::class_v4_trie(pkt.dst_v4()),
-            )
-        } else {
-            (
-                geofence::class_v4_flat(pkt.src_v4()),
-                geofence::class_v4_flat(pkt.dst_v4()),
-            )
-        }
-    } else {
-        (geofence::class_v6(&pkt.src), geofence::class_v6(&pkt.dst))
+    let (src_class, dst_class) = match (pkt.ip_version == 4, LPM) {
+        (true, false) => (
+            geofence::class_flat(&V4_TABLE, &pkt.src_v4()),
+            geofence::class_flat(&V4_TABLE, &pkt.dst_v4()),
+        ),
+        (true, true) => (
+            geofence::class_trie(&V4_TRIE, &pkt.src_v4()),
+            geofence::class_trie(&V4_TRIE, &pkt.dst_v4()),
+        ),
+        (false, false) => (
+            geofence::class_flat(&V6_TABLE, &pkt.src),
+            geofence::class_flat(&V6_TABLE, &pkt.dst),
+        ),
+        (false, true) => (
+            geofence::class_trie(&V6_TRIE, &pkt.src),
+            geofence::class_trie(&V6_TRIE, &pkt.dst),
+        ),
     };
     d.src_class = src_class;
     d.dst_class = dst_class;

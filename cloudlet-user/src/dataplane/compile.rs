@@ -11,8 +11,8 @@
 use std::{collections::HashMap, hash::Hash, net::IpAddr};
 
 use cloudlet_common::{
-    AddrClass, PolicyConfig, RULE_WORDS, RuleEntry, V4Chunk,
-    v4table::{CHUNK_ENTRIES, L1_CHUNKS, PTR},
+    AddrClass, FlatChunk, PolicyConfig, RULE_WORDS, RuleEntry,
+    flat::{CHUNK_ENTRIES, L1_CHUNKS, PTR},
 };
 
 use crate::{
@@ -119,6 +119,7 @@ pub struct CompileStats {
     pub v4_prefixes: usize,
     pub v6_prefixes: usize,
     pub v4_chunks: usize,
+    pub v6_chunks: usize,
     pub classes: usize,
 }
 
@@ -134,7 +135,9 @@ pub struct CompiledPolicy {
     /// The zones of each class (user space only).
     pub class_zones: Vec<ZoneSet>,
     /// The flat IPv4 table, `L1_CHUNKS` first-level chunks then the rest.
-    pub v4_chunks: Vec<V4Chunk>,
+    pub v4_chunks: Vec<FlatChunk>,
+    /// The flat IPv6 table.
+    pub v6_chunks: Vec<FlatChunk>,
     /// IPv4 as LPM entries (for the LPM variant of the program).
     pub v4_prefixes: Vec<LpmEntry<4>>,
     pub v6_prefixes: Vec<LpmEntry<16>>,
@@ -220,6 +223,7 @@ impl Interned {
 
 /// Compiles `policy`; `geo` must be given when its zones name countries.
 pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, CompileError> {
+    let t0 = std::time::Instant::now();
     let mut v4 = Family {
         ipv4: true,
         nodes: Vec::new(),
@@ -276,6 +280,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         )?;
     }
 
+    let t_geo = t0.elapsed();
     let v4_ranges = sweep(&mut v4, &mut it);
     let v6_ranges = sweep(&mut v6, &mut it);
     if it.classes.len() >= PTR as usize {
@@ -298,15 +303,31 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         .iter()
         .map(|&(z, _)| it.zones.sets[z as usize])
         .collect();
-    let v4_chunks = flat_v4_table(&v4_ranges);
-    let v4_prefixes = lpm_entries::<4>(&v4_ranges, 32);
-    let v6_prefixes = lpm_entries::<16>(&v6_ranges, 128);
-
+    let t_sweep = t0.elapsed();
+    // The two families' tables are independent: build them side by side.
+    let ((v4_chunks, v4_prefixes), (v6_chunks, v6_prefixes)) = std::thread::scope(|s| {
+        let v6 = s.spawn(|| {
+            (
+                flat_table(&v6_ranges, 128),
+                lpm_entries::<16>(&v6_ranges, 128),
+            )
+        });
+        let v4 = (flat_table(&v4_ranges, 32), lpm_entries::<4>(&v4_ranges, 32));
+        (
+            v4,
+            v6.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        )
+    });
+    log::debug!(
+        "compiled in {:?}: prefixes gathered {t_geo:?}, ranges {t_sweep:?}",
+        t0.elapsed()
+    );
     stats.v4_ranges = v4_ranges.len();
     stats.v6_ranges = v6_ranges.len();
     stats.v4_prefixes = v4_prefixes.len();
     stats.v6_prefixes = v6_prefixes.len();
     stats.v4_chunks = v4_chunks.len();
+    stats.v6_chunks = v6_chunks.len();
     stats.classes = classes.len();
 
     Ok(CompiledPolicy {
@@ -329,6 +350,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         classes,
         class_zones,
         v4_chunks,
+        v6_chunks,
         v4_prefixes,
         v6_prefixes,
         v4_ranges,
@@ -445,41 +467,63 @@ fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
     out
 }
 
-/// Builds the 16-8-8 IPv4 table from ranges covering all of IPv4.
-fn flat_v4_table(ranges: &[Range]) -> Vec<V4Chunk> {
-    let mut chunks: Vec<V4Chunk> = vec![[0; CHUNK_ENTRIES]; L1_CHUNKS as usize];
-    let uniform = |start: u128, end: u128| {
-        let i = ranges.partition_point(|r| r.end < start);
-        ranges.get(i).filter(|r| r.end >= end).map(|r| r.class)
-    };
-    fn slot(
-        chunks: &mut Vec<V4Chunk>,
-        uniform: &dyn Fn(u128, u128) -> Option<u32>,
-        start: u128,
-        slot_bits: u32,
-    ) -> u32 {
-        if let Some(class) = uniform(start, start + (1u128 << slot_bits) - 1) {
-            return class;
+/// Builds a flat multibit table (16-bit first level, then 8-bit chunks) from ranges
+/// covering the whole family of `width` bits. Each slot is given the ranges overlapping it,
+/// so the build is linear in the number of ranges and chunks.
+fn flat_table(ranges: &[Range], width: u32) -> Vec<FlatChunk> {
+    /// The ranges of `ranges` overlapping the block `start ..= end` (`ranges` starts with
+    /// the first range overlapping it and covers it contiguously).
+    fn overlapping(ranges: &[Range], end: u128) -> usize {
+        ranges
+            .iter()
+            .position(|r| r.end >= end)
+            .map_or(ranges.len(), |i| i + 1)
+    }
+    fn slot(chunks: &mut Vec<FlatChunk>, ranges: &[Range], start: u128, slot_bits: u32) -> u32 {
+        if ranges.len() == 1 {
+            return ranges[0].class;
         }
-        // A single address (slot_bits 0) is always uniform, so slot_bits >= 8 here.
-        let child_bits = slot_bits - 8;
+        // More than one range in the block: split it. A single address lies in exactly
+        // one range, so slot_bits >= 8 here.
         let idx = chunks.len();
         chunks.push([0; CHUNK_ENTRIES]);
-        for i in 0..CHUNK_ENTRIES {
-            let e = slot(
-                chunks,
-                uniform,
-                start + ((i as u128) << child_bits),
-                child_bits,
-            );
-            chunks[idx][i] = e;
-        }
+        children(
+            chunks,
+            ranges,
+            start,
+            slot_bits - 8,
+            CHUNK_ENTRIES,
+            |chunks, i, e| {
+                chunks[idx][i] = e;
+            },
+        );
         PTR | idx as u32
     }
-    for top in 0..(L1_CHUNKS as usize * CHUNK_ENTRIES) {
-        let e = slot(&mut chunks, &uniform, (top as u128) << 16, 16);
-        chunks[top / CHUNK_ENTRIES][top % CHUNK_ENTRIES] = e;
+    /// Fills `count` child slots of `child_bits` each, starting at `start`.
+    fn children(
+        chunks: &mut Vec<FlatChunk>,
+        ranges: &[Range],
+        start: u128,
+        child_bits: u32,
+        count: usize,
+        mut set: impl FnMut(&mut Vec<FlatChunk>, usize, u32),
+    ) {
+        let mut rest = ranges;
+        for i in 0..count {
+            let cs = start + ((i as u128) << child_bits);
+            let ce = block_end(cs, child_bits);
+            let skip = rest.iter().position(|r| r.end >= cs).unwrap_or(rest.len());
+            rest = &rest[skip..];
+            let n = overlapping(rest, ce);
+            let e = slot(chunks, &rest[..n], cs, child_bits);
+            set(chunks, i, e);
+        }
     }
+    let mut chunks: Vec<FlatChunk> = vec![[0; CHUNK_ENTRIES]; L1_CHUNKS as usize];
+    let l1 = L1_CHUNKS as usize * CHUNK_ENTRIES;
+    children(&mut chunks, ranges, 0, width - 16, l1, |chunks, i, e| {
+        chunks[i / CHUNK_ENTRIES][i % CHUNK_ENTRIES] = e;
+    });
     chunks
 }
 

@@ -12,7 +12,7 @@ use aya::{
     maps::{Array, LpmTrie, MapError, lpm_trie::Key},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
-use cloudlet_common::{AddrClass, PolicyConfig, RuleEntry, V4Chunk, stat};
+use cloudlet_common::{AddrClass, FlatChunk, PolicyConfig, RuleEntry, stat};
 
 pub use compile::{CompileError, CompiledPolicy, compile};
 
@@ -48,10 +48,10 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 /// Which program of the object to load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgramKind {
-    /// The policy program (flat IPv4 table).
+    /// The policy program (flat address tables).
     Policy,
-    /// The policy program with IPv4 in an LPM trie (for comparison).
-    PolicyLpm4,
+    /// The policy program with LPM tries instead of flat tables (for comparison).
+    PolicyLpm,
     /// Parses, then passes (benchmark baseline).
     ParseOnly,
     /// Returns XDP_PASS (benchmark baseline).
@@ -63,7 +63,7 @@ impl ProgramKind {
     pub const fn program_name(self) -> &'static str {
         match self {
             Self::Policy => "cloudlet",
-            Self::PolicyLpm4 => "cloudlet_lpm4",
+            Self::PolicyLpm => "cloudlet_lpm",
             Self::ParseOnly => "cloudlet_parse",
             Self::Noop => "cloudlet_noop",
         }
@@ -109,25 +109,18 @@ impl Loaded {
     ) -> Result<Self, DataplaneError> {
         raise_memlock_limit();
         let started = Instant::now();
-        let lpm4 = kind == ProgramKind::PolicyLpm4;
+        let lpm = kind == ProgramKind::PolicyLpm;
         let classes = compiled.classes.len().max(1) as u32;
-        let v4_chunks = if lpm4 {
-            1
-        } else {
-            compiled.v4_chunks.len() as u32
-        };
-        let v4_prefixes = if lpm4 {
-            compiled.v4_prefixes.len().max(1) as u32
-        } else {
-            1
-        };
+        // Size only the structures this program uses; the others get one entry.
+        let size = |used: bool, n: usize| if used { n.max(1) as u32 } else { 1 };
         let trace_flag = u32::from(trace);
         let ebpf = EbpfLoader::new()
             .map_max_entries("CLASSES", classes)
             .map_max_entries("CLASS_STATS", classes * 2)
-            .map_max_entries("V4_TABLE", v4_chunks)
-            .map_max_entries("V4_TRIE", v4_prefixes)
-            .map_max_entries("V6_TRIE", compiled.v6_prefixes.len().max(1) as u32)
+            .map_max_entries("V4_TABLE", size(!lpm, compiled.v4_chunks.len()))
+            .map_max_entries("V6_TABLE", size(!lpm, compiled.v6_chunks.len()))
+            .map_max_entries("V4_TRIE", size(lpm, compiled.v4_prefixes.len()))
+            .map_max_entries("V6_TRIE", size(lpm, compiled.v6_prefixes.len()))
             .override_global("TRACE", &trace_flag, true)
             .load(crate::EBPF_OBJECT)?;
         let mut loaded = Self {
@@ -136,7 +129,7 @@ impl Loaded {
             timings: LoadTimings::default(),
         };
         let fill_started = Instant::now();
-        loaded.fill(compiled, lpm4)?;
+        loaded.fill(compiled, lpm)?;
         loaded.timings.fill = fill_started.elapsed();
         loaded
             .program_mut()?
@@ -185,7 +178,7 @@ impl Loaded {
         &self.ebpf
     }
 
-    fn fill(&mut self, c: &CompiledPolicy, lpm4: bool) -> Result<(), DataplaneError> {
+    fn fill(&mut self, c: &CompiledPolicy, lpm: bool) -> Result<(), DataplaneError> {
         let e = &mut self.ebpf;
         let mut config: Array<_, PolicyConfig> = Array::try_from(
             e.map_mut("CONFIG")
@@ -214,57 +207,12 @@ impl Loaded {
                 .map_err(map_err("CLASSES"))?;
         }
 
-        if lpm4 {
-            let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(
-                e.map_mut("V4_TRIE")
-                    .ok_or(DataplaneError::Missing("map V4_TRIE"))?,
-            )
-            .map_err(map_err("V4_TRIE"))?;
-            for p in &c.v4_prefixes {
-                trie.insert(&Key::new(u32::from(p.len), p.addr), p.class, 0)
-                    .map_err(map_err("V4_TRIE"))?;
-            }
+        if lpm {
+            fill_lpm(e, "V4_TRIE", &c.v4_prefixes)?;
+            fill_lpm(e, "V6_TRIE", &c.v6_prefixes)?;
         } else {
-            let mut table: Array<_, V4Chunk> = Array::try_from(
-                e.map_mut("V4_TABLE")
-                    .ok_or(DataplaneError::Missing("map V4_TABLE"))?,
-            )
-            .map_err(map_err("V4_TABLE"))?;
-            for (i, chunk) in c.v4_chunks.iter().enumerate() {
-                // Chunks of class 0 are already zero.
-                if chunk.iter().any(|e| *e != 0) {
-                    table.set(i as u32, chunk, 0).map_err(map_err("V4_TABLE"))?;
-                }
-            }
-        }
-
-        let map = e
-            .map_mut("V6_TRIE")
-            .ok_or(DataplaneError::Missing("map V6_TRIE"))?;
-        let keys: Vec<Key<[u8; 16]>> = c
-            .v6_prefixes
-            .iter()
-            .map(|p| Key::new(u32::from(p.len), p.addr))
-            .collect();
-        let values: Vec<u32> = c.v6_prefixes.iter().map(|p| p.class).collect();
-        let batched = match map {
-            aya::maps::Map::LpmTrie(data) => {
-                update_batch(data, &keys, &values).map_err(|e| DataplaneError::Map {
-                    map: "V6_TRIE",
-                    source: MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_update_batch",
-                        io_error: e,
-                    }),
-                })?
-            }
-            _ => false,
-        };
-        if !batched {
-            let mut trie: LpmTrie<_, [u8; 16], u32> =
-                LpmTrie::try_from(map).map_err(map_err("V6_TRIE"))?;
-            for (k, v) in keys.iter().zip(&values) {
-                trie.insert(k, v, 0).map_err(map_err("V6_TRIE"))?;
-            }
+            fill_flat(e, "V4_TABLE", &c.v4_chunks)?;
+            fill_flat(e, "V6_TABLE", &c.v6_chunks)?;
         }
         Ok(())
     }
@@ -332,6 +280,74 @@ fn raise_memlock_limit() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Fills a flat table with its chunks (chunks of class 0 only are already zero).
+fn fill_flat(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    chunks: &[FlatChunk],
+) -> Result<(), DataplaneError> {
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
+    let (keys, values): (Vec<u32>, Vec<FlatChunk>) = chunks
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|e| *e != 0))
+        .map(|(i, c)| (i as u32, *c))
+        .unzip();
+    let batched = match &*map {
+        aya::maps::Map::Array(data) => {
+            update_batch(data, &keys, &values).map_err(|io_error| DataplaneError::Map {
+                map: name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                }),
+            })?
+        }
+        _ => false,
+    };
+    if !batched {
+        let mut table: Array<_, FlatChunk> = Array::try_from(map).map_err(map_err(name))?;
+        for (k, v) in keys.iter().zip(&values) {
+            table.set(*k, v, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Fills an LPM trie map with `entries`: in batches where the kernel supports it, one
+/// update per entry where not.
+fn fill_lpm<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[compile::LpmEntry<N>],
+) -> Result<(), DataplaneError> {
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
+    let keys: Vec<Key<[u8; N]>> = entries
+        .iter()
+        .map(|p| Key::new(u32::from(p.len), p.addr))
+        .collect();
+    let values: Vec<u32> = entries.iter().map(|p| p.class).collect();
+    let batched = match &*map {
+        aya::maps::Map::LpmTrie(data) => {
+            update_batch(data, &keys, &values).map_err(|io_error| DataplaneError::Map {
+                map: name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                }),
+            })?
+        }
+        _ => false,
+    };
+    if !batched {
+        let mut trie: LpmTrie<_, [u8; N], u32> = LpmTrie::try_from(map).map_err(map_err(name))?;
+        for (k, v) in keys.iter().zip(&values) {
+            trie.insert(k, v, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+): writes many entries in one syscall. Returns

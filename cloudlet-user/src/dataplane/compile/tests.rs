@@ -19,15 +19,16 @@ fn first_rule(c: &CompiledPolicy, src: &str, dst: &str) -> Option<usize> {
     (0..c.rules.len()).find(|r| (s.src_rules[r / 64] & d.dst_rules[r / 64]) >> (r % 64) & 1 == 1)
 }
 
-/// Class of an IPv4 address through the flat table, exactly as the XDP program walks it.
-fn flat_lookup(c: &CompiledPolicy, addr: u32) -> u32 {
-    let mut e = c.v4_chunks[(addr >> 24) as usize][((addr >> 16) & 0xff) as usize];
-    for shift in [8, 0] {
+/// Class of an address through a flat table, exactly as the XDP program walks it.
+fn flat_lookup(chunks: &[FlatChunk], addr: &[u8]) -> u32 {
+    let mut e = chunks[usize::from(addr[0])][usize::from(addr[1])];
+    for b in &addr[2..] {
         if e & PTR == 0 {
             return e;
         }
-        e = c.v4_chunks[(e & !PTR) as usize][((addr >> shift) & 0xff) as usize];
+        e = chunks[(e & !PTR) as usize][usize::from(*b)];
     }
+    assert_eq!(e & PTR, 0, "a table path ends in a class");
     e
 }
 
@@ -192,7 +193,7 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
         let a = rng.next() as u32;
         let want = c.class_of(IpAddr::from(std::net::Ipv4Addr::from(a)));
         assert_eq!(
-            flat_lookup(&c, a),
+            flat_lookup(&c.v4_chunks, &a.to_be_bytes()),
             want,
             "flat table at {}",
             std::net::Ipv4Addr::from(a)
@@ -202,13 +203,17 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
     // Probe every range edge too.
     for r in &c.v4_ranges {
         for a in [r.start, r.end] {
-            assert_eq!(flat_lookup(&c, a as u32), r.class);
+            assert_eq!(
+                flat_lookup(&c.v4_chunks, &(a as u32).to_be_bytes()),
+                r.class
+            );
             assert_eq!(lpm_lookup(&c.v4_prefixes, a, 32), r.class);
         }
     }
     for r in &c.v6_ranges {
         for a in [r.start, r.end] {
             assert_eq!(lpm_lookup(&c.v6_prefixes, a, 128), r.class);
+            assert_eq!(flat_lookup(&c.v6_chunks, &a.to_be_bytes()), r.class);
         }
     }
 }
@@ -231,4 +236,5 @@ fn class_zero_means_nothing_and_config_is_encoded() {
     );
     assert!(c.v4_prefixes.is_empty() && c.v6_prefixes.is_empty());
     assert_eq!(c.v4_chunks.len(), L1_CHUNKS as usize);
+    assert_eq!(c.v6_chunks.len(), L1_CHUNKS as usize);
 }
