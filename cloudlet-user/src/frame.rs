@@ -150,7 +150,7 @@ impl Frame {
 
     fn ipv4(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, body: &[u8]) -> Vec<u8> {
         let mut opts = self.ipv4_options.clone();
-        while opts.len() % 4 != 0 {
+        while !opts.len().is_multiple_of(4) {
             opts.push(0);
         }
         let ihl = 20 + opts.len();
@@ -307,7 +307,7 @@ pub fn parse_hex_line(line: &str) -> Result<Vec<u8>, String> {
         .chars()
         .filter(|c| !c.is_whitespace() && *c != ':')
         .collect();
-    if cleaned.len() % 2 != 0 {
+    if !cleaned.len().is_multiple_of(2) {
         return Err(format!("odd number of hex digits ({})", cleaned.len()));
     }
     (0..cleaned.len())

@@ -120,7 +120,7 @@ impl PacketSocket {
                 if n < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                if addr.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if addr.sll_pkttype != libc::PACKET_OUTGOING {
                     return Ok(Some(n as usize));
                 }
             }

@@ -45,7 +45,7 @@ fn sample_sources(db: &GeoDb) -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
         |_| Some(()),
         |p, ()| {
             n += 1;
-            if n % 400 == 0 {
+            if n.is_multiple_of(400) {
                 let host = p.range().0 + 1;
                 if p.is_ipv4() {
                     v4.push(IpAddr::from(std::net::Ipv4Addr::from(host as u32)));
@@ -258,8 +258,8 @@ fn main() -> Result<()> {
         v6.len()
     );
     println!(
-        "{:<34} {:>12} {:<16} {:>8}  {}",
-        "FIGURE", "VALUE", "UNIT", "RATIO", "BASELINE"
+        "{:<34} {:>12} {:<16} {:>8}  BASELINE",
+        "FIGURE", "VALUE", "UNIT", "RATIO"
     );
     for f in &figures {
         println!(

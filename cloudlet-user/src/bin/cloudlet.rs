@@ -13,10 +13,7 @@ use clap::{Parser, Subcommand};
 use cloudlet::{
     admin,
     config::DEFAULT_ADMIN_SOCKET,
-    dataplane::{
-        classify::{Classifier, ClassifyError},
-        stats::Stats,
-    },
+    dataplane::{classify::Classifier, stats::Stats},
     frame,
     geoip::GeoDb,
     node::prepare_policy,
@@ -155,11 +152,10 @@ fn classify(policy_path: &Path, pcap: Option<&Path>) -> anyhow::Result<ExitCode>
                      line: usize,
                      out: &mut dyn std::io::Write|
      -> anyhow::Result<()> {
-        let result = input.map_err(|e| e).and_then(|f| {
-            classifier.classify(&compiled, &f).map_err(|e| match e {
-                ClassifyError::TooShort(_) => e.to_string(),
-                other => format!("{other}"),
-            })
+        let result = input.and_then(|f| {
+            classifier
+                .classify(&compiled, &f)
+                .map_err(|e| e.to_string())
         });
         match result {
             Ok(v) => writeln!(out, "{}", serde_json::to_string(&v)?)?,

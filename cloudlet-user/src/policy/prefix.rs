@@ -41,6 +41,10 @@ impl Prefix {
     }
 
     /// Prefix length in bits.
+    #[expect(
+        clippy::len_without_is_empty,
+        reason = "a prefix length, not a container size"
+    )]
     pub const fn len(&self) -> u8 {
         self.len
     }
