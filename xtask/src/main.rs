@@ -143,8 +143,6 @@ fn main() -> Result<()> {
                 "xtask",
                 "-p",
                 "cloudlet-tests",
-                "-p",
-                "cloudlet-benches",
             ]))
         }
         Task::Lint => {
