@@ -221,6 +221,28 @@ fn ethernet_ip_transports() {
         other("2001:db8::1", "2001:db8::2", 1).build(),
         Expect::default("pass").ip(6, 1),
     ));
+    // ICMP in IPv6 and ICMPv6 in IPv4 are not checked as ICMP: a short body is no error.
+    cases.push(case(
+        "ipv6 carrying protocol 1 with a 4-byte body",
+        other("2001:db8::1", "2001:db8::2", 1)
+            .payload(&[8, 0, 0, 0])
+            .build(),
+        Expect::default("pass").ip(6, 1),
+    ));
+    cases.push(case(
+        "ipv4 carrying protocol 58 with a 4-byte body",
+        other("192.0.2.1", "192.0.2.2", 58)
+            .payload(&[128, 0, 0, 0])
+            .build(),
+        Expect::default("pass").ip(4, 58),
+    ));
+    cases.push(case(
+        "ipv4 icmp with a 4-byte body is truncated",
+        other("192.0.2.1", "192.0.2.2", 1)
+            .payload(&[8, 0, 0, 0])
+            .build(),
+        Expect::malformed("drop", "malformed_l4"),
+    ));
     p.check_all(&cases);
 }
 
