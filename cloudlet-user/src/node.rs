@@ -43,6 +43,30 @@ pub fn prepare_policy(path: &Path) -> Result<CompiledPolicy, NodeError> {
     Ok(dataplane::compile(&policy, geo.as_ref())?)
 }
 
+/// A policy compiled and loaded into a program of its own, not attached yet: the slow
+/// part of a reload, done while the running policy keeps filtering.
+pub struct Prepared {
+    path: std::path::PathBuf,
+    compiled: CompiledPolicy,
+    loaded: Loaded,
+    started: Instant,
+}
+
+impl Prepared {
+    /// Reads, compiles and loads the policy at `path`.
+    pub fn new(path: &Path) -> Result<Self, NodeError> {
+        let started = Instant::now();
+        let compiled = prepare_policy(path)?;
+        let loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            compiled,
+            loaded,
+            started,
+        })
+    }
+}
+
 /// One attachment of the program.
 pub struct Attachment {
     pub interface: String,
@@ -85,23 +109,50 @@ impl Node {
         })
     }
 
-    /// Replaces the policy with the one at `path`. The new program is loaded and filled
-    /// beside the running one, then moved onto each interface in one step; if anything
-    /// fails before that, the running policy stays as it was.
+    /// Replaces the policy with the one at `path` (see [`Prepared`] and [`Node::swap`]).
     pub fn reload(&mut self, path: &Path) -> Result<(), NodeError> {
-        let started = Instant::now();
-        let compiled = prepare_policy(path)?;
-        let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
+        let prepared = Prepared::new(path)?;
+        self.swap(prepared)
+    }
+
+    /// Moves every interface onto the prepared program, each in one `BPF_LINK_UPDATE`.
+    /// Nothing changes if the policy failed to prepare; if the kernel refuses an update
+    /// (not seen in practice), the interfaces not yet moved keep the running program.
+    pub fn swap(&mut self, mut prepared: Prepared) -> Result<(), NodeError> {
         let before = self.stats()?;
-        let mut attachments = Vec::with_capacity(self.attachments.len());
-        for old in self.attachments.drain(..) {
-            let link = loaded.take_over(old.link)?;
-            attachments.push(Attachment { link, ..old });
+        let mut old = std::mem::take(&mut self.attachments).into_iter();
+        let mut moved = Vec::new();
+        for a in old.by_ref() {
+            let Attachment {
+                interface,
+                mode,
+                link,
+            } = a;
+            match prepared.loaded.take_over(link) {
+                Ok(link) => moved.push(Attachment {
+                    interface,
+                    mode,
+                    link,
+                }),
+                Err(e) => {
+                    log::error!(
+                        "{interface}: the kernel refused the new program and the link is gone: {e}"
+                    );
+                    moved.extend(old);
+                    self.attachments = moved;
+                    return Err(e.into());
+                }
+            }
         }
-        self.attachments = attachments;
-        log_policy(path, &compiled, &loaded, started);
-        self.compiled = compiled;
-        self.loaded = loaded;
+        self.attachments = moved;
+        log_policy(
+            &prepared.path,
+            &prepared.compiled,
+            &prepared.loaded,
+            prepared.started,
+        );
+        self.compiled = prepared.compiled;
+        self.loaded = prepared.loaded;
         // The new program's counters start at zero; keep the totals so far beside them.
         self.carried = before;
         Ok(())

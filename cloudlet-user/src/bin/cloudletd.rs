@@ -13,7 +13,7 @@ use clap::Parser;
 use cloudlet::{
     admin,
     config::Config,
-    node::{Node, NodeError, mode_name},
+    node::{Node, NodeError, Prepared, mode_name},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -123,7 +123,9 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
                 let node = node.clone();
                 let path = config.policy.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    node.lock().map_err(|_| "lock poisoned".to_string())?.reload(&path).map_err(|e| e.to_string())
+                    // Compile and load without the lock: counters stay readable meanwhile.
+                    let prepared = Prepared::new(&path).map_err(|e| e.to_string())?;
+                    node.lock().map_err(|_| "lock poisoned".to_string())?.swap(prepared).map_err(|e| e.to_string())
                 }).await;
                 match result {
                     Ok(Ok(())) => log::info!("policy reloaded"),
