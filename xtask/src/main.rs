@@ -74,6 +74,43 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and adds up its "test result" lines.
+fn run_counting(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        println!("\ncargo xtask test: {passed} passed, {failed} failed");
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok((passed, failed))
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -133,7 +170,8 @@ fn main() -> Result<()> {
             // One build profile for everything, so nothing is compiled twice. The daemon's
             // binaries first: the integration tests run them.
             run(cargo().args(["build", "-p", "cloudlet-user", "--bins"]))?;
-            run(cargo().args([
+            let mut test = cargo();
+            test.args([
                 "test",
                 "-p",
                 "cloudlet-common",
@@ -143,7 +181,10 @@ fn main() -> Result<()> {
                 "xtask",
                 "-p",
                 "cloudlet-tests",
-            ]))
+            ]);
+            let (passed, failed) = run_counting(&mut test)?;
+            println!("\ncargo xtask test: {passed} passed, {failed} failed");
+            Ok(())
         }
         Task::Lint => {
             setup_quiet()?;
