@@ -249,7 +249,12 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, mut out: Unparsed) -> Result<Packet,
                 let frag = be16([e[2], e[3]]);
                 pkt.flags |= decision_flags::FRAGMENT;
                 if frag >> 3 != 0 {
+                    // What follows is a slice of the original payload, not headers
+                    // (RFC 8200 4.5): stop here and judge on addresses alone.
                     pkt.flags |= decision_flags::NON_FIRST_FRAGMENT;
+                    pkt.ext_headers = walked + 1;
+                    pkt.l4_proto = u32::from(e[0]);
+                    return Ok(pkt);
                 }
                 next = e[0];
                 off += 8;

@@ -27,6 +27,9 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process answers on the socket already (another cloudletd?).
+    #[error("admin socket {0} is in use by another process")]
+    InUse(String),
     /// The daemon answered with an error status.
     #[error("admin endpoint answered {status}: {body}")]
     Status { status: u16, body: String },
@@ -35,8 +38,9 @@ pub enum AdminError {
     Malformed,
 }
 
-/// Binds the socket (replacing a stale one) and serves requests until the task is dropped.
-pub async fn serve(path: &Path, handler: Handler) -> Result<(), AdminError> {
+/// Binds the admin socket. A stale socket file is replaced; a socket that another process
+/// still answers on is left alone and reported.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     let sock_err = |source| AdminError::Socket {
         path: path.display().to_string(),
         source,
@@ -44,12 +48,19 @@ pub async fn serve(path: &Path, handler: Handler) -> Result<(), AdminError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
     }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AdminError::InUse(path.display().to_string()));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    UnixListener::bind(path).map_err(sock_err)
+}
+
+/// Serves requests on `listener` until the task is dropped.
+pub async fn serve(listener: UnixListener, handler: Handler) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
@@ -117,4 +128,51 @@ pub fn get(path: &Path, target: &str) -> Result<String, AdminError> {
         });
     }
     Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn serves_routes_and_keeps_a_live_socket() {
+        let dir = std::env::temp_dir().join(format!("cloudlet-admin-{}", std::process::id()));
+        let path = dir.join("a.sock");
+        let handler: Handler =
+            Arc::new(|t: &str| (t == "/x").then(|| (200, "{\"x\":1}".to_string())));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server_path = path.clone();
+        // The server runs on its own thread for the rest of the test binary's life.
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let listener = bind(&server_path).unwrap();
+                tx.send(()).unwrap();
+                serve(listener, handler).await;
+            })
+        });
+        rx.recv().unwrap();
+        assert_eq!(get(&path, "/x").unwrap(), "{\"x\":1}");
+        assert!(matches!(
+            get(&path, "/nope"),
+            Err(AdminError::Status { status: 404, .. })
+        ));
+        // A second daemon must not steal the socket of a live one.
+        let second = runtime().block_on(async { bind(&path) });
+        assert!(matches!(second, Err(AdminError::InUse(_))), "{second:?}");
+        assert_eq!(get(&path, "/x").unwrap(), "{\"x\":1}");
+
+        // A stale socket file (nobody answering) is replaced.
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists());
+        assert!(runtime().block_on(async { bind(&stale) }).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -15,3 +15,19 @@ pub mod policy;
 
 /// The XDP object built by build.rs (cloudlet-ebpf, bpfel).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloudlet"));
+
+/// An error and its causes on one line, each cause once: causes whose text the message
+/// already carries are left out.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

@@ -30,6 +30,17 @@ pub enum NodeError {
     /// The program could not be loaded, filled or attached.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// The kernel refused to move an interface onto the new program during a swap: that
+    /// interface has no program now; those moved before it run the new policy, the rest
+    /// the old one.
+    #[error(
+        "{interface} lost its program in the swap (interfaces before it run the new policy, the rest the old one): {source}"
+    )]
+    Swap {
+        interface: String,
+        #[source]
+        source: Box<DataplaneError>,
+    },
 }
 
 /// Reads, validates and compiles the policy at `path`, opening its GeoIP database if its
@@ -40,7 +51,17 @@ pub fn prepare_policy(path: &Path) -> Result<CompiledPolicy, NodeError> {
         (Some(db), true) => Some(GeoDb::open(db)?),
         _ => None,
     };
-    Ok(dataplane::compile(&policy, geo.as_ref())?)
+    let compiled = dataplane::compile(&policy, geo.as_ref())?;
+    if let Some(geo) = &geo
+        && compiled.stats.geo_networks == 0
+    {
+        log::warn!(
+            "{}: no network of the GeoIP database {} is in a country the zones name; records need a top-level `country_code`",
+            path.display(),
+            geo.path().display()
+        );
+    }
+    Ok(compiled)
 }
 
 /// A policy compiled and loaded into a program of its own, not attached yet: the slow

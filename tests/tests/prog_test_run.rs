@@ -675,6 +675,26 @@ fn ipv6_extension_headers() {
                 .fragment("non_first"),
         ),
         case(
+            "non-first fragment whose data looks like an overlong header",
+            {
+                // The fragment's next header says destination options, but what follows
+                // is fragment data: its "length" byte must not be read as a header's.
+                let mut f = v6_ext(
+                    "2001:db8::2",
+                    &[later_frag, Ext::DestOpts { units: 0 }],
+                    None,
+                )
+                .payload(&[])
+                .build();
+                f[FIRST_EXT + 8 + 1] = 255;
+                f
+            },
+            Expect::default("pass")
+                .ip(6, 60)
+                .ext(1)
+                .fragment("non_first"),
+        ),
+        case(
             "hop-by-hop, routing, fragment, destination options, tcp",
             v6_ext(
                 "2001:db8:bad::1",

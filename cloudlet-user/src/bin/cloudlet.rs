@@ -14,7 +14,7 @@ use cloudlet::{
     admin,
     config::DEFAULT_ADMIN_SOCKET,
     dataplane::{classify::Classifier, stats::Stats},
-    frame,
+    error_chain, frame,
     geoip::GeoDb,
     node::prepare_policy,
     policy,
@@ -78,7 +78,7 @@ enum GeoCommand {
         /// Policy whose GeoIP database and zones to use.
         #[arg(long)]
         policy: Option<PathBuf>,
-        /// GeoIP database to use (when no policy is given).
+        /// GeoIP database to use (when the policy names none, or no policy is given).
         #[arg(long, default_value = "data/geoip/geo-whois-asn-country.mmdb")]
         database: PathBuf,
     },
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -131,7 +131,7 @@ fn policy_check(file: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", error_chain(&e));
             Ok(ExitCode::FAILURE)
         }
     }
@@ -141,7 +141,7 @@ fn classify(policy_path: &Path, pcap: Option<&Path>) -> anyhow::Result<ExitCode>
     let compiled = match prepare_policy(policy_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", error_chain(&e));
             return Ok(ExitCode::FAILURE);
         }
     };

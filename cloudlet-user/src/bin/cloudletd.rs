@@ -13,6 +13,7 @@ use clap::Parser;
 use cloudlet::{
     admin,
     config::Config,
+    error_chain,
     node::{Node, NodeError, Prepared, mode_name},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
     let node = match Node::start(&config) {
         Ok(n) => n,
         Err(e) => {
-            log::error!("{e}");
+            log::error!("{}", error_chain(&e));
             return match e {
                 NodeError::Policy(_) | NodeError::GeoIp(_) => ExitCode::from(EXIT_CONFIG),
                 _ => ExitCode::FAILURE,
@@ -93,12 +94,14 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
         "/healthz" => Some((200, "{\"status\":\"ok\"}".to_string())),
         _ => None,
     });
-    let socket = config.admin_socket.clone();
-    let admin_task = tokio::spawn(async move {
-        if let Err(e) = admin::serve(&socket, handler).await {
-            log::error!("{e}");
+    let listener = match admin::bind(&config.admin_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("{}", error_chain(&e));
+            return ExitCode::FAILURE;
         }
-    });
+    };
+    let admin_task = tokio::spawn(admin::serve(listener, handler));
     if let Ok(n) = node.lock() {
         for a in n.attachments() {
             log::info!("filtering on {} ({})", a.interface, mode_name(a.mode));
@@ -124,12 +127,19 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
                 let path = config.policy.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     // Compile and load without the lock: counters stay readable meanwhile.
-                    let prepared = Prepared::new(&path).map_err(|e| e.to_string())?;
-                    node.lock().map_err(|_| "lock poisoned".to_string())?.swap(prepared).map_err(|e| e.to_string())
+                    let prepared = Prepared::new(&path)?;
+                    match node.lock() {
+                        Ok(mut n) => n.swap(prepared),
+                        Err(_) => {
+                            log::error!("node lock poisoned");
+                            Ok(())
+                        }
+                    }
                 }).await;
                 match result {
                     Ok(Ok(())) => log::info!("policy reloaded"),
-                    Ok(Err(e)) => log::error!("reload failed, the running policy stays in force: {e}"),
+                    Ok(Err(e @ NodeError::Swap { .. })) => log::error!("reload failed halfway: {}", error_chain(&e)),
+                    Ok(Err(e)) => log::error!("reload failed, the running policy stays in force: {}", error_chain(&e)),
                     Err(e) => log::error!("reload task failed, the running policy stays in force: {e}"),
                 }
             }

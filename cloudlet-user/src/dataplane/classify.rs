@@ -13,6 +13,9 @@ use crate::policy::Action;
 
 /// The kernel refuses test frames shorter than an Ethernet header (EINVAL).
 pub const MIN_TEST_FRAME: usize = 14;
+/// The longest frame a test run takes whole on 4 KiB pages: a page less XDP headroom (256)
+/// and `struct skb_shared_info` (320). The kernel silently cuts longer frames.
+pub const MAX_TEST_FRAME: usize = 4096 - 256 - 320;
 
 /// What the program decided for one frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -52,6 +55,7 @@ pub struct Verdict {
 /// Errors from `classify`.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
+    /// Loading or reading the program failed.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     /// The frame is shorter than the kernel accepts for a test run.
@@ -59,6 +63,9 @@ pub enum ClassifyError {
         "frame of {0} bytes is shorter than an Ethernet header ({MIN_TEST_FRAME}); the kernel cannot run it"
     )]
     TooShort(usize),
+    /// The frame is longer than a test run can take whole.
+    #[error("frame of {0} bytes is longer than a test run takes whole ({MAX_TEST_FRAME})")]
+    TooLong(usize),
     /// BPF_PROG_TEST_RUN failed.
     #[error("BPF_PROG_TEST_RUN: {0}")]
     TestRun(#[source] aya::programs::ProgramError),
@@ -85,6 +92,9 @@ impl Classifier {
     ) -> Result<Verdict, ClassifyError> {
         if frame.len() < MIN_TEST_FRAME {
             return Err(ClassifyError::TooShort(frame.len()));
+        }
+        if frame.len() > MAX_TEST_FRAME {
+            return Err(ClassifyError::TooLong(frame.len()));
         }
         let prog = self.loaded.program()?;
         let opts = TestRunOptions {

@@ -36,6 +36,9 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    /// The interface to attach to does not exist (in this network namespace).
+    #[error("no interface named {0}")]
+    NoInterface(String),
     /// A map or program the object should have is missing.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
@@ -223,12 +226,20 @@ impl Loaded {
         iface: &str,
         mode: AttachMode,
     ) -> Result<(XdpLink, AttachMode), DataplaneError> {
+        if !interface_exists(iface) {
+            return Err(DataplaneError::NoInterface(iface.to_string()));
+        }
         let prog = self.program_mut()?;
         let attach = |prog: &mut Xdp, m: XdpMode| {
+            let name = if m == XdpMode::Skb {
+                "generic"
+            } else {
+                "native"
+            };
             prog.attach(iface, m)
                 .and_then(|id| prog.take_link(id))
                 .map_err(|source| DataplaneError::Program {
-                    what: format!("attaching to {iface} in {m:?} mode"),
+                    what: format!("attaching to {iface} in {name} mode"),
                     source,
                 })
         };
@@ -265,6 +276,14 @@ impl Loaded {
 
 /// Index range of the `STATS` array, for readers.
 pub const STATS_LEN: u32 = stat::COUNT;
+
+fn interface_exists(iface: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(iface) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it.
 fn raise_memlock_limit() {

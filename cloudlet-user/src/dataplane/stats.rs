@@ -4,7 +4,7 @@ use aya::{Ebpf, maps::PerCpuArray};
 use cloudlet_common::{Counter, action, reason, stat};
 use serde::{Deserialize, Serialize};
 
-use super::{CompiledPolicy, DataplaneError, map_err};
+use super::{CompiledPolicy, DataplaneError, compile::ZoneSet, map_err};
 use crate::policy::Action;
 
 /// Name of a `reason` code, as printed by `classify` and `stats`.
@@ -241,7 +241,7 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
         let src = per_cpu_sum(&class_stats, 2 * class as u32).map_err(map_err("CLASS_STATS"))?;
         let dst =
             per_cpu_sum(&class_stats, 2 * class as u32 + 1).map_err(map_err("CLASS_STATS"))?;
-        if compiled.class_zones[class] == [0; 4] {
+        if compiled.class_zones[class] == ZoneSet::default() {
             zones[none].src.add(src);
             zones[none].dst.add(dst);
         }
