@@ -208,7 +208,7 @@ pub const fn mode_name(mode: AttachMode) -> &'static str {
 
 fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant) {
     log::info!(
-        "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 chunks; ready in {} ms (program load {} ms, map fill {} ms)",
+        "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 and {} IPv6 table chunks; ready in {} ms (program load {} ms, map fill {} ms)",
         path.display(),
         c.rules.len(),
         c.zone_names.len(),
@@ -217,6 +217,7 @@ fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant
         c.stats.v6_prefixes,
         c.stats.classes,
         c.stats.v4_chunks,
+        c.stats.v6_chunks,
         started.elapsed().as_millis(),
         loaded.timings.load.as_millis(),
         loaded.timings.fill.as_millis(),
