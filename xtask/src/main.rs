@@ -55,6 +55,23 @@ enum Task {
     },
 }
 
+/// Packages with tests: everything but the eBPF crate (built by cloudlet-user's build
+/// script for its own target) and the benchmarks.
+const TESTED: &[&str] = &[
+    "cloudlet-common",
+    "cloudlet-user",
+    "xtask",
+    "cloudlet-tests",
+];
+
+/// `-p NAME` for each package.
+fn packages(names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .flat_map(|n| ["-p".to_string(), n.to_string()])
+        .collect()
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -171,17 +188,7 @@ fn main() -> Result<()> {
             // binaries first: the integration tests run them.
             run(cargo().args(["build", "-p", "cloudlet-user", "--bins"]))?;
             let mut test = cargo();
-            test.args([
-                "test",
-                "-p",
-                "cloudlet-common",
-                "-p",
-                "cloudlet-user",
-                "-p",
-                "xtask",
-                "-p",
-                "cloudlet-tests",
-            ]);
+            test.arg("test").args(packages(TESTED));
             let (passed, failed) = run_counting(&mut test)?;
             println!("\ncargo xtask test: {passed} passed, {failed} failed");
             Ok(())
@@ -189,23 +196,10 @@ fn main() -> Result<()> {
         Task::Lint => {
             setup_quiet()?;
             run(cargo().args(["fmt", "--all", "--check"]))?;
-            run(cargo().args([
-                "clippy",
-                "--all-targets",
-                "-p",
-                "cloudlet-common",
-                "-p",
-                "cloudlet-user",
-                "-p",
-                "xtask",
-                "-p",
-                "cloudlet-tests",
-                "-p",
-                "cloudlet-benches",
-                "--",
-                "-D",
-                "warnings",
-            ]))
+            run(cargo()
+                .args(["clippy", "--all-targets"])
+                .args(packages(TESTED))
+                .args(["-p", "cloudlet-benches", "--", "-D", "warnings"]))
         }
         Task::Bench { quick } => {
             require_root("the benchmarks")?;

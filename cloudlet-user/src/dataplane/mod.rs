@@ -301,6 +301,16 @@ fn raise_memlock_limit() {
     }
 }
 
+fn batch_err(map: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    move |io_error| DataplaneError::Map {
+        map,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        }),
+    }
+}
+
 /// Fills a flat table with its chunks (chunks of class 0 only are already zero).
 fn fill_flat(
     ebpf: &mut Ebpf,
@@ -316,13 +326,7 @@ fn fill_flat(
         .unzip();
     let batched = match &*map {
         aya::maps::Map::Array(data) => {
-            update_batch(data, &keys, &values).map_err(|io_error| DataplaneError::Map {
-                map: name,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                }),
-            })?
+            update_batch(data, &keys, &values).map_err(batch_err(name))?
         }
         _ => false,
     };
@@ -350,13 +354,7 @@ fn fill_lpm<const N: usize>(
     let values: Vec<u32> = entries.iter().map(|p| p.class).collect();
     let batched = match &*map {
         aya::maps::Map::LpmTrie(data) => {
-            update_batch(data, &keys, &values).map_err(|io_error| DataplaneError::Map {
-                map: name,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                }),
-            })?
+            update_batch(data, &keys, &values).map_err(batch_err(name))?
         }
         _ => false,
     };
