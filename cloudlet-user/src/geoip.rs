@@ -76,6 +76,19 @@ impl GeoDb {
             .map_err(|e| self.read_error(e))
     }
 
+    /// The database's network holding `ip` and its country, if it has one.
+    pub fn network(&self, ip: IpAddr) -> Result<Option<(Prefix, String)>, GeoIpError> {
+        let found = self.reader.lookup(ip).map_err(|e| self.read_error(e))?;
+        let Some(code) = found
+            .decode_path::<String>(COUNTRY_PATH)
+            .map_err(|e| self.read_error(e))?
+        else {
+            return Ok(None);
+        };
+        let net = found.network().map_err(|e| self.read_error(e))?;
+        Ok(Prefix::new(net.network(), net.prefix()).map(|p| (p, code)))
+    }
+
     /// Calls `f` with every network of the database whose country `select` maps to
     /// `Some(value)`. Records are decoded once each, not once per network.
     pub fn for_each_network<T: Copy>(

@@ -3,4 +3,5 @@
 
 pub mod netns;
 pub mod progtest;
+pub mod reference;
 pub mod traffic;

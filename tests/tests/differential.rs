@@ -1,0 +1,274 @@
+//! Randomized differential test: random policies (zones from explicit prefixes and real
+//! countries, nested and overlapping prefixes, negated zones, prefix lists) and random
+//! packets; the XDP program's verdict (through BPF_PROG_TEST_RUN) must equal the plain
+//! reference evaluator's for every packet. Deterministic per seed; `CLOUDLET_SEED=N`
+//! replays one.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use cloudlet::{
+    dataplane::{classify::Classifier, compile},
+    frame::{Frame, to_hex},
+    geoip::GeoDb,
+    policy::{self, Prefix},
+};
+use cloudlet_tests::{progtest::GEOIP_DATABASE, reference};
+
+/// xorshift64*: small, deterministic, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const COUNTRIES: &[&str] = &["DE", "FR", "US", "NL", "JP", "BR"];
+const V4_BASES: &[u32] = &[
+    0x0a00_0000,
+    0xc000_0200,
+    0x55d6_0000,
+    0x0808_0000,
+    0x5a00_0000,
+];
+const V6_BASES: &[u128] = &[
+    0x2001_0db8 << 96,
+    0x2a01_04f8 << 96,
+    0x2003 << 112,
+    0x2a01_cb00 << 96,
+];
+
+fn random_prefixes(rng: &mut Rng, n: usize) -> Vec<Prefix> {
+    (0..n)
+        .map(|_| {
+            let v6 = rng.chance(50);
+            random_prefix(rng, v6)
+        })
+        .collect()
+}
+
+fn random_prefix(rng: &mut Rng, v6: bool) -> Prefix {
+    let (bits, len) = if v6 {
+        let len = 16 + rng.below(57) as u32;
+        let base = *rng.pick(V6_BASES);
+        let noise = (u128::from(rng.next()) << 64 | u128::from(rng.next())) >> (16 + rng.below(40));
+        (base ^ noise, len)
+    } else {
+        let len = 8 + rng.below(25) as u32;
+        let base = *rng.pick(V4_BASES);
+        let noise = (rng.next() as u32) >> (8 + rng.below(20));
+        (u128::from(base ^ noise), len)
+    };
+    let width = if v6 { 128 } else { 32 };
+    let masked = if len == 0 {
+        0
+    } else {
+        bits >> (width - len) << (width - len)
+    };
+    let addr = if v6 {
+        IpAddr::V6(Ipv6Addr::from(masked))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(masked as u32))
+    };
+    Prefix::new(addr, len as u8).expect("masked prefix")
+}
+
+fn address_in(rng: &mut Rng, p: &Prefix) -> IpAddr {
+    let (start, end) = p.range();
+    let span = end - start;
+    let offset = if span == u128::MAX {
+        u128::from(rng.next())
+    } else {
+        (u128::from(rng.next()) << 64 | u128::from(rng.next())) % (span + 1)
+    };
+    let bits = start + offset;
+    if p.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::from(bits as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bits))
+    }
+}
+
+fn list(prefixes: &[Prefix]) -> String {
+    prefixes
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A random policy as TOML, and every prefix it names (to aim packets at).
+fn random_policy(rng: &mut Rng, with_countries: bool, geo: &[Prefix]) -> (String, Vec<Prefix>) {
+    let mut text = String::new();
+    let mut named = Vec::new();
+    let action = |rng: &mut Rng| if rng.chance(50) { "pass" } else { "drop" };
+    text.push_str(&format!("default = \"{}\"\n", action(rng)));
+    if with_countries {
+        text.push_str(&format!("[geoip]\ndatabase = {GEOIP_DATABASE:?}\n"));
+    }
+    let zones = 1 + rng.below(4);
+    for z in 0..zones {
+        let n = rng.below(5);
+        let mut prefixes = random_prefixes(rng, n);
+        // A real GeoIP network as an explicit prefix: ties between explicit prefixes and
+        // countries at the same length.
+        if with_countries && rng.chance(40) {
+            prefixes.push(*rng.pick(geo));
+        }
+        named.extend(&prefixes);
+        text.push_str(&format!("[zones.z{z}]\nprefixes = [{}]\n", list(&prefixes)));
+        if with_countries && rng.chance(70) {
+            let n = 1 + rng.below(2);
+            let countries: Vec<String> = (0..n)
+                .map(|_| format!("{:?}", rng.pick(COUNTRIES)))
+                .collect();
+            text.push_str(&format!("countries = [{}]\n", countries.join(", ")));
+        }
+    }
+    for r in 0..1 + rng.below(8) {
+        text.push_str(&format!(
+            "[[rules]]\nname = \"r{r}\"\naction = \"{}\"\n",
+            action(rng)
+        ));
+        for key in ["src_zone", "dst_zone"] {
+            if rng.chance(45) {
+                let neg = if rng.chance(30) { "!" } else { "" };
+                text.push_str(&format!("{key} = \"{neg}z{}\"\n", rng.below(zones)));
+            }
+        }
+        for key in ["src_prefix", "dst_prefix"] {
+            if rng.chance(35) {
+                let n = 1 + rng.below(3);
+                let prefixes = random_prefixes(rng, n);
+                named.extend(&prefixes);
+                text.push_str(&format!("{key} = [{}]\n", list(&prefixes)));
+            }
+        }
+    }
+    (text, named)
+}
+
+/// Networks of the test's countries, to draw real addresses from.
+fn country_networks(db: &GeoDb) -> Vec<Prefix> {
+    let mut out = Vec::new();
+    let mut n = 0usize;
+    db.for_each_network(
+        |code| COUNTRIES.contains(&code).then_some(()),
+        |p, ()| {
+            n += 1;
+            if n.is_multiple_of(97) {
+                out.push(p);
+            }
+        },
+    )
+    .expect("walking the GeoIP database");
+    out
+}
+
+fn random_address(rng: &mut Rng, v6: bool, named: &[Prefix], geo: &[Prefix]) -> IpAddr {
+    let family = |p: &&Prefix| p.is_ipv4() != v6;
+    let named: Vec<&Prefix> = named.iter().filter(family).collect();
+    let geo: Vec<&Prefix> = geo.iter().filter(family).collect();
+    match rng.below(4) {
+        0 if !named.is_empty() => {
+            let p = **rng.pick(&named);
+            address_in(rng, &p)
+        }
+        1 if !geo.is_empty() => {
+            let p = **rng.pick(&geo);
+            address_in(rng, &p)
+        }
+        2 => {
+            let p = random_prefix(rng, v6);
+            address_in(rng, &p)
+        }
+        _ => address_in(
+            rng,
+            &Prefix::new(
+                if v6 {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                },
+                0,
+            )
+            .unwrap(),
+        ),
+    }
+}
+
+#[test]
+fn xdp_verdicts_match_the_reference_evaluator() {
+    let seed: u64 = std::env::var("CLOUDLET_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x00c1_0d1e_u64);
+    let db = GeoDb::open(Path::new(GEOIP_DATABASE)).expect("GeoIP database (cargo xtask setup)");
+    let geo_networks = country_networks(&db);
+    let (policies, packets) = (24, 120);
+    let mut checked = 0;
+    for round in 0..policies {
+        let mut rng = Rng(seed ^ (round as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let with_countries = round % 3 == 0;
+        let (text, named) = random_policy(&mut rng, with_countries, &geo_networks);
+        let policy = policy::parse(&text, Path::new("random.toml"))
+            .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}\n{text}"));
+        let geo = with_countries.then_some(&db);
+        let compiled = compile(&policy, geo).expect("compile");
+        let classifier = Classifier::new(&compiled).expect("load (needs root)");
+        for _ in 0..packets {
+            let v6 = rng.chance(50);
+            let src = random_address(&mut rng, v6, &named, &geo_networks);
+            let dst = random_address(&mut rng, v6, &named, &geo_networks);
+            let frame = Frame::udp(src, dst, 4000, 53).build();
+            let got = classifier.classify(&compiled, &frame).expect("classify");
+            let (action, rule) = reference::verdict(&policy, geo, src, dst);
+            let want_rule = rule.map(|i| policy.rules[i].name.clone());
+            assert!(
+                got.verdict == action.name() && got.rule == want_rule,
+                "seed {seed} round {round}: {src} -> {dst}: XDP says {} by {:?}, reference {} by {:?}\nsrc zones {:?} (ref {:?}), dst zones {:?} (ref {:?})\nframe {}\npolicy:\n{text}",
+                got.verdict,
+                got.rule,
+                action.name(),
+                want_rule,
+                got.src_zones,
+                reference::zones_of(&policy, geo, src),
+                got.dst_zones,
+                reference::zones_of(&policy, geo, dst),
+                to_hex(&frame),
+            );
+            let names = |zones: Vec<usize>| {
+                zones
+                    .into_iter()
+                    .map(|z| policy.zones[z].name.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                got.src_zones,
+                names(reference::zones_of(&policy, geo, src)),
+                "seed {seed} round {round}: zones of {src}\n{text}"
+            );
+            assert_eq!(
+                got.dst_zones,
+                names(reference::zones_of(&policy, geo, dst)),
+                "seed {seed} round {round}: zones of {dst}\n{text}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, policies * packets);
+}
