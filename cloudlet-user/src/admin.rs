@@ -1,7 +1,8 @@
 //! cloudletd's admin endpoint: a small HTTP/1.1 server on a Unix socket (so it is reachable
 //! from every network namespace), and the client `cloudlet stats` uses.
 //!
-//! Routes: `GET /stats` (JSON counters), `GET /healthz`.
+//! Routes: `GET /stats` (JSON counters), `GET /metrics` (Prometheus), `GET /healthz`. The
+//! same routes can also be served on a TCP address for Prometheus to scrape.
 
 use std::{
     io::{Read as _, Write as _},
@@ -10,12 +11,30 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::UnixListener,
 };
 
-/// Produces a response body for a route, or None for 404.
-pub type Handler = Arc<dyn Fn(&str) -> Option<(u16, String)> + Send + Sync>;
+/// An answer to a request.
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Response {
+    /// A JSON answer.
+    pub fn json(status: u16, body: String) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+}
+
+/// Produces the response for a route, or None for 404.
+pub type Handler = Arc<dyn Fn(&str) -> Option<Response> + Send + Sync>;
 
 /// Errors from the admin endpoint and its client.
 #[derive(Debug, thiserror::Error)]
@@ -62,41 +81,54 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
 /// Serves requests on `listener` until the task is dropped.
 pub async fn serve(listener: UnixListener, handler: Handler) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            // Read the request head (bounded).
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf);
-            let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, body) = if method != "GET" {
-                (405, "{\"error\":\"only GET is supported\"}".to_string())
-            } else {
-                handler(target).unwrap_or((404, "{\"error\":\"no such route\"}".to_string()))
-            };
-            let reason = match status {
-                200 => "OK",
-                404 => "Not Found",
-                405 => "Method Not Allowed",
-                _ => "Error",
-            };
-            let response = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
+        if let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(answer(stream, handler.clone()));
+        }
     }
+}
+
+/// Serves the same routes on a TCP listener (for Prometheus) until the task is dropped.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, handler: Handler) {
+    loop {
+        if let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(answer(stream, handler.clone()));
+        }
+    }
+}
+
+/// Reads one request head (bounded) and writes the answer; one request per connection.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, handler: Handler) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let r = if method != "GET" {
+        Response::json(405, "{\"error\":\"only GET is supported\"}".to_string())
+    } else {
+        handler(target)
+            .unwrap_or_else(|| Response::json(404, "{\"error\":\"no such route\"}".to_string()))
+    };
+    let reason = match r.status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Error",
+    };
+    let response = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        r.status,
+        r.content_type,
+        r.body.len(),
+        r.body
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
 }
 
 /// `GET target` on the admin socket (blocking); returns the body of a 200 answer.

@@ -21,6 +21,8 @@ pub struct Config {
     pub xdp_mode: AttachMode,
     /// The admin endpoint's Unix socket.
     pub admin_socket: PathBuf,
+    /// A TCP address serving the admin routes too (for Prometheus), if configured.
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +42,8 @@ struct RawConfig {
 struct RawAdmin {
     /// Default: [`DEFAULT_ADMIN_SOCKET`].
     socket: Option<String>,
+    /// Default: none (no TCP listener).
+    listen: Option<std::net::SocketAddr>,
 }
 
 /// Errors from reading the configuration.
@@ -96,6 +100,7 @@ impl Config {
                 .admin
                 .socket
                 .map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |s| resolve(&s)),
+            admin_listen: raw.admin.listen,
         })
     }
 }
@@ -115,6 +120,13 @@ mod tests {
         assert_eq!(c.xdp_mode, AttachMode::Auto);
         assert!(c.interfaces.is_empty());
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.admin_listen, None);
+        let c = Config::parse(
+            "policy = \"p\"\n[admin]\nlisten = \"127.0.0.1:9464\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9464".parse().unwrap()));
     }
 
     #[test]

@@ -256,7 +256,7 @@ fn cloudletd_filters_reloads_and_keeps_a_good_policy_over_a_bad_one() {
     std::fs::write(&policy, policy_text("")).unwrap();
     std::fs::write(
         dir.join("cloudlet.toml"),
-        format!("policy = \"policy.toml\"\ninterfaces = [\"dut1\"]\nxdp_mode = \"native\"\n[admin]\nsocket = {:?}\n", socket.display().to_string()),
+        format!("policy = \"policy.toml\"\ninterfaces = [\"dut1\"]\nxdp_mode = \"native\"\n[admin]\nsocket = {:?}\nlisten = \"127.0.0.1:9464\"\n", socket.display().to_string()),
     )
     .unwrap();
 
@@ -285,6 +285,33 @@ fn cloudletd_filters_reloads_and_keeps_a_good_policy_over_a_bad_one() {
     assert_eq!(got.len(), frames.len() - denied, "policy 1 in force");
     let s = stats(&socket);
     assert_eq!(s.rules[0].count.packets as usize, denied);
+    // The same counters for Prometheus, on the socket and on the TCP listener (which is in
+    // the daemon's namespace).
+    let line = format!(
+        "cloudlet_rule_packets_total{{rule=\"lab-only-from-eu\",action=\"drop\"}} {denied}"
+    );
+    let metrics = admin::get(&socket, "/metrics").expect("GET /metrics");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "{line:?} missing from\n{metrics}"
+    );
+    let scraped = dut.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("TCP admin listener");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(
+        scraped.starts_with("HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.lines().any(|l| l == line),
+        "{line:?} missing from\n{scraped}"
+    );
 
     // A policy that does not validate: the running one stays.
     std::fs::write(&policy, "[[rules]]\naction = \"reject\"\n").unwrap();

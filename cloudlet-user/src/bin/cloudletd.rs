@@ -11,11 +11,13 @@ use std::{
 
 use clap::Parser;
 use cloudlet::{
-    admin,
+    admin::{self, Response},
     config::Config,
+    dataplane::metrics::DataplaneCollector,
     error_chain,
     node::{Node, NodeError, Prepared, mode_name},
 };
+use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Exit status for configuration errors (EX_USAGE).
@@ -80,20 +82,53 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
     let stats_node = node.clone();
+    let read_stats = move || match stats_node.lock() {
+        Ok(n) => n.stats().map_err(|e| error_chain(&e)),
+        Err(_) => Err("node lock poisoned".to_string()),
+    };
+    let mut registry = Registry::default();
+    let metrics_read = read_stats.clone();
+    registry.register_collector(Box::new(DataplaneCollector::new(Arc::new(move || {
+        metrics_read()
+            .map_err(|e| log::warn!("reading counters for /metrics: {e}"))
+            .ok()
+    }))));
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
-        "/stats" => Some(
-            match stats_node
-                .lock()
-                .map_err(|_| "lock poisoned".to_string())
-                .and_then(|n| n.stats().map_err(|e| e.to_string()))
-            {
-                Ok(s) => (200, serde_json::to_string(&s).unwrap_or_default()),
-                Err(e) => (500, serde_json::json!({ "error": e }).to_string()),
-            },
-        ),
-        "/healthz" => Some((200, "{\"status\":\"ok\"}".to_string())),
+        "/stats" => Some(match read_stats() {
+            Ok(s) => Response::json(200, serde_json::to_string(&s).unwrap_or_default()),
+            Err(e) => Response::json(500, serde_json::json!({ "error": e }).to_string()),
+        }),
+        "/metrics" => {
+            let mut body = String::new();
+            Some(
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => Response {
+                        status: 200,
+                        content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        body,
+                    },
+                    Err(e) => Response::json(
+                        500,
+                        serde_json::json!({ "error": e.to_string() }).to_string(),
+                    ),
+                },
+            )
+        }
+        "/healthz" => Some(Response::json(200, "{\"status\":\"ok\"}".to_string())),
         _ => None,
     });
+    if let Some(addr) = config.admin_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                log::info!("admin routes (/metrics, /stats, /healthz) also on http://{addr}");
+                tokio::spawn(admin::serve_tcp(l, handler.clone()));
+            }
+            Err(e) => {
+                log::error!("admin listener {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let listener = match admin::bind(&config.admin_socket) {
         Ok(l) => l,
         Err(e) => {

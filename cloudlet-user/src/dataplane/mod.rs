@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod compile;
+pub mod metrics;
 pub mod stats;
 
 use std::time::{Duration, Instant};
