@@ -178,7 +178,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cloudlet-admin-{}", std::process::id()));
         let path = dir.join("a.sock");
         let handler: Handler =
-            Arc::new(|t: &str| (t == "/x").then(|| (200, "{\"x\":1}".to_string())));
+            Arc::new(|t: &str| (t == "/x").then(|| Response::json(200, "{\"x\":1}".to_string())));
         let (tx, rx) = std::sync::mpsc::channel();
         let server_path = path.clone();
         // The server runs on its own thread for the rest of the test binary's life.
