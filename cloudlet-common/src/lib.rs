@@ -92,6 +92,10 @@ pub struct PolicyConfig {
     pub non_ip_action: u32,
     /// Number of rules in `RULES`.
     pub rule_count: u32,
+    /// Which packet fields some rule looks at (bits of [`field::USED_*`](field)); the
+    /// program skips the others.
+    pub fields_used: u32,
+    pub _pad: u32,
 }
 
 /// One compiled rule, indexed by its position in the policy.
@@ -139,6 +143,44 @@ pub mod flat {
     pub const PTR: u32 = 1 << 31;
 }
 
+/// Packet fields other than addresses that rules can match: each value of a field maps to
+/// a *field class* in `FIELD_CLASS` (at the field's base offset), and each class to the set
+/// of rules its values satisfy in `FIELD_RULES`.
+pub mod field {
+    /// IP protocol (256 values).
+    pub const PROTO_BASE: u32 = 0;
+    /// Source port: 65,536 ports, then one entry for "no port" (no TCP/UDP header).
+    pub const SRC_PORT_BASE: u32 = PROTO_BASE + 256;
+    /// Destination port, laid out like the source port.
+    pub const DST_PORT_BASE: u32 = SRC_PORT_BASE + NO_PORT + 1;
+    /// Outer VLAN id: 4,096 ids, then one entry for "untagged".
+    pub const VLAN_BASE: u32 = DST_PORT_BASE + NO_PORT + 1;
+    /// TCP flag byte: 256 values, then one entry for "not TCP".
+    pub const TCP_FLAGS_BASE: u32 = VLAN_BASE + UNTAGGED + 1;
+    /// IP version: index 0 for IPv4, 1 for IPv6.
+    pub const IP_VERSION_BASE: u32 = TCP_FLAGS_BASE + NOT_TCP + 1;
+    /// Entries of `FIELD_CLASS`.
+    pub const ENTRIES: u32 = IP_VERSION_BASE + 2;
+
+    /// The "no port" index within a port field.
+    pub const NO_PORT: u32 = 65_536;
+    /// The "untagged" index within the VLAN field.
+    pub const UNTAGGED: u32 = 4_096;
+    /// The "not TCP" index within the TCP flags field.
+    pub const NOT_TCP: u32 = 256;
+
+    /// Bits of `PolicyConfig::fields_used`.
+    pub const USED_PROTO: u32 = 1;
+    pub const USED_SRC_PORT: u32 = 2;
+    pub const USED_DST_PORT: u32 = 4;
+    pub const USED_VLAN: u32 = 8;
+    pub const USED_TCP_FLAGS: u32 = 16;
+    pub const USED_IP_VERSION: u32 = 32;
+}
+
+/// A set of rules (bit r = rule r), the value of `FIELD_RULES`.
+pub type RuleSet = [u64; RULE_WORDS];
+
 /// One element of a flat address table.
 pub type FlatChunk = [u32; flat::CHUNK_ENTRIES];
 
@@ -177,6 +219,9 @@ pub struct Decision {
     pub src_port: u32,
     /// Destination port (TCP/UDP), 0 otherwise.
     pub dst_port: u32,
+    /// TCP flag byte (FIN 0x01 ... CWR 0x80), when a TCP header was parsed.
+    pub tcp_flags: u32,
+    pub _pad: u32,
 }
 
 /// Bits of [`Decision::flags`].
@@ -201,7 +246,7 @@ mod pod {
 
 // Layout checks: a size change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * RULE_WORDS);
-const _: () = assert!(core::mem::size_of::<Decision>() == 14 * 4);
+const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);

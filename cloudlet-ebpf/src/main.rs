@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, Counter, Decision, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig, RuleEntry, flat,
-    stat,
+    AddrClass, Counter, Decision, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig, RuleEntry, RuleSet,
+    field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -54,6 +54,14 @@ static V4_TRIE: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
 /// IPv6 prefixes as an LPM trie, used only by `cloudlet_lpm`.
 #[map]
 static V6_TRIE: LpmTrie<Ipv6Addr, u32> = LpmTrie::with_max_entries(1, 0);
+
+/// Packet field value to field class (see `cloudlet_common::field`).
+#[map]
+static FIELD_CLASS: Array<u32> = Array::with_max_entries(field::ENTRIES, 0);
+
+/// Field class to the rules its values satisfy. Sized by the loader.
+#[map]
+static FIELD_RULES: Array<RuleSet> = Array::with_max_entries(1, 0);
 
 /// Counters per reason and per action (see `cloudlet_common::stat`).
 #[map]

@@ -43,6 +43,8 @@ pub struct Packet {
     pub ext_headers: u32,
     pub src_port: u32,
     pub dst_port: u32,
+    /// TCP flag byte, when a TCP header was parsed.
+    pub tcp_flags: u32,
 }
 
 impl Packet {
@@ -154,6 +156,7 @@ fn new_packet(version: u32, out: &Unparsed) -> Packet {
         ext_headers: 0,
         src_port: 0,
         dst_port: 0,
+        tcp_flags: 0,
     }
 }
 
@@ -300,6 +303,7 @@ fn parse_l4(
             }
             pkt.src_port = u32::from(be16([t[0], t[1]]));
             pkt.dst_port = u32::from(be16([t[2], t[3]]));
+            pkt.tcp_flags = u32::from(t[13]);
         }
         IPPROTO_UDP => {
             let Some(u) = bytes_at::<8>(ctx, off) else {

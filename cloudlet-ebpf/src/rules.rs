@@ -2,11 +2,14 @@
 //! (the lowest set bit is the first matching rule), act and count.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use cloudlet_common::{Counter, Decision, NO_RULE, RULE_WORDS, action, reason, stat};
+use cloudlet_common::{
+    Counter, Decision, NO_RULE, PolicyConfig, RULE_WORDS, RuleSet, action, decision_flags, field,
+    reason, stat,
+};
 
 use crate::{
-    CLASS_STATS, CLASSES, CONFIG, RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE,
-    V4_TRIE, V6_TABLE, V6_TRIE, geofence,
+    CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, FIELD_RULES, RULE_STATS, RULES, STATS, TRACE,
+    TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE, geofence,
     parse::{self, Packet},
 };
 
@@ -22,7 +25,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         ..Decision::default()
     };
     let act = match parse::parse(ctx) {
-        Ok(pkt) => judge::<LPM>(&pkt, cfg.default_action, len, &mut d),
+        Ok(pkt) => judge::<LPM>(&pkt, cfg, len, &mut d),
         Err(u) => {
             d.reason = u.reason;
             d.vlan_tags = u.vlan_tags;
@@ -51,7 +54,8 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn judge<const LPM: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut Decision) -> u32 {
+fn judge<const LPM: bool>(pkt: &Packet, cfg: &PolicyConfig, len: u64, d: &mut Decision) -> u32 {
+    let default_action = cfg.default_action;
     d.ip_version = pkt.ip_version;
     d.l4_proto = pkt.l4_proto;
     d.vlan_tags = pkt.vlan_tags;
@@ -60,6 +64,7 @@ fn judge<const LPM: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut D
     d.ext_headers = pkt.ext_headers;
     d.src_port = pkt.src_port;
     d.dst_port = pkt.dst_port;
+    d.tcp_flags = pkt.tcp_flags;
 
     let (src_class, dst_class) = match (pkt.ip_version == 4, LPM) {
         (true, false) => (
@@ -88,9 +93,81 @@ fn judge<const LPM: bool>(pkt: &Packet, default_action: u32, len: u64, d: &mut D
     let (Some(src), Some(dst)) = (CLASSES.get(src_class), CLASSES.get(dst_class)) else {
         return default_action;
     };
+    let mut acc: RuleSet = [0; RULE_WORDS];
     let mut w = 0;
     while w < RULE_WORDS {
-        let m = src.src_rules[w] & dst.dst_rules[w];
+        acc[w] = src.src_rules[w] & dst.dst_rules[w];
+        w += 1;
+    }
+    // Other fields, only those some rule looks at.
+    let used = cfg.fields_used;
+    let tcp = pkt.l4_proto == 6 && pkt.flags & decision_flags::L4_PARSED != 0;
+    let ports =
+        pkt.flags & decision_flags::L4_PARSED != 0 && (pkt.l4_proto == 6 || pkt.l4_proto == 17);
+    let fields = [
+        (field::USED_PROTO, field::PROTO_BASE + (pkt.l4_proto & 0xff)),
+        (
+            field::USED_SRC_PORT,
+            field::SRC_PORT_BASE
+                + if ports {
+                    pkt.src_port & 0xffff
+                } else {
+                    field::NO_PORT
+                },
+        ),
+        (
+            field::USED_DST_PORT,
+            field::DST_PORT_BASE
+                + if ports {
+                    pkt.dst_port & 0xffff
+                } else {
+                    field::NO_PORT
+                },
+        ),
+        (
+            field::USED_VLAN,
+            field::VLAN_BASE
+                + if pkt.vlan_tags > 0 {
+                    pkt.vlan_outer & 0xfff
+                } else {
+                    field::UNTAGGED
+                },
+        ),
+        (
+            field::USED_TCP_FLAGS,
+            field::TCP_FLAGS_BASE
+                + if tcp {
+                    pkt.tcp_flags & 0xff
+                } else {
+                    field::NOT_TCP
+                },
+        ),
+        (
+            field::USED_IP_VERSION,
+            field::IP_VERSION_BASE + u32::from(pkt.ip_version == 6),
+        ),
+    ];
+    let mut f = 0;
+    while f < fields.len() {
+        let (bit, index) = fields[f];
+        if used & bit != 0 {
+            let set = FIELD_CLASS
+                .get(index)
+                .and_then(|class| FIELD_RULES.get(*class));
+            let Some(set) = set else {
+                return default_action;
+            };
+            let mut w = 0;
+            while w < RULE_WORDS {
+                acc[w] &= set[w];
+                w += 1;
+            }
+        }
+        f += 1;
+    }
+    let mut w = 0;
+    while w < RULE_WORDS {
+        let m = acc[w];
         if m != 0 {
             let rule = (w as u32) * 64 + m.trailing_zeros();
             let Some(entry) = RULES.get(rule) else {

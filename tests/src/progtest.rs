@@ -178,6 +178,7 @@ impl Expect {
             proto: None,
             src_port: None,
             dst_port: None,
+            tcp_flags: None,
             vlan_tags: 0,
             vlan: None,
             fragment: None,
@@ -218,10 +219,20 @@ impl Expect {
         self
     }
 
-    /// TCP or UDP ports.
+    /// TCP or UDP ports (after [`Expect::ip`]). A TCP header also reports its flags: the
+    /// TCP frames of these tables are SYNs unless [`Expect::tcp_flags`] says otherwise.
     pub fn ports(mut self, src: u16, dst: u16) -> Self {
         self.0.src_port = Some(u32::from(src));
         self.0.dst_port = Some(u32::from(dst));
+        if self.0.proto == Some(6) {
+            self.0.tcp_flags = Some("syn".to_string());
+        }
+        self
+    }
+
+    /// The TCP flags reported, as `classify` names them (`"syn,ack"`).
+    pub fn tcp_flags(mut self, flags: &str) -> Self {
+        self.0.tcp_flags = Some(flags.to_string());
         self
     }
 

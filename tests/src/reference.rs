@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use cloudlet::{
     geoip::GeoDb,
-    policy::{Action, Policy, ZoneMatch},
+    policy::{Action, Match, Policy, Prefix, ZoneMatch},
 };
 
 /// The zones `ip` belongs to: those of its longest matching prefix among the zones'
@@ -54,25 +54,51 @@ fn zone_ok(m: Option<ZoneMatch>, zones: &[usize]) -> bool {
     m.is_none_or(|m| zones.contains(&m.zone) != m.negate)
 }
 
-/// The verdict for an IP packet from `src` to `dst`: the first rule whose criteria all hold,
-/// else the default. Returns the action and the rule's index.
-pub fn verdict(
-    policy: &Policy,
-    geo: Option<&GeoDb>,
-    src: IpAddr,
-    dst: IpAddr,
-) -> (Action, Option<usize>) {
-    let src_zones = zones_of(policy, geo, src);
-    let dst_zones = zones_of(policy, geo, dst);
+/// What a rule can look at in an IP packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Transport protocol number.
+    pub proto: u8,
+    /// (source, destination) when the packet carries TCP or UDP ports.
+    pub ports: Option<(u16, u16)>,
+    /// Outer VLAN id, if tagged.
+    pub vlan: Option<u16>,
+    /// The TCP flag byte, if a TCP header is present.
+    pub tcp_flags: Option<u8>,
+}
+
+/// The verdict for an IP packet: the first rule whose criteria all hold, else the
+/// default. Returns the action and the rule's index.
+pub fn verdict(policy: &Policy, geo: Option<&GeoDb>, p: &Facts) -> (Action, Option<usize>) {
+    let src_zones = zones_of(policy, geo, p.src);
+    let dst_zones = zones_of(policy, geo, p.dst);
+    let version = if p.src.is_ipv4() { 4 } else { 6 };
+    let in_list = |list: &Option<Vec<Prefix>>, ip: IpAddr| {
+        list.as_ref()
+            .is_none_or(|l| l.iter().any(|x| x.contains(ip)))
+    };
+    // A port criterion needs ports and a flags criterion a TCP header, negated or not.
+    let port_ok = |m: &Option<Match<u16>>, port: Option<u16>| {
+        m.as_ref()
+            .is_none_or(|m| port.is_some_and(|v| m.accepts(v)))
+    };
     for (i, r) in policy.rules.iter().enumerate() {
-        let in_list = |list: &Option<Vec<cloudlet::policy::Prefix>>, ip: IpAddr| {
-            list.as_ref()
-                .is_none_or(|l| l.iter().any(|p| p.contains(ip)))
-        };
         if zone_ok(r.src_zone, &src_zones)
             && zone_ok(r.dst_zone, &dst_zones)
-            && in_list(&r.src_prefix, src)
-            && in_list(&r.dst_prefix, dst)
+            && in_list(&r.src_prefix, p.src)
+            && in_list(&r.dst_prefix, p.dst)
+            && r.proto.as_ref().is_none_or(|m| m.accepts(p.proto))
+            && port_ok(&r.src_port, p.ports.map(|x| x.0))
+            && port_ok(&r.dst_port, p.ports.map(|x| x.1))
+            // An untagged packet satisfies only a negated VLAN criterion.
+            && r.vlan.as_ref().is_none_or(|m| match p.vlan {
+                Some(id) => m.accepts(id),
+                None => m.negate,
+            })
+            && r.ip_version.is_none_or(|v| v == version)
+            && r.tcp_flags.is_none_or(|t| p.tcp_flags.is_some_and(|f| t.accepts(f)))
         {
             return (r.action, Some(i));
         }

@@ -11,7 +11,7 @@ use std::{
 
 use cloudlet::{
     dataplane::{classify::Classifier, compile},
-    frame::{Frame, to_hex},
+    frame::{Ext, Frame, L4, TPID_8021Q, to_hex},
     geoip::GeoDb,
     policy::{self, Prefix},
 };
@@ -150,6 +150,51 @@ fn random_policy(rng: &mut Rng, with_countries: bool, geo: &[Prefix]) -> (String
                 text.push_str(&format!("{key} = \"{neg}z{}\"\n", rng.below(zones)));
             }
         }
+        if rng.chance(30) {
+            let v = *rng.pick(&[
+                "\"tcp\"",
+                "\"udp\"",
+                "[\"tcp\", \"udp\"]",
+                "\"!udp\"",
+                "1",
+                "58",
+                "\"gre\"",
+            ]);
+            text.push_str(&format!("proto = {v}\n"));
+        }
+        for key in ["src_port", "dst_port"] {
+            if rng.chance(25) {
+                let v = *rng.pick(&[
+                    "53",
+                    "443",
+                    "[22, 80, 443]",
+                    "\"1000-2000\"",
+                    "\"!53\"",
+                    "[\"0-1023\", 8080]",
+                ]);
+                text.push_str(&format!("{key} = {v}\n"));
+            }
+        }
+        if rng.chance(20) {
+            let v = *rng.pick(&["10", "[10, 200]", "\"100-199\"", "\"!10\""]);
+            text.push_str(&format!("vlan = {v}\n"));
+        }
+        if rng.chance(20) {
+            text.push_str(&format!(
+                "ip_version = {}\n",
+                if rng.chance(50) { 4 } else { 6 }
+            ));
+        }
+        if rng.chance(20) {
+            let v = *rng.pick(&[
+                "\"syn\"",
+                "\"syn,!ack\"",
+                "\"ack\"",
+                "\"!syn\"",
+                "\"fin,psh\"",
+            ]);
+            text.push_str(&format!("tcp_flags = {v}\n"));
+        }
         for key in ["src_prefix", "dst_prefix"] {
             if rng.chance(35) {
                 let n = 1 + rng.below(3);
@@ -211,6 +256,70 @@ fn random_address(rng: &mut Rng, v6: bool, named: &[Prefix], geo: &[Prefix]) -> 
     }
 }
 
+/// A frame of a random transport, ports, flags, tag and fragment offset, with the facts a
+/// rule can see in it.
+fn random_frame(rng: &mut Rng, src: IpAddr, dst: IpAddr) -> (Frame, reference::Facts) {
+    let ports = [22u16, 53, 80, 443, 1500, 8080, 40000];
+    let (sport, dport) = (*rng.pick(&ports), *rng.pick(&ports));
+    let v6 = src.is_ipv6();
+    let mut facts = reference::Facts {
+        src,
+        dst,
+        proto: 17,
+        ports: Some((sport, dport)),
+        vlan: None,
+        tcp_flags: None,
+    };
+    let mut f = Frame::udp(src, dst, sport, dport);
+    match rng.below(4) {
+        0 => {
+            let flags = *rng.pick(&[0x02u8, 0x12, 0x10, 0x11, 0x18, 0x00]);
+            f = f.l4(Some(L4::Tcp {
+                sport,
+                dport,
+                flags,
+                option_words: 0,
+            }));
+            facts.proto = 6;
+            facts.tcp_flags = Some(flags);
+        }
+        1 => {
+            f = f.l4(Some(L4::Echo));
+            facts.proto = if v6 { 58 } else { 1 };
+            facts.ports = None;
+        }
+        2 => {
+            f = f.l4(Some(L4::Other(47)));
+            facts.proto = 47;
+            facts.ports = None;
+        }
+        _ => {}
+    }
+    if rng.chance(25) {
+        let id = *rng.pick(&[10u16, 100, 150, 200]);
+        f = f.vlan(TPID_8021Q, id);
+        facts.vlan = Some(id);
+    }
+    if rng.chance(10) {
+        // A non-first fragment: no transport header, so no ports and no flags.
+        if v6 {
+            f.ipv6_ext = vec![Ext::Fragment {
+                offset: 100,
+                more: false,
+            }];
+        } else {
+            f.ipv4_fragment = (100, false);
+        }
+        // The builder marks a frame without a transport header as UDP.
+        facts.proto = 17;
+        f.payload = vec![0x5a; 16];
+        f = f.l4(None);
+        facts.ports = None;
+        facts.tcp_flags = None;
+    }
+    (f, facts)
+}
+
 #[test]
 fn xdp_verdicts_match_the_reference_evaluator() {
     let seed: u64 = std::env::var("CLOUDLET_SEED")
@@ -234,9 +343,10 @@ fn xdp_verdicts_match_the_reference_evaluator() {
             let v6 = rng.chance(50);
             let src = random_address(&mut rng, v6, &named, &geo_networks);
             let dst = random_address(&mut rng, v6, &named, &geo_networks);
-            let frame = Frame::udp(src, dst, 4000, 53).build();
+            let (frame, facts) = random_frame(&mut rng, src, dst);
+            let frame = frame.build();
             let got = classifier.classify(&compiled, &frame).expect("classify");
-            let (action, rule) = reference::verdict(&policy, geo, src, dst);
+            let (action, rule) = reference::verdict(&policy, geo, &facts);
             let want_rule = rule.map(|i| policy.rules[i].name.clone());
             assert!(
                 got.verdict == action.name() && got.rule == want_rule,

@@ -42,6 +42,8 @@ pub struct Verdict {
     pub proto: Option<u32>,
     pub src_port: Option<u32>,
     pub dst_port: Option<u32>,
+    /// TCP flags as names (`"syn,ack"`), when a TCP header was parsed.
+    pub tcp_flags: Option<String>,
     /// VLAN tags seen.
     pub vlan_tags: u32,
     /// Outer VLAN id, when tagged.
@@ -166,6 +168,15 @@ fn verdict(compiled: &CompiledPolicy, d: &Decision, code: u32) -> Verdict {
         proto: ip.then_some(d.l4_proto),
         src_port: ports.then_some(d.src_port),
         dst_port: ports.then_some(d.dst_port),
+        tcp_flags: (l4 && d.l4_proto == 6).then(|| {
+            crate::policy::criteria::TCP_FLAG_NAMES
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| d.tcp_flags >> i & 1 == 1)
+                .map(|(_, n)| *n)
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
         vlan_tags: d.vlan_tags,
         vlan: (d.vlan_tags > 0).then_some(d.vlan_outer),
         fragment: if d.flags & decision_flags::NON_FIRST_FRAGMENT != 0 {

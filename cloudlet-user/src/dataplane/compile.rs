@@ -11,13 +11,13 @@
 use std::{collections::HashMap, hash::Hash, net::IpAddr};
 
 use cloudlet_common::{
-    AddrClass, FlatChunk, PolicyConfig, RULE_WORDS, RuleEntry,
+    AddrClass, FlatChunk, PolicyConfig, RULE_WORDS, RuleEntry, RuleSet,
     flat::{CHUNK_ENTRIES, L1_CHUNKS, PTR},
 };
 
 use crate::{
     geoip::{GeoDb, GeoIpError},
-    policy::{MAX_ZONES, Policy, Prefix, ZoneMatch},
+    policy::{MAX_ZONES, Match, Policy, Prefix, Rule, ZoneMatch},
 };
 
 /// A set of zones, bit i = zone i.
@@ -134,6 +134,11 @@ pub struct CompiledPolicy {
     pub classes: Vec<AddrClass>,
     /// The zones of each class (user space only).
     pub class_zones: Vec<ZoneSet>,
+    /// Field value to field class (`cloudlet_common::field` layout); empty when no rule
+    /// looks at a field other than addresses.
+    pub field_class: Vec<u32>,
+    /// Field class to the rules its values satisfy.
+    pub field_rules: Vec<RuleSet>,
     /// The flat IPv4 table, `L1_CHUNKS` first-level chunks then the rest.
     pub v4_chunks: Vec<FlatChunk>,
     /// The flat IPv6 table.
@@ -298,6 +303,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             )
         })
         .collect::<Vec<_>>();
+    let fields = field_tables(policy);
     let class_zones = it
         .classes
         .iter()
@@ -336,6 +342,8 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             malformed_action: policy.malformed_action.code(),
             non_ip_action: policy.non_ip_action.code(),
             rule_count: policy.rules.len() as u32,
+            fields_used: fields.used,
+            _pad: 0,
         },
         rules: policy
             .rules
@@ -349,6 +357,8 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
         classes,
         class_zones,
+        field_class: fields.class,
+        field_rules: fields.rules,
         v4_chunks,
         v6_chunks,
         v4_prefixes,
@@ -357,6 +367,127 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         v6_ranges,
         stats,
     })
+}
+
+/// The field tables of a policy.
+struct FieldTables {
+    used: u32,
+    class: Vec<u32>,
+    rules: Vec<RuleSet>,
+}
+
+/// For every value of every field some rule looks at, the set of rules that value
+/// satisfies, interned into field classes. Ports and VLANs are cut at the rules' range
+/// bounds so each segment is computed once.
+fn field_tables(policy: &Policy) -> FieldTables {
+    use cloudlet_common::field::*;
+    let rules = &policy.rules;
+    let mut used = 0;
+    for r in rules {
+        for (present, bit) in [
+            (r.proto.is_some(), USED_PROTO),
+            (r.src_port.is_some(), USED_SRC_PORT),
+            (r.dst_port.is_some(), USED_DST_PORT),
+            (r.vlan.is_some(), USED_VLAN),
+            (r.tcp_flags.is_some(), USED_TCP_FLAGS),
+            (r.ip_version.is_some(), USED_IP_VERSION),
+        ] {
+            if present {
+                used |= bit;
+            }
+        }
+    }
+    if used == 0 {
+        return FieldTables {
+            used,
+            class: Vec::new(),
+            rules: Vec::new(),
+        };
+    }
+    let mut ids: HashMap<RuleSet, u32> = HashMap::new();
+    let mut sets: Vec<RuleSet> = Vec::new();
+    let mut class = vec![0u32; ENTRIES as usize];
+    let set_of = |accepts: &dyn Fn(&Rule) -> bool| -> RuleSet {
+        let mut set = [0u64; RULE_WORDS];
+        for (i, r) in rules.iter().enumerate() {
+            if accepts(r) {
+                set[i / 64] |= 1 << (i % 64);
+            }
+        }
+        set
+    };
+    let mut put = |index: u32, set: RuleSet| {
+        class[index as usize] = intern(&mut ids, &mut sets, set);
+    };
+    for p in 0..=255u8 {
+        put(
+            PROTO_BASE + u32::from(p),
+            set_of(&|r| r.proto.as_ref().is_none_or(|m| m.accepts(p))),
+        );
+    }
+    for (base, pick) in [
+        (
+            SRC_PORT_BASE,
+            (|r: &Rule| r.src_port.as_ref()) as fn(&Rule) -> Option<&Match<u16>>,
+        ),
+        (DST_PORT_BASE, |r: &Rule| r.dst_port.as_ref()),
+    ] {
+        for (lo, hi) in segments(rules.iter().filter_map(pick), 65_535) {
+            let set = set_of(&|r| pick(r).is_none_or(|m| m.accepts(lo)));
+            for port in lo..=hi {
+                put(base + u32::from(port), set);
+            }
+        }
+        // No ports: only rules without a port criterion of this kind.
+        put(base + NO_PORT, set_of(&|r| pick(r).is_none()));
+    }
+    for (lo, hi) in segments(rules.iter().filter_map(|r| r.vlan.as_ref()), 4_095) {
+        let set = set_of(&|r| r.vlan.as_ref().is_none_or(|m| m.accepts(lo)));
+        for id in lo..=hi {
+            put(VLAN_BASE + u32::from(id), set);
+        }
+    }
+    // Untagged: "vlan = N" does not match, "vlan = !N" does.
+    put(
+        VLAN_BASE + UNTAGGED,
+        set_of(&|r| r.vlan.as_ref().is_none_or(|m| m.negate)),
+    );
+    for f in 0..=255u8 {
+        put(
+            TCP_FLAGS_BASE + u32::from(f),
+            set_of(&|r| r.tcp_flags.is_none_or(|t| t.accepts(f))),
+        );
+    }
+    put(TCP_FLAGS_BASE + NOT_TCP, set_of(&|r| r.tcp_flags.is_none()));
+    for (i, v) in [4u8, 6].into_iter().enumerate() {
+        put(
+            IP_VERSION_BASE + i as u32,
+            set_of(&|r| r.ip_version.is_none_or(|x| x == v)),
+        );
+    }
+    FieldTables {
+        used,
+        class,
+        rules: sets,
+    }
+}
+
+/// Cuts `0..=max` at every bound of the criteria's ranges: within a segment every value is
+/// accepted by the same criteria.
+fn segments<'a>(criteria: impl Iterator<Item = &'a Match<u16>>, max: u16) -> Vec<(u16, u16)> {
+    let mut cuts = vec![0u32, u32::from(max) + 1];
+    for m in criteria {
+        for r in &m.ranges {
+            cuts.push(u32::from(*r.start()));
+            cuts.push(u32::from(*r.end()) + 1);
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2)
+        .filter(|w| w[0] <= u32::from(max))
+        .map(|w| (w[0] as u16, (w[1] - 1).min(u32::from(max)) as u16))
+        .collect()
 }
 
 /// The rule bitmaps of a class with these zones and prefix lists.

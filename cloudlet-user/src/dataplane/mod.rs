@@ -121,6 +121,7 @@ impl Loaded {
         let ebpf = EbpfLoader::new()
             .map_max_entries("CLASSES", classes)
             .map_max_entries("CLASS_STATS", classes * 2)
+            .map_max_entries("FIELD_RULES", compiled.field_rules.len().max(1) as u32)
             .map_max_entries("V4_TABLE", size(!lpm, compiled.v4_chunks.len()))
             .map_max_entries("V6_TABLE", size(!lpm, compiled.v6_chunks.len()))
             .map_max_entries("V4_TRIE", size(lpm, compiled.v4_prefixes.len()))
@@ -211,6 +212,10 @@ impl Loaded {
                 .map_err(map_err("CLASSES"))?;
         }
 
+        if !c.field_class.is_empty() {
+            fill_array(e, "FIELD_CLASS", &c.field_class)?;
+            fill_array(e, "FIELD_RULES", &c.field_rules)?;
+        }
         if lpm {
             fill_lpm(e, "V4_TRIE", &c.v4_prefixes)?;
             fill_lpm(e, "V6_TRIE", &c.v6_prefixes)?;
@@ -310,6 +315,29 @@ fn batch_err(map: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError
             io_error,
         }),
     }
+}
+
+/// Writes `values` at indexes 0.. of an array map.
+fn fill_array<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    values: &[V],
+) -> Result<(), DataplaneError> {
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
+    let keys: Vec<u32> = (0..values.len() as u32).collect();
+    let batched = match &*map {
+        aya::maps::Map::Array(data) => {
+            update_batch(data, &keys, values).map_err(batch_err(name))?
+        }
+        _ => false,
+    };
+    if !batched {
+        let mut array: Array<_, V> = Array::try_from(map).map_err(map_err(name))?;
+        for (k, v) in keys.iter().zip(values) {
+            array.set(*k, v, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Fills a flat table with its chunks (chunks of class 0 only are already zero).

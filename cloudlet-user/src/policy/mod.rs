@@ -2,6 +2,7 @@
 //! `file:line:column`. Pure: no maps, no sockets. `docs/policy.md` documents each key.
 
 pub mod countries;
+pub mod criteria;
 mod prefix;
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use criteria::{Match, TcpFlags};
 pub use prefix::{Prefix, PrefixError};
 
 pub use cloudlet_common::MAX_RULES;
@@ -97,6 +99,19 @@ pub struct Rule {
     pub dst_prefix: Option<Vec<Prefix>>,
     pub src_zone: Option<ZoneMatch>,
     pub dst_zone: Option<ZoneMatch>,
+    /// IP protocol (after IPv6 extension headers).
+    pub proto: Option<Match<u8>>,
+    /// TCP/UDP source ports; never matches a packet without ports (non-TCP/UDP, non-first
+    /// fragments), negated or not.
+    pub src_port: Option<Match<u16>>,
+    /// TCP/UDP destination ports, likewise.
+    pub dst_port: Option<Match<u16>>,
+    /// Outer VLAN id; an untagged packet matches only a negated criterion.
+    pub vlan: Option<Match<u16>>,
+    /// 4 or 6.
+    pub ip_version: Option<u8>,
+    /// TCP flags; never matches a packet without a TCP header.
+    pub tcp_flags: Option<TcpFlags>,
     pub action: Action,
 }
 
@@ -202,6 +217,12 @@ struct RawRule {
     dst_prefix: Option<Vec<Spanned<String>>>,
     src_zone: Option<Spanned<String>>,
     dst_zone: Option<Spanned<String>>,
+    proto: Option<Spanned<toml::Value>>,
+    src_port: Option<Spanned<toml::Value>>,
+    dst_port: Option<Spanned<toml::Value>>,
+    vlan: Option<Spanned<toml::Value>>,
+    ip_version: Option<Spanned<toml::Value>>,
+    tcp_flags: Option<Spanned<toml::Value>>,
     action: Spanned<String>,
 }
 
@@ -272,6 +293,19 @@ impl Validator<'_> {
             );
             default
         })
+    }
+
+    /// Parses one criterion, reporting a bad value at its position.
+    fn criterion<T>(
+        &mut self,
+        value: Option<Spanned<toml::Value>>,
+        key: &str,
+        parse: impl FnOnce(&toml::Value) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = value?;
+        parse(value.get_ref())
+            .map_err(|e| self.error(value.span(), format!("`{key}`: {e}")))
+            .ok()
     }
 
     fn prefixes(&mut self, list: Vec<Spanned<String>>) -> Vec<Prefix> {
@@ -442,6 +476,12 @@ impl Validator<'_> {
                 dst_prefix,
                 src_zone,
                 dst_zone,
+                proto: self.criterion(rule.proto, "proto", criteria::proto),
+                src_port: self.criterion(rule.src_port, "src_port", criteria::ports),
+                dst_port: self.criterion(rule.dst_port, "dst_port", criteria::ports),
+                vlan: self.criterion(rule.vlan, "vlan", criteria::vlan),
+                ip_version: self.criterion(rule.ip_version, "ip_version", criteria::ip_version),
+                tcp_flags: self.criterion(rule.tcp_flags, "tcp_flags", criteria::tcp_flags),
                 action,
             });
         }
