@@ -1683,3 +1683,138 @@ action = "drop"
         ),
     ]);
 }
+
+/// Every field criterion and its negation, one rule each, so the rule that matches names
+/// the criterion that decided.
+#[test]
+fn field_criteria_and_negation() {
+    let p = Program::new(
+        r#"
+default = "pass"
+
+[[rules]]
+name = "tcp-syn-only-to-22"
+proto = "tcp"
+dst_port = 22
+tcp_flags = "syn,!ack"
+action = "drop"
+
+[[rules]]
+name = "udp-not-dns"
+proto = "udp"
+dst_port = "!53"
+src_port = "1024-65535"
+action = "drop"
+
+[[rules]]
+name = "vlan-100s"
+vlan = "100-199"
+action = "drop"
+
+[[rules]]
+name = "not-vlan-7"
+vlan = "!7"
+ip_version = 6
+proto = ["icmpv6", 47]
+action = "drop"
+
+[[rules]]
+name = "icmp-v4"
+proto = "icmp"
+ip_version = 4
+action = "drop"
+"#,
+    );
+    let tcp_flags = |flags: u8| {
+        udp("192.0.2.1", "192.0.2.2", 0, 0).l4(Some(L4::Tcp {
+            sport: 40000,
+            dport: 22,
+            flags,
+            option_words: 0,
+        }))
+    };
+    let v4 = |sport, dport| udp("192.0.2.1", "192.0.2.2", sport, dport);
+    let v6 = || udp("2001:db8::1", "2001:db8::2", 40000, 53);
+    let cases = vec![
+        case(
+            "tcp syn to 22",
+            tcp_flags(0x02).build(),
+            Expect::rule("drop", "tcp-syn-only-to-22").ip(4, 6).ports(40000, 22),
+        ),
+        case(
+            "tcp syn-ack to 22: !ack fails",
+            tcp_flags(0x12).build(),
+            Expect::default("pass").ip(4, 6).ports(40000, 22).tcp_flags("syn,ack"),
+        ),
+        case(
+            "tcp ack to 22: syn missing",
+            tcp_flags(0x10).build(),
+            Expect::default("pass").ip(4, 6).ports(40000, 22).tcp_flags("ack"),
+        ),
+        case(
+            "udp 40000 -> 80: not 53, source in range",
+            v4(40000, 80).build(),
+            Expect::rule("drop", "udp-not-dns").ip(4, 17).ports(40000, 80),
+        ),
+        case(
+            "udp 40000 -> 53: negated port fails",
+            v4(40000, 53).build(),
+            Expect::default("pass").ip(4, 17).ports(40000, 53),
+        ),
+        case(
+            "udp 1023 -> 80: source below the range",
+            v4(1023, 80).build(),
+            Expect::default("pass").ip(4, 17).ports(1023, 80),
+        ),
+        case(
+            "non-first udp fragment: a port criterion, even negated, needs ports",
+            {
+                let mut f = v4(40000, 80).l4(None).payload(&[0; 16]);
+                f.ipv4_fragment = (64, false);
+                f.build()
+            },
+            Expect::default("pass").ip(4, 17).fragment("non_first"),
+        ),
+        case(
+            "vlan 150",
+            v4(53, 53).vlan(TPID_8021Q, 150).build(),
+            Expect::rule("drop", "vlan-100s").ip(4, 17).ports(53, 53).vlan(1, 150),
+        ),
+        case(
+            "vlan 200 outside the range",
+            v4(53, 53).vlan(TPID_8021Q, 200).build(),
+            Expect::default("pass").ip(4, 17).ports(53, 53).vlan(1, 200),
+        ),
+        case(
+            "qinq: the outer tag counts",
+            v4(53, 53).vlan(TPID_8021AD, 120).vlan(TPID_8021Q, 7).build(),
+            Expect::rule("drop", "vlan-100s").ip(4, 17).ports(53, 53).vlan(2, 120),
+        ),
+        case(
+            "untagged ipv6 icmpv6: a negated vlan matches untagged",
+            v6().l4(Some(L4::Echo)).build(),
+            Expect::rule("drop", "not-vlan-7").ip(6, 58),
+        ),
+        case(
+            "ipv6 gre on vlan 7: negated vlan fails",
+            v6().l4(Some(L4::Other(47))).vlan(TPID_8021Q, 7).build(),
+            Expect::default("pass").ip(6, 47).vlan(1, 7),
+        ),
+        case(
+            "ipv6 udp: protocol not listed",
+            v6().build(),
+            Expect::default("pass").ip(6, 17).ports(40000, 53),
+        ),
+        case(
+            "ipv4 icmp",
+            v4(0, 0).l4(Some(L4::Echo)).build(),
+            Expect::rule("drop", "icmp-v4").ip(4, 1),
+        ),
+        case(
+            "ipv6 carrying protocol 1: ip_version fails",
+            udp("2001:db8::1", "2001:db8::2", 0, 0).l4(Some(L4::Other(1))).vlan(TPID_8021Q, 7).build(),
+            Expect::default("pass").ip(6, 1).vlan(1, 7),
+        ),
+    ];
+    p.check_all(&cases);
+}
