@@ -22,8 +22,14 @@ pub mod action {
     pub const PASS: u32 = 0;
     /// Drop the packet.
     pub const DROP: u32 = 1;
+    /// Send it back out of the interface it came in on, MAC addresses swapped.
+    pub const TX: u32 = 2;
+    /// Redirect it to another interface: `arg` is the index in `REDIRECT_DEVICES`.
+    pub const REDIRECT: u32 = 3;
+    /// Hand it to another CPU's stack: `arg` is the CPU (index in `REDIRECT_CPUS`).
+    pub const CPU: u32 = 4;
     /// Number of actions (size of the per-action counter block).
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 5;
 }
 
 /// Why a packet got its verdict: indexes the per-CPU `STATS` counters.
@@ -95,7 +101,8 @@ pub struct PolicyConfig {
     /// Which packet fields some rule looks at (bits of [`field::USED_*`](field)); the
     /// program skips the others.
     pub fields_used: u32,
-    pub _pad: u32,
+    /// Argument of the default action (see [`RuleEntry::arg`]).
+    pub default_arg: u32,
 }
 
 /// One compiled rule, indexed by its position in the policy.

@@ -12,7 +12,7 @@ mod rules;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, CpuMap, DevMap, LpmTrie, PerCpuArray},
     programs::XdpContext,
 };
 use cloudlet_common::{
@@ -62,6 +62,14 @@ static FIELD_CLASS: Array<u32> = Array::with_max_entries(field::ENTRIES, 0);
 /// Field class to the rules its values satisfy. Sized by the loader.
 #[map]
 static FIELD_RULES: Array<RuleSet> = Array::with_max_entries(1, 0);
+
+/// Interfaces of `redirect` actions (filled by the loader with their ifindexes).
+#[map]
+static REDIRECT_DEVICES: DevMap = DevMap::with_max_entries(64, 0);
+
+/// CPUs of `cpu` actions (filled by the loader with a queue per CPU used).
+#[map]
+static REDIRECT_CPUS: CpuMap = CpuMap::with_max_entries(256, 0);
 
 /// Counters per reason and per action (see `cloudlet_common::stat`).
 #[map]

@@ -8,8 +8,9 @@ use cloudlet_common::{
 };
 
 use crate::{
-    CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, FIELD_RULES, RULE_STATS, RULES, STATS, TRACE,
-    TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE, geofence,
+    CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, FIELD_RULES, REDIRECT_CPUS, REDIRECT_DEVICES,
+    RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE,
+    geofence,
     parse::{self, Packet},
 };
 
@@ -24,7 +25,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         rule: NO_RULE,
         ..Decision::default()
     };
-    let act = match parse::parse(ctx) {
+    let (act, arg) = match parse::parse(ctx) {
         Ok(pkt) => judge::<LPM>(&pkt, cfg, len, &mut d),
         Err(u) => {
             d.reason = u.reason;
@@ -32,15 +33,15 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
             d.vlan_outer = u.vlan_outer;
             d.ip_version = u.ip_version;
             if u.reason == reason::NON_IP {
-                cfg.non_ip_action
+                (cfg.non_ip_action, 0)
             } else {
-                cfg.malformed_action
+                (cfg.malformed_action, 0)
             }
         }
     };
     count(&STATS, stat::reason(d.reason), len);
     count(&STATS, stat::action(act), len);
-    let code = xdp_code(act);
+    let code = apply(ctx, act, arg);
     // SAFETY: TRACE is a read-only global set at load time.
     if unsafe { core::ptr::read_volatile(&TRACE) } != 0 {
         d.action = act;
@@ -54,8 +55,13 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn judge<const LPM: bool>(pkt: &Packet, cfg: &PolicyConfig, len: u64, d: &mut Decision) -> u32 {
-    let default_action = cfg.default_action;
+fn judge<const LPM: bool>(
+    pkt: &Packet,
+    cfg: &PolicyConfig,
+    len: u64,
+    d: &mut Decision,
+) -> (u32, u32) {
+    let default_action = (cfg.default_action, cfg.default_arg);
     d.ip_version = pkt.ip_version;
     d.l4_proto = pkt.l4_proto;
     d.vlan_tags = pkt.vlan_tags;
@@ -176,17 +182,40 @@ fn judge<const LPM: bool>(pkt: &Packet, cfg: &PolicyConfig, len: u64, d: &mut De
             d.rule = rule;
             d.reason = reason::RULE;
             count(&RULE_STATS, rule, len);
-            return entry.action;
+            return (entry.action, entry.arg);
         }
         w += 1;
     }
     default_action
 }
 
+/// Carries out an action, returning the XDP code.
 #[inline(always)]
-fn xdp_code(act: u32) -> u32 {
+fn apply(ctx: &XdpContext, act: u32, arg: u32) -> u32 {
     match act {
         action::DROP => xdp_action::XDP_DROP,
+        action::TX => {
+            let start = ctx.data();
+            if start + 12 > ctx.data_end() {
+                return xdp_action::XDP_DROP;
+            }
+            // SAFETY: the 12 bytes of the two MAC addresses are inside the frame.
+            unsafe {
+                let p = start as *mut [u8; 6];
+                let dst = p.read_unaligned();
+                let src = p.add(1).read_unaligned();
+                p.write_unaligned(src);
+                p.add(1).write_unaligned(dst);
+            }
+            xdp_action::XDP_TX
+        }
+        // A missing map entry falls back to the low bits of the flags: drop.
+        action::REDIRECT => REDIRECT_DEVICES
+            .redirect(arg, u64::from(xdp_action::XDP_DROP))
+            .unwrap_or_else(|c| c),
+        action::CPU => REDIRECT_CPUS
+            .redirect(arg, u64::from(xdp_action::XDP_DROP))
+            .unwrap_or_else(|c| c),
         _ => xdp_action::XDP_PASS,
     }
 }

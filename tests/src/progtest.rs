@@ -84,6 +84,13 @@ impl Program {
         self.classifier.classify(&self.compiled, frame)
     }
 
+    /// Runs the program once on `frame` and returns the frame as the program left it.
+    pub fn run(&self, case: &str, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        self.classifier
+            .run(&self.compiled, frame)
+            .unwrap_or_else(|e| panic!("case {case}: BPF_PROG_TEST_RUN failed: {e}"))
+    }
+
     /// Runs the program once on `frame`; `case` names the frame in a failure.
     pub fn classify(&self, case: &str, frame: &[u8]) -> Verdict {
         self.try_classify(frame).unwrap_or_else(|e| {
@@ -163,6 +170,8 @@ impl Expect {
         let xdp = match action {
             "pass" => "XDP_PASS",
             "drop" => "XDP_DROP",
+            "tx" => "XDP_TX",
+            "redirect" | "cpu" => "XDP_REDIRECT",
             other => panic!("unknown action {other:?} in a test case"),
         };
         Self(Verdict {
@@ -210,6 +219,14 @@ impl Expect {
             "{reason} is not a malformed reason"
         );
         Self::new(action, reason)
+    }
+
+    /// The XDP code and action name when they differ from pass/drop (`"tx"`,
+    /// `"redirect"`, `"cpu"`).
+    pub fn action(mut self, action: &str, xdp: &'static str) -> Self {
+        self.0.verdict = action.to_string();
+        self.0.xdp = xdp;
+        self
     }
 
     /// The IP version and transport protocol the parser found.

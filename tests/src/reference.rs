@@ -100,8 +100,8 @@ pub fn verdict(policy: &Policy, geo: Option<&GeoDb>, p: &Facts) -> (Action, Opti
             && r.ip_version.is_none_or(|v| v == version)
             && r.tcp_flags.is_none_or(|t| p.tcp_flags.is_some_and(|f| t.accepts(f)))
         {
-            return (r.action, Some(i));
+            return (r.action.clone(), Some(i));
         }
     }
-    (policy.default_action, None)
+    (policy.default_action.clone(), None)
 }

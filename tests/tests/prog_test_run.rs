@@ -1739,22 +1739,32 @@ action = "drop"
         case(
             "tcp syn to 22",
             tcp_flags(0x02).build(),
-            Expect::rule("drop", "tcp-syn-only-to-22").ip(4, 6).ports(40000, 22),
+            Expect::rule("drop", "tcp-syn-only-to-22")
+                .ip(4, 6)
+                .ports(40000, 22),
         ),
         case(
             "tcp syn-ack to 22: !ack fails",
             tcp_flags(0x12).build(),
-            Expect::default("pass").ip(4, 6).ports(40000, 22).tcp_flags("syn,ack"),
+            Expect::default("pass")
+                .ip(4, 6)
+                .ports(40000, 22)
+                .tcp_flags("syn,ack"),
         ),
         case(
             "tcp ack to 22: syn missing",
             tcp_flags(0x10).build(),
-            Expect::default("pass").ip(4, 6).ports(40000, 22).tcp_flags("ack"),
+            Expect::default("pass")
+                .ip(4, 6)
+                .ports(40000, 22)
+                .tcp_flags("ack"),
         ),
         case(
             "udp 40000 -> 80: not 53, source in range",
             v4(40000, 80).build(),
-            Expect::rule("drop", "udp-not-dns").ip(4, 17).ports(40000, 80),
+            Expect::rule("drop", "udp-not-dns")
+                .ip(4, 17)
+                .ports(40000, 80),
         ),
         case(
             "udp 40000 -> 53: negated port fails",
@@ -1778,7 +1788,10 @@ action = "drop"
         case(
             "vlan 150",
             v4(53, 53).vlan(TPID_8021Q, 150).build(),
-            Expect::rule("drop", "vlan-100s").ip(4, 17).ports(53, 53).vlan(1, 150),
+            Expect::rule("drop", "vlan-100s")
+                .ip(4, 17)
+                .ports(53, 53)
+                .vlan(1, 150),
         ),
         case(
             "vlan 200 outside the range",
@@ -1787,8 +1800,14 @@ action = "drop"
         ),
         case(
             "qinq: the outer tag counts",
-            v4(53, 53).vlan(TPID_8021AD, 120).vlan(TPID_8021Q, 7).build(),
-            Expect::rule("drop", "vlan-100s").ip(4, 17).ports(53, 53).vlan(2, 120),
+            v4(53, 53)
+                .vlan(TPID_8021AD, 120)
+                .vlan(TPID_8021Q, 7)
+                .build(),
+            Expect::rule("drop", "vlan-100s")
+                .ip(4, 17)
+                .ports(53, 53)
+                .vlan(2, 120),
         ),
         case(
             "untagged ipv6 icmpv6: a negated vlan matches untagged",
@@ -1812,8 +1831,85 @@ action = "drop"
         ),
         case(
             "ipv6 carrying protocol 1: ip_version fails",
-            udp("2001:db8::1", "2001:db8::2", 0, 0).l4(Some(L4::Other(1))).vlan(TPID_8021Q, 7).build(),
+            udp("2001:db8::1", "2001:db8::2", 0, 0)
+                .l4(Some(L4::Other(1)))
+                .vlan(TPID_8021Q, 7)
+                .build(),
             Expect::default("pass").ip(6, 1).vlan(1, 7),
+        ),
+    ];
+    p.check_all(&cases);
+}
+
+/// Every action: its XDP code, and for `tx` the frame going back with its MACs swapped.
+/// Redirects report XDP_REDIRECT when their map entry exists; a test run does not send.
+#[test]
+fn actions() {
+    let p = Program::new(
+        r#"
+default = { cpu = 0 }
+
+[[rules]]
+name = "bounce"
+dst_port = 7
+action = "tx"
+
+[[rules]]
+name = "to-lo"
+dst_port = 9
+action = { redirect = "lo" }
+
+[[rules]]
+name = "drop-it"
+dst_port = 19
+action = "drop"
+
+[[rules]]
+name = "pass-it"
+dst_port = 13
+action = "pass"
+"#,
+    );
+    let f = |dport| udp("192.0.2.1", "192.0.2.2", 40000, dport).build();
+    let (v, out) = p.run("tx", &f(7));
+    let want = Expect::rule("tx", "bounce")
+        .ip(4, 17)
+        .ports(40000, 7)
+        .build();
+    assert_eq!(v, want, "tx verdict");
+    let frame = f(7);
+    assert_eq!(
+        &out[..6],
+        &frame[6..12],
+        "tx: the destination MAC is the old source"
+    );
+    assert_eq!(
+        &out[6..12],
+        &frame[..6],
+        "tx: the source MAC is the old destination"
+    );
+    assert_eq!(&out[12..], &frame[12..], "tx: the rest is untouched");
+
+    let cases = vec![
+        case(
+            "redirect to lo",
+            f(9),
+            Expect::rule("redirect", "to-lo").ip(4, 17).ports(40000, 9),
+        ),
+        case(
+            "drop",
+            f(19),
+            Expect::rule("drop", "drop-it").ip(4, 17).ports(40000, 19),
+        ),
+        case(
+            "pass",
+            f(13),
+            Expect::rule("pass", "pass-it").ip(4, 17).ports(40000, 13),
+        ),
+        case(
+            "default: cpu 0",
+            f(53),
+            Expect::default("cpu").ip(4, 17).ports(40000, 53),
         ),
     ];
     p.check_all(&cases);

@@ -92,6 +92,16 @@ impl Classifier {
         compiled: &CompiledPolicy,
         frame: &[u8],
     ) -> Result<Verdict, ClassifyError> {
+        self.run(compiled, frame).map(|(v, _)| v)
+    }
+
+    /// Runs the program once on `frame`, returning the frame as the program left it too
+    /// (`tx` swaps the MAC addresses).
+    pub fn run(
+        &self,
+        compiled: &CompiledPolicy,
+        frame: &[u8],
+    ) -> Result<(Verdict, Vec<u8>), ClassifyError> {
         if frame.len() < MIN_TEST_FRAME {
             return Err(ClassifyError::TooShort(frame.len()));
         }
@@ -99,25 +109,24 @@ impl Classifier {
             return Err(ClassifyError::TooLong(frame.len()));
         }
         let prog = self.loaded.program()?;
+        let mut out = vec![0u8; frame.len()];
         let opts = TestRunOptions {
             data_in: Some(frame),
+            data_out: Some(&mut out),
             repeat: 1,
             ..Default::default()
         };
         let result = prog.test_run(opts).map_err(ClassifyError::TestRun)?;
+        out.truncate(result.data_size_out as usize);
         let trace: Array<_, Decision> = Array::try_from(
             self.loaded
                 .ebpf()
                 .map("TRACE_DECISION")
                 .ok_or(DataplaneError::Missing("map TRACE_DECISION"))?,
         )
-        .map_err(map_err("TRACE_DECISION"))
-        .map_err(ClassifyError::Dataplane)?;
-        let d = trace
-            .get(&0, 0)
-            .map_err(map_err("TRACE_DECISION"))
-            .map_err(ClassifyError::Dataplane)?;
-        Ok(verdict(compiled, &d, result.return_value))
+        .map_err(map_err("TRACE_DECISION"))?;
+        let d = trace.get(&0, 0).map_err(map_err("TRACE_DECISION"))?;
+        Ok((verdict(compiled, &d, result.return_value), out))
     }
 }
 
@@ -152,9 +161,7 @@ fn verdict(compiled: &CompiledPolicy, d: &Decision, code: u32) -> Verdict {
     let l4 = d.flags & decision_flags::L4_PARSED != 0;
     let ports = l4 && matches!(d.l4_proto, 6 | 17);
     Verdict {
-        verdict: Action::from_code(d.action)
-            .map_or("unknown", Action::name)
-            .to_string(),
+        verdict: Action::code_name(d.action).to_string(),
         xdp: xdp_name(code),
         rule: (d.rule != NO_RULE)
             .then(|| compiled.rule_names.get(d.rule as usize).cloned())

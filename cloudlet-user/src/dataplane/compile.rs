@@ -129,6 +129,12 @@ pub struct CompiledPolicy {
     pub config: PolicyConfig,
     pub rules: Vec<RuleEntry>,
     pub rule_names: Vec<String>,
+    /// Each rule's action as written (`"redirect eth1"`), for counters.
+    pub rule_actions: Vec<String>,
+    /// Interfaces of `redirect` actions: a rule's argument indexes this list.
+    pub redirect_devices: Vec<String>,
+    /// CPUs of `cpu` actions.
+    pub redirect_cpus: Vec<u32>,
     pub zone_names: Vec<String>,
     /// Class 0 is "no zone, no list": addresses nothing names.
     pub classes: Vec<AddrClass>,
@@ -336,6 +342,38 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
     stats.v6_chunks = v6_chunks.len();
     stats.classes = classes.len();
 
+    // Redirect targets by name, in first-use order; a rule's argument is the index.
+    let mut redirect_devices: Vec<String> = Vec::new();
+    let mut redirect_cpus: Vec<u32> = Vec::new();
+    let mut arg = |a: &crate::policy::Action| match a {
+        crate::policy::Action::Redirect(iface) => {
+            let i = redirect_devices
+                .iter()
+                .position(|d| d == iface)
+                .unwrap_or_else(|| {
+                    redirect_devices.push(iface.clone());
+                    redirect_devices.len() - 1
+                });
+            i as u32
+        }
+        crate::policy::Action::Cpu(cpu) => {
+            if !redirect_cpus.contains(cpu) {
+                redirect_cpus.push(*cpu);
+            }
+            *cpu
+        }
+        _ => 0,
+    };
+    let default_arg = arg(&policy.default_action);
+    let rules = policy
+        .rules
+        .iter()
+        .map(|r| RuleEntry {
+            action: r.action.code(),
+            arg: arg(&r.action),
+        })
+        .collect();
+
     Ok(CompiledPolicy {
         config: PolicyConfig {
             default_action: policy.default_action.code(),
@@ -343,17 +381,13 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             non_ip_action: policy.non_ip_action.code(),
             rule_count: policy.rules.len() as u32,
             fields_used: fields.used,
-            _pad: 0,
+            default_arg,
         },
-        rules: policy
-            .rules
-            .iter()
-            .map(|r| RuleEntry {
-                action: r.action.code(),
-                arg: 0,
-            })
-            .collect(),
+        rules,
         rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
+        rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
+        redirect_devices,
+        redirect_cpus,
         zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
         classes,
         class_zones,

@@ -40,6 +40,16 @@ pub enum DataplaneError {
     /// The interface to attach to does not exist (in this network namespace).
     #[error("no interface named {0}")]
     NoInterface(String),
+    /// A `cpu` action names a CPU this machine does not have.
+    #[error("cpu {cpu} does not exist (this machine has {count})")]
+    NoCpu { cpu: u32, count: usize },
+    /// A redirect target could not be entered into its map.
+    #[error("redirect target {target}: {source}")]
+    Redirect {
+        target: String,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
     /// A map or program the object should have is missing.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
@@ -212,6 +222,7 @@ impl Loaded {
                 .map_err(map_err("CLASSES"))?;
         }
 
+        fill_redirects(e, c)?;
         if !c.field_class.is_empty() {
             fill_array(e, "FIELD_CLASS", &c.field_class)?;
             fill_array(e, "FIELD_RULES", &c.field_rules)?;
@@ -283,12 +294,15 @@ impl Loaded {
 /// Index range of the `STATS` array, for readers.
 pub const STATS_LEN: u32 = stat::COUNT;
 
-fn interface_exists(iface: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(iface) else {
-        return false;
-    };
+fn interface_index(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
     // SAFETY: a valid NUL-terminated string.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+fn interface_exists(iface: &str) -> bool {
+    interface_index(iface).is_some()
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones ignore it.
@@ -315,6 +329,55 @@ fn batch_err(map: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError
             io_error,
         }),
     }
+}
+
+/// Enters the interfaces of `redirect` actions (by ifindex, resolved now, in this network
+/// namespace) and a queue for each CPU of a `cpu` action.
+fn fill_redirects(ebpf: &mut Ebpf, c: &CompiledPolicy) -> Result<(), DataplaneError> {
+    use aya::maps::{CpuMap, DevMap};
+    if !c.redirect_devices.is_empty() {
+        let mut devices = DevMap::try_from(
+            ebpf.map_mut("REDIRECT_DEVICES")
+                .ok_or(DataplaneError::Missing("map REDIRECT_DEVICES"))?,
+        )
+        .map_err(map_err("REDIRECT_DEVICES"))?;
+        for (i, iface) in c.redirect_devices.iter().enumerate() {
+            let index =
+                interface_index(iface).ok_or_else(|| DataplaneError::NoInterface(iface.clone()))?;
+            devices
+                .set(i as u32, index, None, 0)
+                .map_err(|source| DataplaneError::Redirect {
+                    target: iface.clone(),
+                    source,
+                })?;
+        }
+    }
+    if !c.redirect_cpus.is_empty() {
+        let count = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            map: "REDIRECT_CPUS",
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }),
+        })?;
+        let mut cpus = CpuMap::try_from(
+            ebpf.map_mut("REDIRECT_CPUS")
+                .ok_or(DataplaneError::Missing("map REDIRECT_CPUS"))?,
+        )
+        .map_err(map_err("REDIRECT_CPUS"))?;
+        for &cpu in &c.redirect_cpus {
+            if cpu as usize >= count {
+                return Err(DataplaneError::NoCpu { cpu, count });
+            }
+            // 2048 frames of queue, the size the kernel's samples use.
+            cpus.set(cpu, 2048, None, 0)
+                .map_err(|source| DataplaneError::Redirect {
+                    target: format!("cpu {cpu}"),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `values` at indexes 0.. of an array map.

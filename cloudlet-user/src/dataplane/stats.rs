@@ -199,7 +199,7 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
     let stats = per_cpu(ebpf, "STATS")?;
     let mut out = Stats::default();
     for a in 0..action::COUNT {
-        let name = Action::from_code(a).map_or("unknown", Action::name);
+        let name = Action::code_name(a);
         let count = per_cpu_sum(&stats, stat::action(a)).map_err(map_err("STATS"))?;
         out.verdicts.push(Named {
             name: name.to_string(),
@@ -217,7 +217,7 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
     let rule_stats = per_cpu(ebpf, "RULE_STATS")?;
     for (i, name) in compiled.rule_names.iter().enumerate() {
         let count = per_cpu_sum(&rule_stats, i as u32).map_err(map_err("RULE_STATS"))?;
-        let action = Action::from_code(compiled.rules[i].action).map_or("unknown", Action::name);
+        let action = compiled.rule_actions[i].clone();
         out.rules.push(RuleCount {
             name: name.clone(),
             action: action.to_string(),

@@ -24,52 +24,96 @@ pub use cloudlet_common::MAX_RULES;
 pub const MAX_ZONES: usize = 256;
 
 /// What a rule, the default, the malformed or the non-IP verdict does with a packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Hand the packet to the kernel stack.
     Pass,
     /// Drop it.
     Drop,
+    /// Send it back out of the interface it came in on, MAC addresses swapped.
+    Tx,
+    /// Send it out of another interface (XDP_REDIRECT through a device map).
+    Redirect(String),
+    /// Hand it to the stack on another CPU (XDP_REDIRECT through a CPU map).
+    Cpu(u32),
 }
 
+/// How the accepted actions are spelled, for error messages.
+const ACTIONS: &str = "\"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" } or { cpu = N }";
+
+/// Most CPUs a `cpu` action can name (the CPU map's size).
+pub const MAX_CPUS: u32 = 256;
+
 impl Action {
-    /// The action's name as written in policy files and printed by `classify`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Pass => "pass",
-            Self::Drop => "drop",
-        }
+    /// The action's name as printed by `classify` and `stats` (without its argument).
+    pub const fn name(&self) -> &'static str {
+        Self::code_name(self.code())
     }
 
     /// The code the XDP program uses (`cloudlet_common::action`).
-    pub const fn code(self) -> u32 {
+    pub const fn code(&self) -> u32 {
+        use cloudlet_common::action;
         match self {
-            Self::Pass => cloudlet_common::action::PASS,
-            Self::Drop => cloudlet_common::action::DROP,
+            Self::Pass => action::PASS,
+            Self::Drop => action::DROP,
+            Self::Tx => action::TX,
+            Self::Redirect(_) => action::REDIRECT,
+            Self::Cpu(_) => action::CPU,
         }
     }
 
-    /// The action for a kernel code, if it is one.
-    pub const fn from_code(code: u32) -> Option<Self> {
+    /// The name of a kernel action code.
+    pub const fn code_name(code: u32) -> &'static str {
+        use cloudlet_common::action;
         match code {
-            cloudlet_common::action::PASS => Some(Self::Pass),
-            cloudlet_common::action::DROP => Some(Self::Drop),
-            _ => None,
+            action::PASS => "pass",
+            action::DROP => "drop",
+            action::TX => "tx",
+            action::REDIRECT => "redirect",
+            action::CPU => "cpu",
+            _ => "unknown",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "pass" => Some(Self::Pass),
-            "drop" => Some(Self::Drop),
-            _ => None,
+    /// Parses `"pass"`, `"drop"`, `"tx"`, `{ redirect = "IFNAME" }` or `{ cpu = N }`.
+    pub fn from_value(value: &toml::Value) -> Result<Self, String> {
+        match value {
+            toml::Value::String(s) => match s.as_str() {
+                "pass" => Ok(Self::Pass),
+                "drop" => Ok(Self::Drop),
+                "tx" => Ok(Self::Tx),
+                other => Err(format!("unknown action {other:?}; expected {ACTIONS}")),
+            },
+            toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
+                Some((k, toml::Value::String(iface))) if k == "redirect" => {
+                    if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+                        Err(format!("`redirect`: {iface:?} is not an interface name"))
+                    } else {
+                        Ok(Self::Redirect(iface.clone()))
+                    }
+                }
+                Some((k, toml::Value::Integer(n))) if k == "cpu" => u32::try_from(*n)
+                    .ok()
+                    .filter(|n| *n < MAX_CPUS)
+                    .map(Self::Cpu)
+                    .ok_or_else(|| format!("`cpu`: {n} is not a CPU number below {MAX_CPUS}")),
+                _ => Err(format!("unknown action table; expected {ACTIONS}")),
+            },
+            other => Err(format!(
+                "an action must be a string or a table (found {}); expected {ACTIONS}",
+                other.type_str()
+            )),
         }
     }
 }
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            Self::Redirect(iface) => write!(f, "redirect {iface}"),
+            Self::Cpu(cpu) => write!(f, "cpu {cpu}"),
+            other => f.write_str(other.name()),
+        }
     }
 }
 
@@ -184,7 +228,7 @@ fn render_diagnostics(path: &Path, diagnostics: &[Diagnostic]) -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
-    default: Option<Spanned<String>>,
+    default: Option<Spanned<toml::Value>>,
     malformed: Option<Spanned<String>>,
     non_ip: Option<Spanned<String>>,
     geoip: Option<RawGeoip>,
@@ -223,7 +267,7 @@ struct RawRule {
     vlan: Option<Spanned<toml::Value>>,
     ip_version: Option<Spanned<toml::Value>>,
     tcp_flags: Option<Spanned<toml::Value>>,
-    action: Spanned<String>,
+    action: Spanned<toml::Value>,
 }
 
 /// Reads and validates the policy at `path`.
@@ -279,19 +323,33 @@ impl Validator<'_> {
         }
     }
 
-    fn action(&mut self, value: Option<Spanned<String>>, key: &str, default: Action) -> Action {
+    /// `malformed` and `non_ip`: pass or drop only.
+    fn pass_or_drop(
+        &mut self,
+        value: Option<Spanned<String>>,
+        key: &str,
+        default: Action,
+    ) -> Action {
         let Some(value) = value else {
             return default;
         };
-        Action::parse(value.get_ref()).unwrap_or_else(|| {
-            self.error(
-                value.span(),
-                format!(
-                    "`{key}`: unknown action {:?}, expected \"pass\" or \"drop\"",
-                    value.get_ref()
-                ),
-            );
-            default
+        match value.get_ref().as_str() {
+            "pass" => Action::Pass,
+            "drop" => Action::Drop,
+            other => {
+                self.error(
+                    value.span(),
+                    format!("`{key}`: unknown action {other:?}, expected \"pass\" or \"drop\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn action(&mut self, value: &Spanned<toml::Value>, key: &str) -> Action {
+        Action::from_value(value.get_ref()).unwrap_or_else(|e| {
+            self.error(value.span(), format!("`{key}`: {e}"));
+            Action::Pass
         })
     }
 
@@ -348,9 +406,11 @@ impl Validator<'_> {
     }
 
     fn policy(&mut self, raw: RawPolicy, path: &Path) -> Policy {
-        let default_action = self.action(raw.default, "default", Action::Pass);
-        let malformed_action = self.action(raw.malformed, "malformed", Action::Drop);
-        let non_ip_action = self.action(raw.non_ip, "non_ip", Action::Pass);
+        let default_action = raw
+            .default
+            .map_or(Action::Pass, |v| self.action(&v, "default"));
+        let malformed_action = self.pass_or_drop(raw.malformed, "malformed", Action::Drop);
+        let non_ip_action = self.pass_or_drop(raw.non_ip, "non_ip", Action::Pass);
 
         let geoip_database = raw.geoip.map(|g| {
             let db = PathBuf::from(g.database.get_ref());
@@ -457,19 +517,7 @@ impl Validator<'_> {
             let dst_prefix = rule.dst_prefix.map(|l| self.prefixes(l));
             let src_zone = self.zone_match(rule.src_zone, &zones);
             let dst_zone = self.zone_match(rule.dst_zone, &zones);
-            let action = match Action::parse(rule.action.get_ref()) {
-                Some(a) => a,
-                None => {
-                    self.error(
-                        rule.action.span(),
-                        format!(
-                            "unknown action {:?}, expected \"pass\" or \"drop\"",
-                            rule.action.get_ref()
-                        ),
-                    );
-                    Action::Pass
-                }
-            };
+            let action = self.action(&rule.action, "action");
             rules.push(Rule {
                 name,
                 src_prefix,

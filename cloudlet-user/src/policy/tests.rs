@@ -104,7 +104,7 @@ fn errors_name_line_and_column() {
         (
             "bad action",
             "[[rules]]\naction = \"reject\"\n",
-            "2:10: unknown action \"reject\"",
+            "2:10: `action`: unknown action \"reject\"",
         ),
         (
             "bad default",
@@ -139,6 +139,46 @@ fn errors_name_line_and_column() {
 }
 
 #[test]
+fn every_action_parses() {
+    let p = check(
+        "default = { cpu = 1 }\n[[rules]]\naction = \"tx\"\n[[rules]]\naction = { redirect = \"eth1\" }\n[[rules]]\naction = \"drop\"\n",
+    )
+    .unwrap();
+    assert_eq!(p.default_action, Action::Cpu(1));
+    assert_eq!(p.rules[0].action, Action::Tx);
+    assert_eq!(p.rules[1].action, Action::Redirect("eth1".into()));
+    assert_eq!(p.rules[1].action.to_string(), "redirect eth1");
+    for (text, want) in [
+        (
+            "[[rules]]\naction = { cpu = 300 }\n",
+            "2:10: `action`: `cpu`: 300 is not a CPU number below 256",
+        ),
+        (
+            "[[rules]]\naction = { redirect = \"\" }\n",
+            "2:10: `action`: `redirect`: \"\" is not an interface name",
+        ),
+        (
+            "[[rules]]\naction = { bounce = 1 }\n",
+            "2:10: `action`: unknown action table",
+        ),
+        (
+            "[[rules]]\naction = 3\n",
+            "2:10: `action`: an action must be a string or a table (found integer)",
+        ),
+        (
+            "malformed = \"tx\"\n",
+            "1:13: `malformed`: unknown action \"tx\", expected \"pass\" or \"drop\"",
+        ),
+    ] {
+        let got = diagnostics(text);
+        assert!(
+            got.iter().any(|d| d.starts_with(want)),
+            "want {want:?}, got {got:?}"
+        );
+    }
+}
+
+#[test]
 fn all_problems_are_reported_at_once() {
     let text = "[[rules]]\nsrc_zone = \"a\"\ndst_zone = \"b\"\naction = \"nope\"\n";
     let got = diagnostics(text);
@@ -152,7 +192,7 @@ fn error_display_is_file_line_column() {
     let err = check("[[rules]]\naction = \"reject\"\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "/etc/cloudlet/policy.toml:2:10: unknown action \"reject\", expected \"pass\" or \"drop\""
+        "/etc/cloudlet/policy.toml:2:10: `action`: unknown action \"reject\"; expected \"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" } or { cpu = N }"
     );
 }
 
