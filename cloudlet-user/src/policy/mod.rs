@@ -99,7 +99,9 @@ impl Action {
                     .ok_or_else(|| format!("`cpu`: {n} is not a CPU number below {MAX_CPUS}")),
                 _ => Err(format!("unknown action table; expected {ACTIONS}")),
             },
-            toml::Value::Table(_) => Err(format!("an action table has exactly one key; expected {ACTIONS}")),
+            toml::Value::Table(_) => Err(format!(
+                "an action table has exactly one key; expected {ACTIONS}"
+            )),
             other => Err(format!(
                 "an action must be a string or a table (found {}); expected {ACTIONS}",
                 other.type_str()
