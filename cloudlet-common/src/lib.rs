@@ -28,8 +28,11 @@ pub mod action {
     pub const REDIRECT: u32 = 3;
     /// Hand it to another CPU's stack: `arg` is the CPU (index in `REDIRECT_CPUS`).
     pub const CPU: u32 = 4;
+    /// Pass within a rate, else the limit's `over_action`: `arg` indexes `RATE_LIMITS`.
+    /// Never a verdict itself: the program counts the action it resolves to.
+    pub const RATE_LIMIT: u32 = 5;
     /// Number of actions (size of the per-action counter block).
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Why a packet got its verdict: indexes the per-CPU `STATS` counters.
@@ -74,8 +77,10 @@ pub mod stat {
     pub const fn action(a: u32) -> u32 {
         reason::COUNT + a
     }
+    /// Packets over a rate limit.
+    pub const RATE_LIMITED: u32 = reason::COUNT + action::COUNT;
     /// Size of the `STATS` array.
-    pub const COUNT: u32 = reason::COUNT + action::COUNT;
+    pub const COUNT: u32 = RATE_LIMITED + 1;
 }
 
 /// A packet and byte counter (per CPU in the kernel, summed in user space).
@@ -103,6 +108,31 @@ pub struct PolicyConfig {
     pub fields_used: u32,
     /// Argument of the default action (see [`RuleEntry::arg`]).
     pub default_arg: u32,
+}
+
+/// A token bucket, as the generic cell rate algorithm keeps it: a packet conforms when its
+/// bucket's theoretical arrival time is at most `tolerance_ns` ahead of now, and then
+/// pushes it `interval_ns` further.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// 1e9 / packets per second.
+    pub interval_ns: u64,
+    /// `interval_ns * (burst - 1)`.
+    pub tolerance_ns: u64,
+    /// 1: one bucket per source address (in `RATE_SOURCES`); 0: one for the rule.
+    pub per_source: u32,
+    /// Action for packets over the limit (pass or drop).
+    pub over_action: u32,
+}
+
+/// Key of a per-source bucket: the limit's index and the source address (IPv4 in the
+/// first four bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateKey {
+    pub limit: u32,
+    pub addr: [u8; 16],
 }
 
 /// One compiled rule, indexed by its position in the policy.
@@ -249,11 +279,15 @@ mod pod {
     unsafe impl aya::Pod for super::RuleEntry {}
     unsafe impl aya::Pod for super::AddrClass {}
     unsafe impl aya::Pod for super::Decision {}
+    unsafe impl aya::Pod for super::RateLimit {}
+    unsafe impl aya::Pod for super::RateKey {}
 }
 
 // Layout checks: a size change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
+const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * RULE_WORDS);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);

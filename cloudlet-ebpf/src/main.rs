@@ -7,17 +7,18 @@
 
 mod geofence;
 mod parse;
+mod ratelimit;
 mod rules;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, CpuMap, DevMap, LpmTrie, PerCpuArray},
+    maps::{Array, CpuMap, DevMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, Counter, Decision, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig, RuleEntry, RuleSet,
-    field, flat, stat,
+    AddrClass, Counter, Decision, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig, RateKey, RateLimit,
+    RuleEntry, RuleSet, field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -70,6 +71,19 @@ static REDIRECT_DEVICES: DevMap = DevMap::with_max_entries(64, 0);
 /// CPUs of `cpu` actions (filled by the loader with a queue per CPU used).
 #[map]
 static REDIRECT_CPUS: CpuMap = CpuMap::with_max_entries(256, 0);
+
+/// Rate limits of `rate_limit` actions. Sized by the loader.
+#[map]
+static RATE_LIMITS: Array<RateLimit> = Array::with_max_entries(1, 0);
+
+/// Theoretical arrival time (ns) of each per-rule bucket, indexed like `RATE_LIMITS`.
+#[map]
+static RATE_RULE_TAT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Theoretical arrival time (ns) of each per-source bucket; the least recently used go
+/// first when it is full.
+#[map]
+static RATE_SOURCE_TAT: LruHashMap<RateKey, u64> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Counters per reason and per action (see `cloudlet_common::stat`).
 #[map]

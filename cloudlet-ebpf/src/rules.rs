@@ -12,6 +12,7 @@ use crate::{
     RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE,
     geofence,
     parse::{self, Packet},
+    ratelimit,
 };
 
 /// Classifies and judges one frame. `LPM` selects the LPM tries instead of the flat tables.
@@ -26,7 +27,14 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         ..Decision::default()
     };
     let (act, arg) = match parse::parse(ctx) {
-        Ok(pkt) => judge::<LPM>(&pkt, cfg, len, &mut d),
+        Ok(pkt) => {
+            let (act, arg) = judge::<LPM>(&pkt, cfg, len, &mut d);
+            if act == action::RATE_LIMIT {
+                ratelimit::resolve(arg, &pkt, len)
+            } else {
+                (act, arg)
+            }
+        }
         Err(u) => {
             d.reason = u.reason;
             d.vlan_tags = u.vlan_tags;
@@ -221,7 +229,7 @@ fn apply(ctx: &XdpContext, act: u32, arg: u32) -> u32 {
 }
 
 #[inline(always)]
-fn count(map: &aya_ebpf::maps::PerCpuArray<Counter>, index: u32, len: u64) {
+pub(crate) fn count(map: &aya_ebpf::maps::PerCpuArray<Counter>, index: u32, len: u64) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot from the map; no other context on this CPU runs concurrently
         // with an XDP program.

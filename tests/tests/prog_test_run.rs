@@ -1914,3 +1914,72 @@ action = "pass"
     ];
     p.check_all(&cases);
 }
+
+/// Rate limits: a burst passes, the rest gets the over-action; per-source limits keep a
+/// bucket per address. One packet per second leaves no room for refills during the test.
+#[test]
+fn rate_limits() {
+    let p = Program::new(
+        r#"
+[[rules]]
+name = "per-rule"
+dst_port = 1
+action = { rate_limit = { pps = 1, burst = 3 } }
+
+[[rules]]
+name = "per-source"
+dst_port = 2
+action = { rate_limit = { pps = 1, burst = 2, per = "source" } }
+
+[[rules]]
+name = "soft"
+dst_port = 3
+action = { rate_limit = { pps = 1, burst = 1, over = "pass" } }
+"#,
+    );
+    let f = |src: &str, dport| {
+        let dst = if src.contains(':') {
+            "2001:db8::2"
+        } else {
+            "192.0.2.2"
+        };
+        udp(src, dst, 5000, dport).build()
+    };
+    let verdicts = |src: &str, dport, n| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                p.classify(&format!("{src}:{dport} #{i}"), &f(src, dport))
+                    .verdict
+            })
+            .collect()
+    };
+    assert_eq!(
+        verdicts("192.0.2.1", 1, 5),
+        ["pass", "pass", "pass", "drop", "drop"],
+        "per rule"
+    );
+    // The rule's bucket is shared by every source.
+    assert_eq!(
+        verdicts("192.0.2.9", 1, 1),
+        ["drop"],
+        "per rule, another source"
+    );
+    assert_eq!(
+        verdicts("192.0.2.1", 2, 3),
+        ["pass", "pass", "drop"],
+        "per source, first"
+    );
+    assert_eq!(
+        verdicts("2001:db8::1", 2, 3),
+        ["pass", "pass", "drop"],
+        "per source, second"
+    );
+    assert_eq!(
+        verdicts("192.0.2.1", 3, 3),
+        ["pass", "pass", "pass"],
+        "over = pass"
+    );
+    let v = p.classify("rule name", &f("192.0.2.1", 1));
+    assert_eq!(v.rule.as_deref(), Some("per-rule"));
+    assert_eq!(v.reason, "rule");
+}

@@ -11,7 +11,7 @@
 use std::{collections::HashMap, hash::Hash, net::IpAddr};
 
 use cloudlet_common::{
-    AddrClass, FlatChunk, PolicyConfig, RULE_WORDS, RuleEntry, RuleSet,
+    AddrClass, FlatChunk, PolicyConfig, RULE_WORDS, RateLimit, RuleEntry, RuleSet,
     flat::{CHUNK_ENTRIES, L1_CHUNKS, PTR},
 };
 
@@ -135,6 +135,8 @@ pub struct CompiledPolicy {
     pub redirect_devices: Vec<String>,
     /// CPUs of `cpu` actions.
     pub redirect_cpus: Vec<u32>,
+    /// Rate limits of `rate_limit` actions: a rule's argument indexes this list.
+    pub rate_limits: Vec<RateLimit>,
     pub zone_names: Vec<String>,
     /// Class 0 is "no zone, no list": addresses nothing names.
     pub classes: Vec<AddrClass>,
@@ -345,7 +347,23 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
     // Redirect targets by name, in first-use order; a rule's argument is the index.
     let mut redirect_devices: Vec<String> = Vec::new();
     let mut redirect_cpus: Vec<u32> = Vec::new();
+    let mut rate_limits: Vec<RateLimit> = Vec::new();
     let mut arg = |a: &crate::policy::Action| match a {
+        // Each rate_limit action has a bucket (or set of buckets) of its own.
+        crate::policy::Action::RateLimit(r) => {
+            let interval_ns = 1_000_000_000 / r.pps;
+            rate_limits.push(RateLimit {
+                interval_ns,
+                tolerance_ns: interval_ns * (r.burst - 1),
+                per_source: u32::from(r.per_source),
+                over_action: if r.over_drop {
+                    cloudlet_common::action::DROP
+                } else {
+                    cloudlet_common::action::PASS
+                },
+            });
+            (rate_limits.len() - 1) as u32
+        }
         crate::policy::Action::Redirect(iface) => {
             let i = redirect_devices
                 .iter()
@@ -388,6 +406,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
         redirect_devices,
         redirect_cpus,
+        rate_limits,
         zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
         classes,
         class_zones,

@@ -18,7 +18,8 @@ pub type ReadStats = Arc<dyn Fn() -> Option<Stats> + Send + Sync>;
 /// `cloudlet_packets_total` / `cloudlet_bytes_total` by `verdict`,
 /// `cloudlet_reason_packets_total` / `cloudlet_reason_bytes_total` by `reason`,
 /// `cloudlet_rule_packets_total` / `cloudlet_rule_bytes_total` by `rule` and `action`,
-/// `cloudlet_zone_packets_total` / `cloudlet_zone_bytes_total` by `zone` and `direction`.
+/// `cloudlet_zone_packets_total` / `cloudlet_zone_bytes_total` by `zone` and `direction`,
+/// `cloudlet_rate_limited_packets_total` / `cloudlet_rate_limited_bytes_total`.
 pub struct DataplaneCollector {
     read: ReadStats,
 }
@@ -73,6 +74,12 @@ impl Collector for DataplaneCollector {
             s.verdicts
                 .iter()
                 .map(|n| (vec![("verdict", n.name.as_str())], n.count)),
+        )?;
+        family(
+            &mut encoder,
+            "cloudlet_rate_limited",
+            "Frames over a rate limit, given the limit's over verdict",
+            std::iter::once((Vec::new(), s.rate_limited)),
         )?;
         family(
             &mut encoder,
@@ -148,6 +155,10 @@ mod tests {
                 },
                 dst: Count::default(),
             }],
+            rate_limited: Count {
+                packets: 2,
+                bytes: 120,
+            },
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(DataplaneCollector::new(Arc::new(move || {
@@ -163,6 +174,7 @@ mod tests {
             "cloudlet_zone_bytes_total{zone=\"kp\",direction=\"src\"} 180",
             "cloudlet_zone_packets_total{zone=\"kp\",direction=\"dst\"} 0",
             "# TYPE cloudlet_rule_bytes counter",
+            "cloudlet_rate_limited_packets_total 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

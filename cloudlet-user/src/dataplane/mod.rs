@@ -132,6 +132,8 @@ impl Loaded {
             .map_max_entries("CLASSES", classes)
             .map_max_entries("CLASS_STATS", classes * 2)
             .map_max_entries("FIELD_RULES", compiled.field_rules.len().max(1) as u32)
+            .map_max_entries("RATE_LIMITS", compiled.rate_limits.len().max(1) as u32)
+            .map_max_entries("RATE_RULE_TAT", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("V4_TABLE", size(!lpm, compiled.v4_chunks.len()))
             .map_max_entries("V6_TABLE", size(!lpm, compiled.v6_chunks.len()))
             .map_max_entries("V4_TRIE", size(lpm, compiled.v4_prefixes.len()))
@@ -223,6 +225,9 @@ impl Loaded {
         }
 
         fill_redirects(e, c)?;
+        if !c.rate_limits.is_empty() {
+            fill_array(e, "RATE_LIMITS", &c.rate_limits)?;
+        }
         if !c.field_class.is_empty() {
             fill_array(e, "FIELD_CLASS", &c.field_class)?;
             fill_array(e, "FIELD_RULES", &c.field_rules)?;

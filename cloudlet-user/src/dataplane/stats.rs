@@ -75,6 +75,9 @@ pub struct Stats {
     /// Packets by zone; an address in several zones counts in each. `(none)` holds
     /// IP packets whose address is in no zone.
     pub zones: Vec<ZoneCount>,
+    /// Packets over a rate limit (given the limit's `over` verdict).
+    #[serde(default)]
+    pub rate_limited: Count,
 }
 
 impl Stats {
@@ -87,6 +90,7 @@ impl Stats {
                 }
             }
         }
+        self.rate_limited.add(other.rate_limited);
         add_named(&mut self.verdicts, &other.verdicts);
         add_named(&mut self.reasons, &other.reasons);
         for f in &other.rules {
@@ -122,6 +126,13 @@ impl Stats {
                 o,
                 "{:<28} {:>14} {:>16}",
                 n.name, n.count.packets, n.count.bytes
+            );
+        }
+        if s.rate_limited.packets > 0 {
+            let _ = writeln!(
+                o,
+                "{:<28} {:>14} {:>16}",
+                "(over a rate limit)", s.rate_limited.packets, s.rate_limited.bytes
             );
         }
         let _ = writeln!(o, "\n{:<28} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
@@ -197,8 +208,11 @@ fn per_cpu<'a>(
 /// Reads every counter of a loaded program.
 pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneError> {
     let stats = per_cpu(ebpf, "STATS")?;
-    let mut out = Stats::default();
-    for a in 0..action::COUNT {
+    let mut out = Stats {
+        rate_limited: per_cpu_sum(&stats, stat::RATE_LIMITED).map_err(map_err("STATS"))?,
+        ..Stats::default()
+    };
+    for a in (0..action::COUNT).filter(|a| *a != action::RATE_LIMIT) {
         let name = Action::code_name(a);
         let count = per_cpu_sum(&stats, stat::action(a)).map_err(map_err("STATS"))?;
         out.verdicts.push(Named {

@@ -36,10 +36,71 @@ pub enum Action {
     Redirect(String),
     /// Hand it to the stack on another CPU (XDP_REDIRECT through a CPU map).
     Cpu(u32),
+    /// Pass up to a rate, then the limit's `over` action.
+    RateLimit(RateLimitSpec),
+}
+
+/// `{ rate_limit = { pps = N, burst = M, per = "source" | "rule", over = "drop" | "pass" } }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RateLimitSpec {
+    /// Packets per second.
+    pub pps: u64,
+    /// Packets that may pass back to back (default: one second's worth, `pps`).
+    pub burst: u64,
+    /// One bucket per source address rather than one for the rule.
+    pub per_source: bool,
+    /// Drop (default) or pass what exceeds the rate.
+    pub over_drop: bool,
+}
+
+impl RateLimitSpec {
+    fn parse(value: &toml::Value) -> Result<Self, String> {
+        let t = value.as_table().ok_or("`rate_limit` takes a table: { pps = N, burst = M, per = \"source\" | \"rule\", over = \"drop\" | \"pass\" }")?;
+        if let Some(k) = t
+            .keys()
+            .find(|k| !["pps", "burst", "per", "over"].contains(&k.as_str()))
+        {
+            return Err(format!(
+                "`rate_limit`: unknown key `{k}` (keys: pps, burst, per, over)"
+            ));
+        }
+        let count = |key: &str| -> Result<Option<u64>, String> {
+            t.get(key)
+                .map(|v| {
+                    v.as_integer()
+                        .and_then(|n| u64::try_from(n).ok())
+                        .filter(|n| (1..=1_000_000_000).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "`rate_limit`: `{key}` must be a whole number from 1 to 1000000000"
+                            )
+                        })
+                })
+                .transpose()
+        };
+        let pps = count("pps")?.ok_or("`rate_limit` needs `pps`")?;
+        let burst = count("burst")?.unwrap_or(pps);
+        let per_source = match t.get("per").map(|v| v.as_str()) {
+            None | Some(Some("rule")) => false,
+            Some(Some("source")) => true,
+            _ => return Err("`rate_limit`: `per` is \"source\" or \"rule\"".into()),
+        };
+        let over_drop = match t.get("over").map(|v| v.as_str()) {
+            None | Some(Some("drop")) => true,
+            Some(Some("pass")) => false,
+            _ => return Err("`rate_limit`: `over` is \"drop\" or \"pass\"".into()),
+        };
+        Ok(Self {
+            pps,
+            burst,
+            per_source,
+            over_drop,
+        })
+    }
 }
 
 /// How the accepted actions are spelled, for error messages.
-const ACTIONS: &str = "\"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" } or { cpu = N }";
+const ACTIONS: &str = "\"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" }, { cpu = N } or { rate_limit = { ... } }";
 
 /// Most CPUs a `cpu` action can name (the CPU map's size).
 pub const MAX_CPUS: u32 = 256;
@@ -59,6 +120,7 @@ impl Action {
             Self::Tx => action::TX,
             Self::Redirect(_) => action::REDIRECT,
             Self::Cpu(_) => action::CPU,
+            Self::RateLimit(_) => action::RATE_LIMIT,
         }
     }
 
@@ -71,6 +133,7 @@ impl Action {
             action::TX => "tx",
             action::REDIRECT => "redirect",
             action::CPU => "cpu",
+            action::RATE_LIMIT => "rate_limit",
             _ => "unknown",
         }
     }
@@ -97,6 +160,7 @@ impl Action {
                     .filter(|n| *n < MAX_CPUS)
                     .map(Self::Cpu)
                     .ok_or_else(|| format!("`cpu`: {n} is not a CPU number below {MAX_CPUS}")),
+                Some((k, v)) if k == "rate_limit" => RateLimitSpec::parse(v).map(Self::RateLimit),
                 _ => Err(format!("unknown action table; expected {ACTIONS}")),
             },
             toml::Value::Table(_) => Err(format!(
@@ -115,6 +179,14 @@ impl fmt::Display for Action {
         match self {
             Self::Redirect(iface) => write!(f, "redirect {iface}"),
             Self::Cpu(cpu) => write!(f, "cpu {cpu}"),
+            Self::RateLimit(r) => write!(
+                f,
+                "rate_limit {} pps burst {} per {} over {}",
+                r.pps,
+                r.burst,
+                if r.per_source { "source" } else { "rule" },
+                if r.over_drop { "drop" } else { "pass" }
+            ),
             other => f.write_str(other.name()),
         }
     }

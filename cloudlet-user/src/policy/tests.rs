@@ -148,6 +148,21 @@ fn every_action_parses() {
     assert_eq!(p.rules[0].action, Action::Tx);
     assert_eq!(p.rules[1].action, Action::Redirect("eth1".into()));
     assert_eq!(p.rules[1].action.to_string(), "redirect eth1");
+    let p =
+        check("[[rules]]\naction = { rate_limit = { pps = 100, per = \"source\" } }\n").unwrap();
+    assert_eq!(
+        p.rules[0].action,
+        Action::RateLimit(RateLimitSpec {
+            pps: 100,
+            burst: 100,
+            per_source: true,
+            over_drop: true
+        })
+    );
+    assert_eq!(
+        p.rules[0].action.to_string(),
+        "rate_limit 100 pps burst 100 per source over drop"
+    );
     for (text, want) in [
         (
             "[[rules]]\naction = { cpu = 300 }\n",
@@ -192,7 +207,7 @@ fn error_display_is_file_line_column() {
     let err = check("[[rules]]\naction = \"reject\"\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "/etc/cloudlet/policy.toml:2:10: `action`: unknown action \"reject\"; expected \"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" } or { cpu = N }"
+        "/etc/cloudlet/policy.toml:2:10: `action`: unknown action \"reject\"; expected \"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" }, { cpu = N } or { rate_limit = { ... } }"
     );
 }
 
