@@ -113,71 +113,28 @@ fn judge<const LPM: bool>(
         acc[w] = src.src_rules[w] & dst.dst_rules[w];
         w += 1;
     }
-    // Other fields, only those some rule looks at.
+    // Other fields, only those some rule looks at: a policy of addresses and zones skips
+    // this whole block.
     let used = cfg.fields_used;
-    let tcp = pkt.l4_proto == 6 && pkt.flags & decision_flags::L4_PARSED != 0;
-    let ports =
-        pkt.flags & decision_flags::L4_PARSED != 0 && (pkt.l4_proto == 6 || pkt.l4_proto == 17);
-    let fields = [
-        (field::USED_PROTO, field::PROTO_BASE + (pkt.l4_proto & 0xff)),
-        (
-            field::USED_SRC_PORT,
-            field::SRC_PORT_BASE
-                + if ports {
-                    pkt.src_port & 0xffff
-                } else {
-                    field::NO_PORT
-                },
-        ),
-        (
-            field::USED_DST_PORT,
-            field::DST_PORT_BASE
-                + if ports {
-                    pkt.dst_port & 0xffff
-                } else {
-                    field::NO_PORT
-                },
-        ),
-        (
-            field::USED_VLAN,
-            field::VLAN_BASE
-                + if pkt.vlan_tags > 0 {
-                    pkt.vlan_outer & 0xfff
-                } else {
-                    field::UNTAGGED
-                },
-        ),
-        (
-            field::USED_TCP_FLAGS,
-            field::TCP_FLAGS_BASE
-                + if tcp {
-                    pkt.tcp_flags & 0xff
-                } else {
-                    field::NOT_TCP
-                },
-        ),
-        (
-            field::USED_IP_VERSION,
-            field::IP_VERSION_BASE + u32::from(pkt.ip_version == 6),
-        ),
-    ];
-    let mut f = 0;
-    while f < fields.len() {
-        let (bit, index) = fields[f];
-        if used & bit != 0 {
-            let set = FIELD_CLASS
-                .get(index)
-                .and_then(|class| FIELD_RULES.get(*class));
-            let Some(set) = set else {
-                return default_action;
-            };
-            let mut w = 0;
-            while w < RULE_WORDS {
-                acc[w] &= set[w];
-                w += 1;
+    if used != 0 {
+        let mut f = 0;
+        while f < FIELDS {
+            let bit = 1 << f;
+            if used & bit != 0 {
+                let set = FIELD_CLASS
+                    .get(field_index(bit, pkt))
+                    .and_then(|class| FIELD_RULES.get(*class));
+                let Some(set) = set else {
+                    return default_action;
+                };
+                let mut w = 0;
+                while w < RULE_WORDS {
+                    acc[w] &= set[w];
+                    w += 1;
+                }
             }
+            f += 1;
         }
-        f += 1;
     }
     let mut w = 0;
     while w < RULE_WORDS {
@@ -195,6 +152,30 @@ fn judge<const LPM: bool>(
         w += 1;
     }
     default_action
+}
+
+/// Number of `field::USED_*` bits.
+const FIELDS: u32 = 6;
+
+/// Index in `FIELD_CLASS` of the packet's value of field `bit` (one `field::USED_*`).
+#[inline(always)]
+fn field_index(bit: u32, pkt: &Packet) -> u32 {
+    let l4 = pkt.flags & decision_flags::L4_PARSED != 0;
+    let ports = l4 && (pkt.l4_proto == 6 || pkt.l4_proto == 17);
+    match bit {
+        field::USED_PROTO => field::PROTO_BASE + (pkt.l4_proto & 0xff),
+        field::USED_SRC_PORT if ports => field::SRC_PORT_BASE + (pkt.src_port & 0xffff),
+        field::USED_SRC_PORT => field::SRC_PORT_BASE + field::NO_PORT,
+        field::USED_DST_PORT if ports => field::DST_PORT_BASE + (pkt.dst_port & 0xffff),
+        field::USED_DST_PORT => field::DST_PORT_BASE + field::NO_PORT,
+        field::USED_VLAN if pkt.vlan_tags > 0 => field::VLAN_BASE + (pkt.vlan_outer & 0xfff),
+        field::USED_VLAN => field::VLAN_BASE + field::UNTAGGED,
+        field::USED_TCP_FLAGS if l4 && pkt.l4_proto == 6 => {
+            field::TCP_FLAGS_BASE + (pkt.tcp_flags & 0xff)
+        }
+        field::USED_TCP_FLAGS => field::TCP_FLAGS_BASE + field::NOT_TCP,
+        _ => field::IP_VERSION_BASE + u32::from(pkt.ip_version == 6),
+    }
 }
 
 /// Carries out an action, returning the XDP code.
