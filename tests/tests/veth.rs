@@ -612,3 +612,119 @@ fn rate_limit_holds_under_load() {
     assert_eq!(stats.verdict("drop").packets, sent - received);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two policies swapped 100 times while traffic flows: a frame both pass always arrives, a
+/// frame both drop never does, and frames they disagree on may go either way. No packet is
+/// judged by anything but one policy or the other.
+#[test]
+fn atomic_swap_under_continuous_traffic() {
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    veth_pair(&src, "src5", &dut, "dut5");
+    let dir = std::env::temp_dir().join(format!("cloudlet-swap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Port 10: both pass. 11: both drop. 12: only A drops. 13: only B drops.
+    let a = dir.join("a.toml");
+    let b = dir.join("b.toml");
+    std::fs::write(
+        &a,
+        "[[rules]]\nname = \"a\"\ndst_port = [11, 12]\naction = \"drop\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b,
+        "[[rules]]\nname = \"b\"\ndst_port = [11, 13]\naction = \"drop\"\n",
+    )
+    .unwrap();
+    let config = cloudlet::config::Config {
+        policy: a.clone(),
+        interfaces: vec!["dut5".into()],
+        xdp_mode: AttachMode::Native,
+        admin_socket: dir.join("unused.sock"),
+        admin_listen: None,
+    };
+    let dst_mac = dut.mac("dut5");
+    let frames: Vec<Vec<u8>> = (10..14)
+        .map(|port| {
+            let mut f = Frame::udp(
+                "192.0.2.1".parse().unwrap(),
+                "192.0.2.2".parse().unwrap(),
+                5000,
+                port,
+            )
+            .payload(b"cloudlet-swap");
+            f.dst_mac = dst_mac;
+            f.build()
+        })
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, received, swaps) = dut.run(|| {
+        let mut node = cloudlet::node::Node::start(&config).expect("start");
+        let rx = PacketSocket::bind("dut5").expect("receiver");
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| {
+                src.run(|| {
+                    let tx = PacketSocket::bind("src5").expect("sender");
+                    let mut sent = [0u64; 4];
+                    let mut i = 0usize;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        tx.send(&frames[i % 4]).expect("send");
+                        sent[i % 4] += 1;
+                        i += 1;
+                        // About 8,000 frames a second: far below what the receiver drains.
+                        if i.is_multiple_of(8) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    sent
+                })
+            });
+            let receiver = s.spawn(|| {
+                let mut got = [0u64; 4];
+                let mut buf = [0u8; 2048];
+                let mut quiet = 0;
+                while quiet < 3 {
+                    match rx.recv(&mut buf, Duration::from_millis(200)).expect("recv") {
+                        Some(n) if n >= 38 => {
+                            let port = u16::from_be_bytes([buf[36], buf[37]]);
+                            if (10..14).contains(&port) {
+                                got[usize::from(port - 10)] += 1;
+                            }
+                            quiet = 0;
+                        }
+                        Some(_) => {}
+                        None if stop.load(std::sync::atomic::Ordering::Relaxed) => quiet += 1,
+                        None => {}
+                    }
+                }
+                got
+            });
+            let mut swaps = 0;
+            for i in 0..100 {
+                let next = if i % 2 == 0 { &b } else { &a };
+                node.reload(next).expect("swap");
+                swaps += 1;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let sent = sender.join().expect("sender");
+            let received = receiver.join().expect("receiver");
+            (sent, received, swaps)
+        })
+    });
+    assert_eq!(swaps, 100);
+    assert!(sent[0] > 1_000, "traffic flowed throughout ({sent:?})");
+    assert_eq!(received[1], 0, "a frame both policies drop never passed");
+    assert_eq!(
+        received[0], sent[0],
+        "every frame both policies pass arrived"
+    );
+    assert!(
+        received[2] < sent[2] && received[3] < sent[3],
+        "each policy dropped its own port: {received:?} of {sent:?}"
+    );
+    assert!(
+        received[2] > 0 && received[3] > 0,
+        "each policy passed the other's port: {received:?} of {sent:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
