@@ -23,7 +23,13 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// A TCP address serving the admin routes too (for Prometheus), if configured.
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Where the XDP links are pinned (on a bpffs), so the program outlives the daemon and a
+    /// restarted daemon takes it over. None: no pinning.
+    pub pin_dir: Option<PathBuf>,
 }
+
+/// Default pin folder.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/cloudlet";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +39,8 @@ struct RawConfig {
     interfaces: Vec<String>,
     #[serde(default)]
     xdp_mode: AttachMode,
+    /// Default: [`DEFAULT_PIN_DIR`]; "" turns pinning off.
+    pin_dir: Option<String>,
     #[serde(default)]
     admin: RawAdmin,
 }
@@ -101,6 +109,11 @@ impl Config {
                 .socket
                 .map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |s| resolve(&s)),
             admin_listen: raw.admin.listen,
+            pin_dir: match raw.pin_dir.as_deref() {
+                None => Some(PathBuf::from(DEFAULT_PIN_DIR)),
+                Some("") => None,
+                Some(dir) => Some(resolve(dir)),
+            },
         })
     }
 }
@@ -121,6 +134,9 @@ mod tests {
         assert!(c.interfaces.is_empty());
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.admin_listen, None);
+        assert_eq!(c.pin_dir, Some(PathBuf::from(DEFAULT_PIN_DIR)));
+        let c = Config::parse("policy = \"p\"\npin_dir = \"\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.pin_dir, None);
         let c = Config::parse(
             "policy = \"p\"\n[admin]\nlisten = \"127.0.0.1:9464\"\n",
             Path::new("c.toml"),

@@ -30,6 +30,9 @@ pub enum NodeError {
     /// The program could not be loaded, filled or attached.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// A link could not be pinned or taken over from its pin.
+    #[error("pinning: {0}")]
+    Pin(String),
     /// The kernel refused to move an interface onto the new program during a swap: that
     /// interface has no program now; those moved before it run the new policy, the rest
     /// the old one.
@@ -64,6 +67,94 @@ pub fn prepare_policy(path: &Path) -> Result<CompiledPolicy, NodeError> {
     Ok(compiled)
 }
 
+/// Pinning links under bpffs.
+mod pin {
+    use std::path::{Path, PathBuf};
+
+    use aya::programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    };
+
+    use super::NodeError;
+
+    /// bpffs' magic number (`statfs`).
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+    /// The pin of the link on `iface`.
+    pub fn link_path(dir: &Path, iface: &str) -> PathBuf {
+        dir.join("links").join(iface)
+    }
+
+    fn pin_err(path: &Path, e: impl std::fmt::Display) -> NodeError {
+        NodeError::Pin(format!("{}: {e}", path.display()))
+    }
+
+    /// Creates `dir/links`, mounting bpffs on /sys/fs/bpf first if `dir` is under it and
+    /// nothing is mounted there (the kernel does not mount it by itself).
+    pub fn prepare_dir(dir: &Path) -> Result<(), NodeError> {
+        let root = Path::new("/sys/fs/bpf");
+        if dir.starts_with(root) && !is_bpffs(root) {
+            let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+            let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+            // SAFETY: valid NUL-terminated strings, no data argument.
+            let ret = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if ret != 0 {
+                return Err(pin_err(root, std::io::Error::last_os_error()));
+            }
+            log::info!("mounted bpffs on /sys/fs/bpf");
+        }
+        let links = dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|e| pin_err(&links, e))?;
+        if !is_bpffs(&links) {
+            return Err(pin_err(
+                &links,
+                "not on a bpf filesystem (mount -t bpf bpf DIR)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn is_bpffs(path: &Path) -> bool {
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statfs into a zeroed struct with a valid path.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+        }
+    }
+
+    /// The link pinned at `path`, if there is one; the pin itself stays.
+    pub fn take(path: &Path) -> Result<Option<XdpLink>, NodeError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pinned = PinnedLink::from_pin(path).map_err(|e| pin_err(path, e))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(path, e))?;
+        Ok(Some(link))
+    }
+
+    /// Pins `link` at `path` (replacing a pin there) and hands it back.
+    pub fn pin(link: XdpLink, path: &Path) -> Result<XdpLink, NodeError> {
+        let fd = FdLink::try_from(link).map_err(|e| pin_err(path, e))?;
+        if path.exists() {
+            std::fs::remove_file(path).map_err(|e| pin_err(path, e))?;
+        }
+        let pinned = fd.pin(path).map_err(|e| pin_err(path, e))?;
+        XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(path, e))
+    }
+}
+
 /// A policy compiled and loaded into a program of its own, not attached yet: the slow
 /// part of a reload, done while the running policy keeps filtering.
 pub struct Prepared {
@@ -93,6 +184,8 @@ pub struct Attachment {
     pub interface: String,
     pub mode: AttachMode,
     link: XdpLink,
+    /// Where the link is pinned, if it is.
+    pinned: Option<std::path::PathBuf>,
 }
 
 /// The node's dataplane while it runs. Dropping it detaches the program.
@@ -111,14 +204,35 @@ impl Node {
         let started = Instant::now();
         let compiled = prepare_policy(&config.policy)?;
         let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
+        if let Some(dir) = &config.pin_dir {
+            pin::prepare_dir(dir)?;
+        }
         let mut attachments = Vec::new();
         for iface in &config.interfaces {
-            let (link, mode) = loaded.attach(iface, config.xdp_mode)?;
-            log::info!("attached to {iface} in {} mode", mode_name(mode));
+            let pin_path = config.pin_dir.as_ref().map(|d| pin::link_path(d, iface));
+            // A link a previous daemon left pinned: move it onto this policy in one step,
+            // so the interface is filtered throughout the restart.
+            let (link, mode) = match pin_path.as_deref().map(pin::take).transpose()? {
+                Some(Some(old)) => {
+                    let link = loaded.take_over(old)?;
+                    log::info!("took over the program pinned for {iface}");
+                    (link, config.xdp_mode)
+                }
+                _ => {
+                    let (link, mode) = loaded.attach(iface, config.xdp_mode)?;
+                    log::info!("attached to {iface} in {} mode", mode_name(mode));
+                    (link, mode)
+                }
+            };
+            let link = match &pin_path {
+                Some(path) => pin::pin(link, path)?,
+                None => link,
+            };
             attachments.push(Attachment {
                 interface: iface.clone(),
                 mode,
                 link,
+                pinned: pin_path,
             });
         }
         log_policy(&config.policy, &compiled, &loaded, started);
@@ -148,12 +262,14 @@ impl Node {
                 interface,
                 mode,
                 link,
+                pinned,
             } = a;
             match prepared.loaded.take_over(link) {
                 Ok(link) => moved.push(Attachment {
                     interface,
                     mode,
                     link,
+                    pinned,
                 }),
                 Err(e) => {
                     log::error!(
@@ -194,6 +310,17 @@ impl Node {
     /// The policy in force.
     pub fn compiled(&self) -> &CompiledPolicy {
         &self.compiled
+    }
+
+    /// Removes the pins, so that dropping the node detaches the program everywhere.
+    pub fn unpin(&mut self) {
+        for a in &mut self.attachments {
+            if let Some(path) = a.pinned.take()
+                && let Err(e) = std::fs::remove_file(&path)
+            {
+                log::warn!("removing the pin {}: {e}", path.display());
+            }
+        }
     }
 }
 

@@ -275,7 +275,11 @@ fn cloudletd_filters_reloads_and_keeps_a_good_policy_over_a_bad_one() {
 
     let daemon = Daemon(
         dut.command(&bin.display().to_string())
-            .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
+            .args([
+                "--config",
+                &dir.join("cloudlet.toml").display().to_string(),
+                "--detach-on-exit",
+            ])
             .stderr(Stdio::null())
             .spawn()
             .expect("start cloudletd"),
@@ -642,6 +646,7 @@ fn atomic_swap_under_continuous_traffic() {
         xdp_mode: AttachMode::Native,
         admin_socket: dir.join("unused.sock"),
         admin_listen: None,
+        pin_dir: None,
     };
     let dst_mac = dut.mac("dut5");
     let frames: Vec<Vec<u8>> = (10..14)
@@ -726,5 +731,133 @@ fn atomic_swap_under_continuous_traffic() {
         received[2] > 0 && received[3] > 0,
         "each policy passed the other's port: {received:?} of {sent:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bpffs mounted on a folder of the test's, unmounted and removed on drop.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount -t bpf on {}", dir.display());
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// cloudletd stops and starts again while traffic flows: the pinned program keeps
+/// filtering with no daemon running, the new daemon takes it over, and
+/// `--detach-on-exit` finally detaches it.
+#[test]
+fn hitless_restart_keeps_filtering() {
+    let bin = cloudletd_path();
+    assert!(
+        bin.exists(),
+        "{} missing (cargo xtask test builds it)",
+        bin.display()
+    );
+    let bpffs = BpfFs::new("cloudlet-pins");
+    let dir = std::env::temp_dir().join(format!("cloudlet-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("cloudletd.sock");
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[rules]]\nname = \"no-9\"\ndst_port = 9\naction = \"drop\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cloudlet.toml"),
+        format!(
+            "policy = \"policy.toml\"\ninterfaces = [\"dut6\"]\nxdp_mode = \"native\"\npin_dir = {:?}\n[admin]\nsocket = {:?}\n",
+            bpffs.0.join("cloudlet").display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    veth_pair(&src, "src6", &dut, "dut6");
+    let dst_mac = dut.mac("dut6");
+    // Port 8 passes, port 9 is dropped.
+    let frames: Vec<Vec<u8>> = [8u16, 9]
+        .iter()
+        .map(|&port| {
+            let mut f = Frame::udp(
+                "192.0.2.1".parse().unwrap(),
+                "192.0.2.2".parse().unwrap(),
+                5000,
+                port,
+            );
+            f.dst_mac = dst_mac;
+            f.build()
+        })
+        .collect();
+    let start = |extra: &[&str]| {
+        let d = Daemon(
+            dut.command(&bin.display().to_string())
+                .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
+                .args(extra)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start cloudletd"),
+        );
+        wait_for(&socket);
+        d
+    };
+    let stop = |mut d: Daemon| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+        let status = d.0.wait().expect("wait");
+        assert!(status.success(), "cloudletd exit status {status}");
+    };
+    // (frames of port 8 that arrived, frames of port 9 that arrived) of a round of 50 each.
+    let round = || {
+        let raw: Vec<Vec<u8>> = (0..100).map(|i| frames[i % 2].clone()).collect();
+        let got = exchange(&src, "src6", &dut, "dut6", &raw);
+        let port = |f: &Vec<u8>| u16::from_be_bytes([f[36], f[37]]);
+        (
+            got.iter().filter(|f| port(f) == 8).count(),
+            got.iter().filter(|f| port(f) == 9).count(),
+        )
+    };
+
+    let first = start(&[]);
+    assert_eq!(round(), (50, 0), "first daemon filters");
+    stop(first);
+    assert!(
+        bpffs.0.join("cloudlet/links/dut6").exists(),
+        "the link stays pinned"
+    );
+    assert_eq!(
+        round(),
+        (50, 0),
+        "no daemon running: the pinned program still filters"
+    );
+    let second = start(&["--detach-on-exit"]);
+    assert_eq!(round(), (50, 0), "the second daemon took the program over");
+    assert_eq!(
+        stats(&socket).rules[0].count.packets,
+        50,
+        "its counters run from the takeover"
+    );
+    stop(second);
+    assert!(
+        !bpffs.0.join("cloudlet/links/dut6").exists(),
+        "--detach-on-exit removes the pin"
+    );
+    assert_eq!(round(), (50, 50), "detached: nothing is filtered");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -29,6 +29,11 @@ struct Args {
     /// Configuration file (TOML).
     #[arg(long, short)]
     config: PathBuf,
+    /// On exit, detach the program from every interface. By default it stays attached
+    /// (pinned) and keeps filtering with the last policy until cloudletd starts again and
+    /// takes it over.
+    #[arg(long)]
+    detach_on_exit: bool,
 }
 
 fn main() -> ExitCode {
@@ -62,20 +67,36 @@ fn main() -> ExitCode {
         }
     };
     let node = Arc::new(Mutex::new(node));
-    let code = runtime.block_on(run(config, node.clone()));
-    // Dropping the node closes the links: the program leaves every interface.
-    let ifaces = node
-        .lock()
-        .map(|n| {
-            n.attachments()
+    let code = runtime.block_on(run(config.clone(), node.clone()));
+    let pin_dir = config.pin_dir.clone();
+    let (ifaces, pinned) = match node.lock() {
+        Ok(mut n) => {
+            // Without pins, closing the links detaches the program; with them it stays.
+            if args.detach_on_exit {
+                n.unpin();
+            }
+            let ifaces = n
+                .attachments()
                 .iter()
                 .map(|a| a.interface.clone())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+                .collect::<Vec<_>>();
+            (ifaces, !args.detach_on_exit && pin_dir.is_some())
+        }
+        Err(_) => (Vec::new(), false),
+    };
     drop(node);
     for iface in ifaces {
-        log::info!("detached from {iface}");
+        if pinned {
+            log::info!(
+                "left the program filtering on {iface}, pinned under {}; a restarted cloudletd takes it over (--detach-on-exit detaches instead)",
+                pin_dir
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            );
+        } else {
+            log::info!("detached from {iface}");
+        }
     }
     code
 }

@@ -153,7 +153,11 @@ fn main() {
     .expect("writing the demo config");
     let mut child = gw
         .command(&args.cloudletd.display().to_string())
-        .args(["--config", &config.display().to_string()])
+        .args([
+            "--config",
+            &config.display().to_string(),
+            "--detach-on-exit",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", args.cloudletd.display()));
