@@ -135,6 +135,38 @@ pub struct RateKey {
     pub addr: [u8; 16],
 }
 
+/// A sampled drop, sent to user space through the `EVENTS` ring buffer. At most
+/// [`EVENTS_PER_SECOND`] per CPU (bursts of [`EVENT_BURST`]) are sent; the rest are only
+/// counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns()` (monotonic, since boot).
+    pub ktime_ns: u64,
+    /// One of [`reason`].
+    pub reason: u32,
+    /// Index of the rule that dropped it, or [`NO_RULE`].
+    pub rule: u32,
+    /// 4, 6, or 0 when no IP header was parsed.
+    pub ip_version: u32,
+    pub l4_proto: u32,
+    /// Ports when TCP/UDP was parsed, else 0.
+    pub src_port: u32,
+    pub dst_port: u32,
+    /// Frame length.
+    pub len: u32,
+    /// Interface the frame arrived on.
+    pub ifindex: u32,
+    /// Addresses (IPv4 in the first four bytes), zero when not parsed.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// Drop events sent per second per CPU, at most.
+pub const EVENTS_PER_SECOND: u64 = 64;
+/// Drop events a CPU may send back to back.
+pub const EVENT_BURST: u64 = 16;
+
 /// One compiled rule, indexed by its position in the policy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -281,6 +313,7 @@ mod pod {
     unsafe impl aya::Pod for super::Decision {}
     unsafe impl aya::Pod for super::RateLimit {}
     unsafe impl aya::Pod for super::RateKey {}
+    unsafe impl aya::Pod for super::DropEvent {}
 }
 
 // Layout checks: a size change here must be a deliberate change on both sides.
@@ -289,5 +322,6 @@ const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * RULE_WORDS);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);

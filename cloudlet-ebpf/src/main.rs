@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod geofence;
 mod parse;
 mod ratelimit;
@@ -13,7 +14,7 @@ mod rules;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, CpuMap, DevMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, CpuMap, DevMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use cloudlet_common::{
@@ -84,6 +85,14 @@ static RATE_RULE_TAT: Array<u64> = Array::with_max_entries(1, 0);
 /// first when it is full.
 #[map]
 static RATE_SOURCE_TAT: LruHashMap<RateKey, u64> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Sampled drop events for cloudletd.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Per-CPU theoretical arrival time of the next drop event (GCRA, see `events`).
+#[map]
+static EVENT_TAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters per reason and per action (see `cloudlet_common::stat`).
 #[map]

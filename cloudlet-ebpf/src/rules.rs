@@ -9,7 +9,7 @@ use cloudlet_common::{
 
 use crate::{
     CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, FIELD_RULES, REDIRECT_CPUS, REDIRECT_DEVICES,
-    RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE,
+    RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE, events,
     geofence,
     parse::{self, Packet},
     ratelimit,
@@ -29,22 +29,43 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     let (act, arg) = match parse::parse(ctx) {
         Ok(pkt) => {
             let (act, arg) = judge::<LPM>(&pkt, cfg, len, &mut d);
-            if act == action::RATE_LIMIT {
+            let (act, arg) = if act == action::RATE_LIMIT {
                 ratelimit::resolve(arg, &pkt, len)
             } else {
                 (act, arg)
+            };
+            if act == action::DROP {
+                events::report(ctx, |e| {
+                    e.reason = d.reason;
+                    e.rule = d.rule;
+                    e.ip_version = pkt.ip_version;
+                    e.l4_proto = pkt.l4_proto;
+                    e.src_port = pkt.src_port;
+                    e.dst_port = pkt.dst_port;
+                    e.src = pkt.src;
+                    e.dst = pkt.dst;
+                });
             }
+            (act, arg)
         }
         Err(u) => {
             d.reason = u.reason;
             d.vlan_tags = u.vlan_tags;
             d.vlan_outer = u.vlan_outer;
             d.ip_version = u.ip_version;
-            if u.reason == reason::NON_IP {
-                (cfg.non_ip_action, 0)
+            let act = if u.reason == reason::NON_IP {
+                cfg.non_ip_action
             } else {
-                (cfg.malformed_action, 0)
+                cfg.malformed_action
+            };
+            if act == action::DROP {
+                events::report(ctx, |e| {
+                    e.reason = u.reason;
+                    e.rule = NO_RULE;
+                    e.ip_version = u.ip_version;
+                });
             }
+            (act, 0)
         }
     };
     count(&STATS, stat::reason(d.reason), len);

@@ -9,6 +9,7 @@ use crate::{
     config::Config,
     dataplane::{
         self, AttachMode, CompileError, CompiledPolicy, DataplaneError, Loaded, ProgramKind,
+        events::{Event, EventLog},
         stats::Stats,
     },
     geoip::{GeoDb, GeoIpError},
@@ -195,6 +196,8 @@ pub struct Node {
     attachments: Vec<Attachment>,
     /// Counters of policies swapped out, so totals survive a reload.
     carried: Stats,
+    /// Sampled drops.
+    events: EventLog,
 }
 
 impl Node {
@@ -236,11 +239,16 @@ impl Node {
             });
         }
         log_policy(&config.policy, &compiled, &loaded, started);
+        let mut events = EventLog::default();
+        if let Some(ring) = loaded.take_events() {
+            events.attach(ring);
+        }
         Ok(Self {
             compiled,
             loaded,
             attachments,
             carried: Stats::default(),
+            events,
         })
     }
 
@@ -288,6 +296,11 @@ impl Node {
             &prepared.loaded,
             prepared.started,
         );
+        // Drain the old program's events before its ring goes.
+        self.events.poll(&self.compiled);
+        if let Some(ring) = prepared.loaded.take_events() {
+            self.events.attach(ring);
+        }
         self.compiled = prepared.compiled;
         self.loaded = prepared.loaded;
         // The new program's counters start at zero; keep the totals so far beside them.
@@ -310,6 +323,16 @@ impl Node {
     /// The policy in force.
     pub fn compiled(&self) -> &CompiledPolicy {
         &self.compiled
+    }
+
+    /// Reads new drop events from the program.
+    pub fn poll_events(&mut self) {
+        self.events.poll(&self.compiled);
+    }
+
+    /// Drop events numbered after `since`.
+    pub fn events(&self, since: Option<u64>) -> Vec<Event> {
+        self.events.since(since)
     }
 
     /// Removes the pins, so that dropping the node detaches the program everywhere.

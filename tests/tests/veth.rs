@@ -294,6 +294,34 @@ fn cloudletd_filters_reloads_and_keeps_a_good_policy_over_a_bad_one() {
     let line = format!(
         "cloudlet_rule_packets_total{{rule=\"lab-only-from-eu\",action=\"drop\"}} {denied}"
     );
+    // Each drop of that exchange is also a sampled event (well within the budget).
+    let start = Instant::now();
+    let events = loop {
+        let list: Vec<cloudlet::dataplane::events::Event> =
+            serde_json::from_str(&admin::get(&socket, "/events").expect("GET /events"))
+                .expect("events JSON");
+        if list.len() >= denied || start.elapsed() > Duration::from_secs(5) {
+            break list;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(events.len(), denied, "one event per drop: {events:?}");
+    for e in &events {
+        assert_eq!(e.rule.as_deref(), Some("lab-only-from-eu"));
+        assert_eq!(e.reason, "rule");
+        assert_eq!(e.interface, "dut1");
+        assert_eq!(e.proto, Some(17));
+        assert_eq!((e.src_port, e.dst_port), (Some(5353), Some(8443)));
+        let dst: IpAddr = e.dst.as_deref().expect("dst").parse().expect("address");
+        assert!(frames.iter().any(|(c, s, d, _)| *d == dst
+            && e.src.as_deref() == Some(&s.to_string())
+            && !matches!(c.as_str(), "DE" | "FR" | "NL")));
+    }
+    let newer: Vec<cloudlet::dataplane::events::Event> = serde_json::from_str(
+        &admin::get(&socket, &format!("/events?since={}", events[0].seq)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(newer.len(), denied - 1, "?since= skips what was read");
     let metrics = admin::get(&socket, "/metrics").expect("GET /metrics");
     assert!(
         metrics.lines().any(|l| l == line),
@@ -568,7 +596,7 @@ fn rate_limit_holds_under_load() {
     f.dst_mac = dut.mac("dut4");
     let frame = f.build();
 
-    let (sent, elapsed, received, stats) = dut.run(|| {
+    let (sent, elapsed, received, stats, events) = dut.run(|| {
         let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false).expect("load");
         let (link, _) = loaded
             .attach("dut4", AttachMode::Native)
@@ -598,8 +626,14 @@ fn rate_limit_holds_under_load() {
             received += 1;
         }
         let stats = loaded.stats(&compiled).expect("stats");
+        // Drop events are sampled: the first burst, then a trickle, however many drops.
+        let mut ring = loaded.take_events().expect("events ring");
+        let mut events = 0u64;
+        while ring.next().is_some() {
+            events += 1;
+        }
         drop(link);
-        (sent, elapsed, received, stats)
+        (sent, elapsed, received, stats, events)
     });
     let expected = BURST as f64 + PPS as f64 * elapsed.as_secs_f64();
     let ratio = received as f64 / expected;
@@ -614,6 +648,15 @@ fn rate_limit_holds_under_load() {
     assert_eq!(stats.verdict("pass").packets, received);
     assert_eq!(stats.rate_limited.packets, sent - received);
     assert_eq!(stats.verdict("drop").packets, sent - received);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let most = cpus
+        * (cloudlet_common::EVENT_BURST as f64
+            + cloudlet_common::EVENTS_PER_SECOND as f64 * (elapsed.as_secs_f64() + 0.5));
+    assert!(
+        events >= cloudlet_common::EVENT_BURST && (events as f64) <= most,
+        "{events} drop events for {} drops in {elapsed:?} (at most {most:.0})",
+        sent - received
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

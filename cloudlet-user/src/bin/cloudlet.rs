@@ -50,6 +50,18 @@ enum Command {
         #[command(subcommand)]
         command: GeoCommand,
     },
+    /// Sampled drops of the running cloudletd (at most 64 a second per CPU are sampled).
+    Events {
+        /// cloudletd's admin socket.
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Counters of the running cloudletd.
     Stats {
         /// cloudletd's admin socket.
@@ -100,6 +112,11 @@ fn main() -> ExitCode {
                     database,
                 },
         } => geo_lookup(ip, policy.as_deref(), &database),
+        Command::Events {
+            socket,
+            json,
+            follow,
+        } => events(&socket, json, follow),
         Command::Stats {
             socket,
             json,
@@ -241,5 +258,44 @@ fn stats(socket: &Path, json: bool, watch: Option<f64>) -> anyhow::Result<ExitCo
             Some(secs) => std::thread::sleep(Duration::from_secs_f64(secs.max(0.1))),
             None => return Ok(ExitCode::SUCCESS),
         }
+    }
+}
+
+fn events(socket: &Path, json: bool, follow: bool) -> anyhow::Result<ExitCode> {
+    use cloudlet::dataplane::events::Event;
+    let mut since: Option<u64> = None;
+    loop {
+        let target = since.map_or_else(|| "/events".to_string(), |s| format!("/events?since={s}"));
+        let body = admin::get(socket, &target).with_context(|| "is cloudletd running?")?;
+        let list: Vec<Event> = serde_json::from_str(&body).context("decoding /events")?;
+        for e in &list {
+            if json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                let at = |a: &Option<String>, p: Option<u32>| match (a, p) {
+                    (Some(a), Some(p)) if a.contains(':') => format!("[{a}]:{p}"),
+                    (Some(a), Some(p)) => format!("{a}:{p}"),
+                    (Some(a), None) => a.clone(),
+                    _ => "-".to_string(),
+                };
+                println!(
+                    "{} {} {} {} -> {} proto {} {} bytes rule {}",
+                    e.time_ms,
+                    e.interface,
+                    e.reason,
+                    at(&e.src, e.src_port),
+                    at(&e.dst, e.dst_port),
+                    e.proto.map_or("-".to_string(), |p| p.to_string()),
+                    e.len,
+                    e.rule.as_deref().unwrap_or("-"),
+                );
+            }
+            since = Some(e.seq);
+        }
+        std::io::stdout().flush()?;
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -114,7 +114,21 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
             .map_err(|e| log::warn!("reading counters for /metrics: {e}"))
             .ok()
     }))));
+    let events_node = node.clone();
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
+        t if t == "/events" || t.starts_with("/events?") => {
+            let since = t
+                .split_once("?since=")
+                .and_then(|(_, n)| n.split('&').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            Some(match events_node.lock() {
+                Ok(n) => Response::json(
+                    200,
+                    serde_json::to_string(&n.events(since)).unwrap_or_default(),
+                ),
+                Err(_) => Response::json(500, "{\"error\":\"node lock poisoned\"}".to_string()),
+            })
+        }
         "/stats" => Some(match read_stats() {
             Ok(s) => Response::json(200, serde_json::to_string(&s).unwrap_or_default()),
             Err(e) => Response::json(500, serde_json::json!({ "error": e }).to_string()),
@@ -165,6 +179,17 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
     }
     log::info!("admin endpoint on {}", config.admin_socket.display());
 
+    // Drop events: move them from the ring buffer into the history a few times a second.
+    let poll_node = node.clone();
+    let events_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if let Ok(mut n) = poll_node.lock() {
+                n.poll_events();
+            }
+        }
+    });
     let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
@@ -202,6 +227,7 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
         }
     }
     admin_task.abort();
+    events_task.abort();
     let _ = std::fs::remove_file(&config.admin_socket);
     ExitCode::SUCCESS
 }

@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod compile;
+pub mod events;
 pub mod metrics;
 pub mod stats;
 
@@ -288,6 +289,13 @@ impl Loaded {
                 what: "replacing the attached program".to_string(),
                 source,
             })
+    }
+
+    /// Takes the program's drop-event ring buffer (once).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.ebpf
+            .take_map("EVENTS")
+            .and_then(|m| aya::maps::RingBuf::try_from(m).ok())
     }
 
     /// Reads the counters, folded by rule and zone names of `compiled`.

@@ -3,7 +3,7 @@
 
 pub mod countries;
 pub mod criteria;
-mod prefix;
+pub mod prefix;
 
 use std::{
     collections::{BTreeMap, HashSet},
