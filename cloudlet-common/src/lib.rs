@@ -5,11 +5,9 @@
 #![no_std]
 
 /// Most rules one policy may hold. Rule sets are bitmaps of this many bits.
-pub const MAX_RULES: usize = 16_384;
+pub const MAX_RULES: usize = 256;
 /// `u64` words in a rule bitmap.
 pub const RULE_WORDS: usize = MAX_RULES / 64;
-/// `u64` words of a rule set's summary (bit w set: word w of the bitmap is not zero).
-pub const SUMMARY_WORDS: usize = RULE_WORDS / 64;
 /// Most IPv6 extension headers walked before a packet is judged malformed.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
 /// Most VLAN tags (802.1Q / 802.1ad) parsed; a third tag makes the frame malformed.
@@ -185,12 +183,12 @@ pub struct RuleEntry {
 /// belong to the same zones and to the same rule prefix lists. The class carries
 /// precomputed rule bitmaps, so matching a packet is two lookups and an AND.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AddrClass {
     /// Rules whose source criteria (`src_zone`, `src_prefix`) this class satisfies.
-    pub src_rules: RuleSet,
+    pub src_rules: [u64; RULE_WORDS],
     /// Rules whose destination criteria (`dst_zone`, `dst_prefix`) this class satisfies.
-    pub dst_rules: RuleSet,
+    pub dst_rules: [u64; RULE_WORDS],
 }
 
 /// Key of the IPv6 (and optional IPv4) LPM tries: aya's `Key` layout,
@@ -232,8 +230,6 @@ pub mod field {
     pub const IP_VERSION_BASE: u32 = TCP_FLAGS_BASE + NOT_TCP + 1;
     /// Entries of `FIELD_CLASS`.
     pub const ENTRIES: u32 = IP_VERSION_BASE + 2;
-    /// The field class holding every rule: what a field no rule looks at stands for.
-    pub const ALL_RULES: u32 = 0;
 
     /// The "no port" index within a port field.
     pub const NO_PORT: u32 = 65_536;
@@ -251,41 +247,8 @@ pub mod field {
     pub const USED_IP_VERSION: u32 = 32;
 }
 
-/// A set of rules (bit r = rule r) with a summary of its non-zero words, so that matching
-/// ANDs the summaries first and then only the words that can hold a match: the cost
-/// follows the rules a packet could match, not the size of the policy.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RuleSet {
-    /// Bit w: `words[w] != 0`.
-    pub summary: [u64; SUMMARY_WORDS],
-    pub words: [u64; RULE_WORDS],
-}
-
-impl RuleSet {
-    /// No rules.
-    pub const EMPTY: Self = Self {
-        summary: [0; SUMMARY_WORDS],
-        words: [0; RULE_WORDS],
-    };
-
-    /// Adds rule `r`.
-    pub fn insert(&mut self, r: usize) {
-        self.words[r / 64] |= 1 << (r % 64);
-        self.summary[r / 4096] |= 1 << ((r / 64) % 64);
-    }
-
-    /// Whether rule `r` is in the set.
-    pub fn contains(&self, r: usize) -> bool {
-        self.words[r / 64] >> (r % 64) & 1 == 1
-    }
-}
-
-impl Default for RuleSet {
-    fn default() -> Self {
-        Self::EMPTY
-    }
-}
+/// A set of rules (bit r = rule r), the value of `FIELD_RULES`.
+pub type RuleSet = [u64; RULE_WORDS];
 
 /// One element of a flat address table.
 pub type FlatChunk = [u32; flat::CHUNK_ENTRIES];
@@ -351,7 +314,6 @@ mod pod {
     unsafe impl aya::Pod for super::RateLimit {}
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::DropEvent {}
-    unsafe impl aya::Pod for super::RuleSet {}
 }
 
 // Layout checks: a size change here must be a deliberate change on both sides.
@@ -361,5 +323,5 @@ const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * (RULE_WORDS + SUMMARY_WORDS));
+const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * RULE_WORDS);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use cloudlet_common::{
-    Counter, Decision, NO_RULE, PolicyConfig, RULE_WORDS, RuleSet, SUMMARY_WORDS, action,
-    decision_flags, field, reason, stat,
+    Counter, Decision, NO_RULE, PolicyConfig, RULE_WORDS, RuleSet, action, decision_flags, field,
+    reason, stat,
 };
 
 use crate::{
@@ -128,90 +128,55 @@ fn judge<const LPM: bool>(
     let (Some(src), Some(dst)) = (CLASSES.get(src_class), CLASSES.get(dst_class)) else {
         return default_action;
     };
-    // A policy of addresses and zones only: two sets. Otherwise all eight, the fields no
-    // rule looks at standing for every rule.
-    let found = if cfg.fields_used == 0 {
-        first_match([&src.src_rules, &dst.dst_rules])
-    } else {
-        let used = cfg.fields_used;
-        let set = |bit: u32| {
-            let class = if used & bit != 0 {
-                *FIELD_CLASS.get(field_index(bit, pkt))?
-            } else {
-                field::ALL_RULES
+    let mut acc: RuleSet = [0; RULE_WORDS];
+    let mut w = 0;
+    while w < RULE_WORDS {
+        acc[w] = src.src_rules[w] & dst.dst_rules[w];
+        w += 1;
+    }
+    // Other fields, only those some rule looks at: a policy of addresses and zones skips
+    // this whole block.
+    let used = cfg.fields_used;
+    if used != 0 {
+        let mut f = 0;
+        while f < FIELDS {
+            let bit = 1 << f;
+            if used & bit != 0 {
+                let set = FIELD_CLASS
+                    .get(field_index(bit, pkt))
+                    .and_then(|class| FIELD_RULES.get(*class));
+                let Some(set) = set else {
+                    return default_action;
+                };
+                let mut w = 0;
+                while w < RULE_WORDS {
+                    acc[w] &= set[w];
+                    w += 1;
+                }
+            }
+            f += 1;
+        }
+    }
+    let mut w = 0;
+    while w < RULE_WORDS {
+        let m = acc[w];
+        if m != 0 {
+            let rule = (w as u32) * 64 + m.trailing_zeros();
+            let Some(entry) = RULES.get(rule) else {
+                return default_action;
             };
-            FIELD_RULES.get(class)
-        };
-        let (Some(proto), Some(sport), Some(dport), Some(vlan), Some(flags), Some(version)) = (
-            set(field::USED_PROTO),
-            set(field::USED_SRC_PORT),
-            set(field::USED_DST_PORT),
-            set(field::USED_VLAN),
-            set(field::USED_TCP_FLAGS),
-            set(field::USED_IP_VERSION),
-        ) else {
-            return default_action;
-        };
-        first_match([
-            &src.src_rules,
-            &dst.dst_rules,
-            proto,
-            sport,
-            dport,
-            vlan,
-            flags,
-            version,
-        ])
-    };
-    if let Some(rule) = found {
-        let Some(entry) = RULES.get(rule) else {
-            return default_action;
-        };
-        d.rule = rule;
-        d.reason = reason::RULE;
-        count(&RULE_STATS, rule, len);
-        return (entry.action, entry.arg);
+            d.rule = rule;
+            d.reason = reason::RULE;
+            count(&RULE_STATS, rule, len);
+            return (entry.action, entry.arg);
+        }
+        w += 1;
     }
     default_action
 }
 
-/// The first rule in every one of `sets`: AND the summaries, then only the words they
-/// leave, lowest first. The cost follows the words that could hold a match, not the size
-/// of the policy.
-#[inline(always)]
-fn first_match<const N: usize>(sets: [&RuleSet; N]) -> Option<u32> {
-    let mut s = 0;
-    while s < SUMMARY_WORDS {
-        let mut candidates = u64::MAX;
-        let mut i = 0;
-        while i < N {
-            candidates &= sets[i].summary[s];
-            i += 1;
-        }
-        let mut k = 0;
-        while k < 64 && candidates != 0 {
-            // The verifier sees the bit index the way LLVM computes it (a table lookup of
-            // 0..=255); LLVM knows it is below 64 and would drop a plain mask, so the value
-            // goes through memory first and the mask stays.
-            let bit =
-                unsafe { core::ptr::read_volatile(&candidates.trailing_zeros()) } as usize & 63;
-            let w = (s * 64 + bit) & (RULE_WORDS - 1);
-            let mut m = u64::MAX;
-            let mut i = 0;
-            while i < N {
-                m &= sets[i].words[w];
-                i += 1;
-            }
-            if m != 0 {
-                return Some((w * 64) as u32 + m.trailing_zeros());
-            }
-            candidates &= candidates - 1;
-            k += 1;
-        }
-        s += 1;
-    }
-    None
-}
+/// Number of `field::USED_*` bits.
+const FIELDS: u32 = 6;
 
 /// Index in `FIELD_CLASS` of the packet's value of field `bit` (one `field::USED_*`).
 #[inline(always)]

@@ -461,25 +461,19 @@ fn field_tables(policy: &Policy) -> FieldTables {
     let mut sets: Vec<RuleSet> = Vec::new();
     let mut class = vec![0u32; ENTRIES as usize];
     let set_of = |accepts: &dyn Fn(&Rule) -> bool| -> RuleSet {
-        let mut set = RuleSet::EMPTY;
+        let mut set = [0u64; RULE_WORDS];
         for (i, r) in rules.iter().enumerate() {
             if accepts(r) {
-                set.insert(i);
+                set[i / 64] |= 1 << (i % 64);
             }
         }
         set
     };
-    // Class ALL_RULES (0): every rule, for fields no rule looks at.
-    let all = intern(&mut ids, &mut sets, set_of(&|_| true));
-    debug_assert_eq!(all, ALL_RULES);
-    // Each set is interned once; the values it covers get its class.
-    let mut put_range = |first: u32, last: u32, set: RuleSet| {
-        let id = intern(&mut ids, &mut sets, set);
-        class[first as usize..=last as usize].fill(id);
+    let mut put = |index: u32, set: RuleSet| {
+        class[index as usize] = intern(&mut ids, &mut sets, set);
     };
     for p in 0..=255u8 {
-        put_range(
-            PROTO_BASE + u32::from(p),
+        put(
             PROTO_BASE + u32::from(p),
             set_of(&|r| r.proto.as_ref().is_none_or(|m| m.accepts(p))),
         );
@@ -493,40 +487,33 @@ fn field_tables(policy: &Policy) -> FieldTables {
     ] {
         for (lo, hi) in segments(rules.iter().filter_map(pick), 65_535) {
             let set = set_of(&|r| pick(r).is_none_or(|m| m.accepts(lo)));
-            put_range(base + u32::from(lo), base + u32::from(hi), set);
+            for port in lo..=hi {
+                put(base + u32::from(port), set);
+            }
         }
         // No ports: only rules without a port criterion of this kind.
-        put_range(
-            base + NO_PORT,
-            base + NO_PORT,
-            set_of(&|r| pick(r).is_none()),
-        );
+        put(base + NO_PORT, set_of(&|r| pick(r).is_none()));
     }
     for (lo, hi) in segments(rules.iter().filter_map(|r| r.vlan.as_ref()), 4_095) {
         let set = set_of(&|r| r.vlan.as_ref().is_none_or(|m| m.accepts(lo)));
-        put_range(VLAN_BASE + u32::from(lo), VLAN_BASE + u32::from(hi), set);
+        for id in lo..=hi {
+            put(VLAN_BASE + u32::from(id), set);
+        }
     }
     // Untagged: "vlan = N" does not match, "vlan = !N" does.
-    put_range(
-        VLAN_BASE + UNTAGGED,
+    put(
         VLAN_BASE + UNTAGGED,
         set_of(&|r| r.vlan.as_ref().is_none_or(|m| m.negate)),
     );
     for f in 0..=255u8 {
-        put_range(
-            TCP_FLAGS_BASE + u32::from(f),
+        put(
             TCP_FLAGS_BASE + u32::from(f),
             set_of(&|r| r.tcp_flags.is_none_or(|t| t.accepts(f))),
         );
     }
-    put_range(
-        TCP_FLAGS_BASE + NOT_TCP,
-        TCP_FLAGS_BASE + NOT_TCP,
-        set_of(&|r| r.tcp_flags.is_none()),
-    );
+    put(TCP_FLAGS_BASE + NOT_TCP, set_of(&|r| r.tcp_flags.is_none()));
     for (i, v) in [4u8, 6].into_iter().enumerate() {
-        put_range(
-            IP_VERSION_BASE + i as u32,
+        put(
             IP_VERSION_BASE + i as u32,
             set_of(&|r| r.ip_version.is_none_or(|x| x == v)),
         );
@@ -562,10 +549,10 @@ fn class_entry(policy: &Policy, zones: &ZoneSet, lists: &ListSet) -> AddrClass {
     let mut c = AddrClass::default();
     for (r, rule) in policy.rules.iter().enumerate() {
         if zone_ok(rule.src_zone) && (rule.src_prefix.is_none() || has(lists, 2 * r)) {
-            c.src_rules.insert(r);
+            c.src_rules[r / 64] |= 1 << (r % 64);
         }
         if zone_ok(rule.dst_zone) && (rule.dst_prefix.is_none() || has(lists, 2 * r + 1)) {
-            c.dst_rules.insert(r);
+            c.dst_rules[r / 64] |= 1 << (r % 64);
         }
     }
     c
