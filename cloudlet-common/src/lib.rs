@@ -136,8 +136,8 @@ pub struct RateKey {
 }
 
 /// A sampled drop, sent to user space through the `EVENTS` ring buffer. At most
-/// [`EVENTS_PER_SECOND`] per CPU (bursts of [`EVENT_BURST`]) are sent; the rest are only
-/// counted.
+/// [`EVENT_BURST`] per CPU in each window of `2^EVENT_WINDOW_SHIFT` jiffies are sent; the
+/// rest are only counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropEvent {
@@ -162,10 +162,21 @@ pub struct DropEvent {
     pub dst: [u8; 16],
 }
 
-/// Drop events sent per second per CPU, at most.
-pub const EVENTS_PER_SECOND: u64 = 64;
-/// Drop events a CPU may send back to back.
+/// Drop events a CPU may send per window.
 pub const EVENT_BURST: u64 = 16;
+/// A window is `2^EVENT_WINDOW_SHIFT` jiffies: 256, a quarter second at HZ=1000 and a
+/// second at HZ=250, so a CPU sends 16 to 64 events a second at most.
+pub const EVENT_WINDOW_SHIFT: u32 = 8;
+
+/// Per-CPU drop-event budget (`EVENT_BUDGET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// The current window (jiffies >> EVENT_WINDOW_SHIFT).
+    pub window: u64,
+    /// Events sent in it.
+    pub sent: u64,
+}
 
 /// One compiled rule, indexed by its position in the policy.
 #[repr(C)]

@@ -1,29 +1,33 @@
-//! Sampled drop events: a per-CPU budget (GCRA, no races: one bucket per CPU) decides
-//! whether a drop is also reported through the ring buffer. Only drops are reported, and
-//! never more than `EVENTS_PER_SECOND` per CPU, so the per-packet path stays cheap.
+//! Sampled drop events: a per-CPU budget (no races: one per CPU) decides whether a drop is
+//! also reported through the ring buffer. The budget counts in windows of jiffies, which
+//! cost a memory read, where a nanosecond clock read costs tens of nanoseconds on every
+//! drop.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
-use cloudlet_common::{DropEvent, EVENT_BURST, EVENTS_PER_SECOND};
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    programs::XdpContext,
+};
+use cloudlet_common::{DropEvent, EVENT_BURST, EVENT_WINDOW_SHIFT};
 
-use crate::{EVENT_TAT, EVENTS};
-
-const INTERVAL_NS: u64 = 1_000_000_000 / EVENTS_PER_SECOND;
-const TOLERANCE_NS: u64 = INTERVAL_NS * (EVENT_BURST - 1);
+use crate::{EVENT_BUDGET, EVENTS};
 
 /// Whether this CPU may send an event now (and if so, spends the budget).
 #[inline(always)]
 fn allowed() -> bool {
-    let Some(tat) = EVENT_TAT.get_ptr_mut(0) else {
+    let Some(b) = EVENT_BUDGET.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: a helper without arguments; a per-CPU slot only this CPU touches.
     unsafe {
-        let now = bpf_ktime_get_ns();
-        let start = if *tat > now { *tat } else { now };
-        if start - now > TOLERANCE_NS {
+        let window = bpf_jiffies64() >> EVENT_WINDOW_SHIFT;
+        if (*b).window != window {
+            (*b).window = window;
+            (*b).sent = 0;
+        }
+        if (*b).sent >= EVENT_BURST {
             return false;
         }
-        *tat = start + INTERVAL_NS;
+        (*b).sent += 1;
     }
     true
 }

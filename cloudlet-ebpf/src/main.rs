@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, Counter, Decision, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig, RateKey, RateLimit,
-    RuleEntry, RuleSet, field, flat, stat,
+    AddrClass, Counter, Decision, EventBudget, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig,
+    RateKey, RateLimit, RuleEntry, RuleSet, field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -90,9 +90,9 @@ static RATE_SOURCE_TAT: LruHashMap<RateKey, u64> = LruHashMap::with_max_entries(
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Per-CPU theoretical arrival time of the next drop event (GCRA, see `events`).
+/// Per-CPU drop-event budget (see `events`).
 #[map]
-static EVENT_TAT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters per reason and per action (see `cloudlet_common::stat`).
 #[map]

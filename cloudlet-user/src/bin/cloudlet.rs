@@ -50,7 +50,7 @@ enum Command {
         #[command(subcommand)]
         command: GeoCommand,
     },
-    /// Sampled drops of the running cloudletd (at most 64 a second per CPU are sampled).
+    /// Sampled drops of the running cloudletd (16 to 64 a second per CPU at most).
     Events {
         /// cloudletd's admin socket.
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
