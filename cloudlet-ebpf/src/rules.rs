@@ -26,27 +26,17 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         rule: NO_RULE,
         ..Decision::default()
     };
+    // Addresses, for a drop event (zero when no IP header was parsed).
+    let mut addrs = ([0u8; 16], [0u8; 16]);
     let (act, arg) = match parse::parse(ctx) {
         Ok(pkt) => {
+            addrs = (pkt.src, pkt.dst);
             let (act, arg) = judge::<LPM>(&pkt, cfg, len, &mut d);
-            let (act, arg) = if act == action::RATE_LIMIT {
+            if act == action::RATE_LIMIT {
                 ratelimit::resolve(arg, &pkt, len)
             } else {
                 (act, arg)
-            };
-            if act == action::DROP {
-                events::report(ctx, |e| {
-                    e.reason = d.reason;
-                    e.rule = d.rule;
-                    e.ip_version = pkt.ip_version;
-                    e.l4_proto = pkt.l4_proto;
-                    e.src_port = pkt.src_port;
-                    e.dst_port = pkt.dst_port;
-                    e.src = pkt.src;
-                    e.dst = pkt.dst;
-                });
             }
-            (act, arg)
         }
         Err(u) => {
             d.reason = u.reason;
@@ -58,16 +48,22 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
             } else {
                 cfg.malformed_action
             };
-            if act == action::DROP {
-                events::report(ctx, |e| {
-                    e.reason = u.reason;
-                    e.rule = NO_RULE;
-                    e.ip_version = u.ip_version;
-                });
-            }
             (act, 0)
         }
     };
+    if act == action::DROP {
+        // `d` holds what the parser learned either way (ports only when parsed).
+        events::report(ctx, |e| {
+            e.reason = d.reason;
+            e.rule = d.rule;
+            e.ip_version = d.ip_version;
+            e.l4_proto = d.l4_proto;
+            e.src_port = d.src_port;
+            e.dst_port = d.dst_port;
+            e.src = addrs.0;
+            e.dst = addrs.1;
+        });
+    }
     count(&STATS, stat::reason(d.reason), len);
     count(&STATS, stat::action(act), len);
     let code = apply(ctx, act, arg);

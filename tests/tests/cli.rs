@@ -76,29 +76,14 @@ fn write_policy(dir: &Path) -> PathBuf {
 }
 
 fn frames() -> Vec<Vec<u8>> {
-    vec![
-        Frame::udp(
-            "85.214.0.1".parse().unwrap(),
-            "10.10.0.5".parse().unwrap(),
-            1000,
-            53,
-        )
-        .build(),
-        Frame::udp(
-            "8.8.8.8".parse().unwrap(),
-            "10.10.0.5".parse().unwrap(),
-            1000,
-            53,
-        )
-        .build(),
-        Frame::udp(
-            "8.8.8.8".parse().unwrap(),
-            "10.20.0.5".parse().unwrap(),
-            1000,
-            53,
-        )
-        .build(),
+    [
+        ("85.214.0.1", "10.10.0.5"),
+        ("8.8.8.8", "10.10.0.5"),
+        ("8.8.8.8", "10.20.0.5"),
     ]
+    .iter()
+    .map(|(src, dst)| Frame::udp(src.parse().unwrap(), dst.parse().unwrap(), 1000, 53).build())
+    .collect()
 }
 
 fn json_lines(out: &Output) -> Vec<serde_json::Value> {

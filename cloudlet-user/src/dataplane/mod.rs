@@ -14,7 +14,7 @@ use aya::{
     maps::{Array, LpmTrie, MapError, lpm_trie::Key},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
-use cloudlet_common::{AddrClass, FlatChunk, PolicyConfig, RuleEntry, stat};
+use cloudlet_common::{AddrClass, FlatChunk, PolicyConfig, RuleEntry};
 
 pub use compile::{CompileError, CompiledPolicy, compile};
 
@@ -160,11 +160,6 @@ impl Loaded {
         Ok(loaded)
     }
 
-    /// Which program this is.
-    pub const fn kind(&self) -> ProgramKind {
-        self.kind
-    }
-
     /// The loaded program.
     pub fn program_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
         let name = self.kind.program_name();
@@ -303,9 +298,6 @@ impl Loaded {
         stats::read(&self.ebpf, compiled)
     }
 }
-
-/// Index range of the `STATS` array, for readers.
-pub const STATS_LEN: u32 = stat::COUNT;
 
 fn interface_index(iface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(iface).ok()?;

@@ -173,15 +173,6 @@ impl Stats {
         }
         o
     }
-
-    /// The counter of reason `name`.
-    pub fn reason(&self, name: &str) -> Count {
-        self.reasons
-            .iter()
-            .find(|n| n.name == name)
-            .map(|n| n.count)
-            .unwrap_or_default()
-    }
 }
 
 fn per_cpu_sum(
