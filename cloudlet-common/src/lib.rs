@@ -4,10 +4,14 @@
 //! kernel and user space agree on each byte of map keys and values.
 #![no_std]
 
-/// Most rules one policy may hold. Rule sets are bitmaps of this many bits.
-pub const MAX_RULES: usize = 256;
-/// `u64` words in a rule bitmap.
-pub const RULE_WORDS: usize = MAX_RULES / 64;
+/// Most rules one policy may hold.
+pub const MAX_RULES: usize = 16_384;
+/// `u64` words of a rule set's summary: bit `w` is set when word `w` of the set is not
+/// zero, so 64 * 64 * SUMMARY_WORDS rules at most.
+pub const SUMMARY_WORDS: usize = MAX_RULES / 64 / 64;
+/// Policy banks: the program reads the bank named by `ACTIVE`; user space writes the other
+/// one and then flips `ACTIVE`, so a packet sees either the old or the new policy.
+pub const BANKS: u32 = 2;
 /// Most IPv6 extension headers walked before a packet is judged malformed.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
 /// Most VLAN tags (802.1Q / 802.1ad) parsed; a third tag makes the frame malformed.
@@ -108,6 +112,17 @@ pub struct PolicyConfig {
     pub fields_used: u32,
     /// Argument of the default action (see [`RuleEntry::arg`]).
     pub default_arg: u32,
+    /// `u64` words of every rule set in `SET_WORDS` (the same for all sets of the program).
+    pub words: u32,
+    /// Index of this bank's rule 0 in `RULES` and `RULE_STATS`.
+    pub rule_base: u32,
+    /// Index of this bank's class 0 in `CLASSES`.
+    pub class_base: u32,
+    /// Index of this bank's first entry in `FIELD_CLASS`.
+    pub field_base: u32,
+    /// First-level element of this bank in the flat tables (`flat::L1_CHUNKS * bank`).
+    pub table_root: u32,
+    pub _pad: u32,
 }
 
 /// A token bucket, as the generic cell rate algorithm keeps it: a packet conforms when its
@@ -188,18 +203,19 @@ pub struct RuleEntry {
     pub arg: u32,
 }
 
-/// What an address class means, the value of the `CLASSES` array.
+/// What an address class means in one bank, the value of the `CLASSES` array.
 ///
 /// Each address is looked up once and yields a class: all addresses of a class
-/// belong to the same zones and to the same rule prefix lists. The class carries
-/// precomputed rule bitmaps, so matching a packet is two lookups and an AND.
+/// belong to the same zones and to the same rule prefix lists. The class names two
+/// precomputed rule sets, so matching a packet is two lookups and an AND.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrClass {
-    /// Rules whose source criteria (`src_zone`, `src_prefix`) this class satisfies.
-    pub src_rules: [u64; RULE_WORDS],
-    /// Rules whose destination criteria (`dst_zone`, `dst_prefix`) this class satisfies.
-    pub dst_rules: [u64; RULE_WORDS],
+    /// Set (in `SET_SUMMARY` / `SET_WORDS`) of the rules whose source criteria
+    /// (`src_zone`, `src_prefix`) this class satisfies.
+    pub src_set: u32,
+    /// Set of the rules whose destination criteria this class satisfies.
+    pub dst_set: u32,
 }
 
 /// Key of the IPv6 (and optional IPv4) LPM tries: aya's `Key` layout,
@@ -223,9 +239,9 @@ pub mod flat {
     pub const PTR: u32 = 1 << 31;
 }
 
-/// Packet fields other than addresses that rules can match: each value of a field maps to
-/// a *field class* in `FIELD_CLASS` (at the field's base offset), and each class to the set
-/// of rules its values satisfy in `FIELD_RULES`.
+/// Packet fields other than addresses that rules can match: each value of a field maps, in
+/// `FIELD_CLASS` (at the bank's base plus the field's base offset), to the rule set its
+/// value satisfies.
 pub mod field {
     /// IP protocol (256 values).
     pub const PROTO_BASE: u32 = 0;
@@ -258,8 +274,11 @@ pub mod field {
     pub const USED_IP_VERSION: u32 = 32;
 }
 
-/// A set of rules (bit r = rule r), the value of `FIELD_RULES`.
-pub type RuleSet = [u64; RULE_WORDS];
+/// Rule sets are stored as a summary (`SET_SUMMARY`, one element per set) and
+/// `PolicyConfig::words` words (`SET_WORDS`, element `set * words + w`): bit r of the set
+/// is bit `r % 64` of word `r / 64`, and bit w of the summary says word w is not zero.
+/// Matching ANDs the summaries, then only the words they leave, lowest first.
+pub type Summary = [u64; SUMMARY_WORDS];
 
 /// One element of a flat address table.
 pub type FlatChunk = [u32; flat::CHUNK_ENTRIES];
@@ -329,10 +348,14 @@ mod pod {
 
 // Layout checks: a size change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 48);
 const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
-const _: () = assert!(core::mem::size_of::<AddrClass>() == 8 * 2 * RULE_WORDS);
+const _: () = assert!(core::mem::size_of::<AddrClass>() == 8);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);
+const _: () = assert!(
+    SUMMARY_WORDS == 4,
+    "the XDP program walks the summary word by word"
+);

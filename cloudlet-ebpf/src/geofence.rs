@@ -4,11 +4,12 @@
 use aya_ebpf::maps::{Array, LpmTrie, lpm_trie::Key};
 use cloudlet_common::{FlatChunk, flat::PTR};
 
-/// Class of an address (`N` bytes, network order) from a flat multibit table: one array
-/// read per address byte at most, stopping at the first class, whatever the table's size.
+/// Class of an address (`N` bytes, network order) from a flat multibit table whose first
+/// level starts at element `root`: one array read per address byte at most, stopping at
+/// the first class, whatever the table's size.
 #[inline(always)]
-pub fn class_flat<const N: usize>(table: &Array<FlatChunk>, addr: &[u8; N]) -> u32 {
-    let Some(chunk) = table.get(u32::from(addr[0])) else {
+pub fn class_flat<const N: usize>(table: &Array<FlatChunk>, root: u32, addr: &[u8; N]) -> u32 {
+    let Some(chunk) = table.get(root.wrapping_add(u32::from(addr[0]))) else {
         return 0;
     };
     let mut e = chunk[usize::from(addr[1])];

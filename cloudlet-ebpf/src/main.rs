@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, Counter, Decision, EventBudget, FlatChunk, Ipv6Addr, MAX_RULES, PolicyConfig,
-    RateKey, RateLimit, RuleEntry, RuleSet, field, flat, stat,
+    AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, Ipv6Addr, PolicyConfig, RateKey,
+    RateLimit, RuleEntry, Summary, field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -28,26 +28,40 @@ use cloudlet_common::{
 #[unsafe(no_mangle)]
 static TRACE: u32 = 0;
 
-/// Policy-wide settings (one entry).
+/// The bank in force (0 or 1): the index in `CONFIG` of the policy packets are judged by.
+/// User space fills the other bank, then flips this word.
 #[map]
-static CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
+static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Compiled rules, in policy order.
+/// Policy-wide settings of each bank; they locate the bank's part of the other maps.
 #[map]
-static RULES: Array<RuleEntry> = Array::with_max_entries(MAX_RULES as u32, 0);
+static CONFIG: Array<PolicyConfig> = Array::with_max_entries(BANKS, 0);
 
-/// Address classes: zones and precomputed rule bitmaps. Sized by the loader.
+/// Compiled rules, in policy order, from each bank's `rule_base`. Sized by the loader.
+#[map]
+static RULES: Array<RuleEntry> = Array::with_max_entries(1, 0);
+
+/// Address classes: each bank's rule sets of each class, from its `class_base`. Sized by
+/// the loader.
 #[map]
 static CLASSES: Array<AddrClass> = Array::with_max_entries(1, 0);
 
-/// IPv4 address to class: a flat multibit table (see `cloudlet_common::flat`). Sized by
-/// the loader.
+/// Summaries of the rule sets (see `cloudlet_common::Summary`). Sized by the loader.
 #[map]
-static V4_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS, 0);
+static SET_SUMMARY: Array<Summary> = Array::with_max_entries(1, 0);
+
+/// Words of the rule sets, `PolicyConfig::words` per set. Sized by the loader.
+#[map]
+static SET_WORDS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// IPv4 address to class: a flat multibit table (see `cloudlet_common::flat`), one first
+/// level per bank. Sized by the loader.
+#[map]
+static V4_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS * BANKS, 0);
 
 /// IPv6 address to class, the same structure. Sized by the loader.
 #[map]
-static V6_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS, 0);
+static V6_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS * BANKS, 0);
 
 /// IPv4 prefixes as an LPM trie, used only by `cloudlet_lpm` (kept for comparison).
 #[map]
@@ -57,13 +71,9 @@ static V4_TRIE: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
 #[map]
 static V6_TRIE: LpmTrie<Ipv6Addr, u32> = LpmTrie::with_max_entries(1, 0);
 
-/// Packet field value to field class (see `cloudlet_common::field`).
+/// Packet field value to the rule set it satisfies (see `cloudlet_common::field`), per bank.
 #[map]
-static FIELD_CLASS: Array<u32> = Array::with_max_entries(field::ENTRIES, 0);
-
-/// Field class to the rules its values satisfy. Sized by the loader.
-#[map]
-static FIELD_RULES: Array<RuleSet> = Array::with_max_entries(1, 0);
+static FIELD_CLASS: Array<u32> = Array::with_max_entries(field::ENTRIES * BANKS, 0);
 
 /// Interfaces of `redirect` actions (filled by the loader with their ifindexes).
 #[map]
@@ -98,14 +108,18 @@ static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1,
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-/// Counters per rule.
+/// Counters per rule, indexed like `RULES`. Sized by the loader.
 #[map]
-static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_RULES as u32, 0);
+static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters per address class: index `2 * class` for sources, `2 * class + 1` for
 /// destinations. User space folds classes into zones. Sized by the loader.
 #[map]
 static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per-CPU room for the decision being built.
+#[map]
+static SCRATCH: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
 
 /// The last decision, written only when [`TRACE`] is set.
 #[map]

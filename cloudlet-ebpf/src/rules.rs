@@ -1,16 +1,16 @@
-//! Rule evaluation and the verdict: look up both addresses, AND the classes' rule bitmaps
-//! (the lowest set bit is the first matching rule), act and count.
+//! Rule evaluation and the verdict: look up both addresses and the other fields rules use,
+//! AND their rule sets (the lowest set bit is the first matching rule), act and count.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, cty::c_void, helpers::bpf_loop, programs::XdpContext};
 use cloudlet_common::{
-    Counter, Decision, NO_RULE, PolicyConfig, RULE_WORDS, RuleSet, action, decision_flags, field,
-    reason, stat,
+    Counter, Decision, NO_RULE, PolicyConfig, SUMMARY_WORDS, action, decision_flags, field, reason,
+    stat,
 };
 
 use crate::{
-    CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, FIELD_RULES, REDIRECT_CPUS, REDIRECT_DEVICES,
-    RULE_STATS, RULES, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE, events,
-    geofence,
+    ACTIVE, CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, REDIRECT_CPUS, REDIRECT_DEVICES, RULE_STATS,
+    RULES, SCRATCH, SET_SUMMARY, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE,
+    V6_TABLE, V6_TRIE, events, geofence,
     parse::{self, Packet},
     ratelimit,
 };
@@ -19,10 +19,19 @@ use crate::{
 #[inline(always)]
 pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let Some(cfg) = CONFIG.get(0) else {
+    // One read of the bank: everything below comes from the same policy.
+    let bank = ACTIVE.get(0).copied().unwrap_or(0);
+    let Some(cfg) = CONFIG.get(bank) else {
         return xdp_action::XDP_PASS;
     };
-    let mut d = Decision {
+    // The decision, built up as the packet goes; in a per-CPU map rather than on the
+    // stack, which the rule search needs.
+    let Some(d) = SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
+    let d = unsafe { &mut *d };
+    *d = Decision {
         rule: NO_RULE,
         ..Decision::default()
     };
@@ -31,7 +40,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     let (act, arg) = match parse::parse(ctx) {
         Ok(pkt) => {
             addrs = (pkt.src, pkt.dst);
-            let (act, arg) = judge::<LPM>(&pkt, cfg, len, &mut d);
+            let (act, arg) = judge::<LPM>(&pkt, cfg, len, d);
             if act == action::RATE_LIMIT {
                 ratelimit::resolve(arg, &pkt, len)
             } else {
@@ -73,7 +82,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         d.xdp_code = code;
         if let Some(slot) = TRACE_DECISION.get_ptr_mut(0) {
             // SAFETY: the pointer comes from the map and is valid for writes.
-            unsafe { *slot = d };
+            unsafe { *slot = *d };
         }
     }
     code
@@ -97,18 +106,19 @@ fn judge<const LPM: bool>(
     d.dst_port = pkt.dst_port;
     d.tcp_flags = pkt.tcp_flags;
 
+    let root = cfg.table_root;
     let (src_class, dst_class) = match (pkt.ip_version == 4, LPM) {
         (true, false) => (
-            geofence::class_flat(&V4_TABLE, &pkt.src_v4()),
-            geofence::class_flat(&V4_TABLE, &pkt.dst_v4()),
+            geofence::class_flat(&V4_TABLE, root, &pkt.src_v4()),
+            geofence::class_flat(&V4_TABLE, root, &pkt.dst_v4()),
         ),
         (true, true) => (
             geofence::class_trie(&V4_TRIE, &pkt.src_v4()),
             geofence::class_trie(&V4_TRIE, &pkt.dst_v4()),
         ),
         (false, false) => (
-            geofence::class_flat(&V6_TABLE, &pkt.src),
-            geofence::class_flat(&V6_TABLE, &pkt.dst),
+            geofence::class_flat(&V6_TABLE, root, &pkt.src),
+            geofence::class_flat(&V6_TABLE, root, &pkt.dst),
         ),
         (false, true) => (
             geofence::class_trie(&V6_TRIE, &pkt.src),
@@ -121,54 +131,159 @@ fn judge<const LPM: bool>(
     count(&CLASS_STATS, dst_class.wrapping_mul(2).wrapping_add(1), len);
 
     d.reason = reason::DEFAULT;
-    let (Some(src), Some(dst)) = (CLASSES.get(src_class), CLASSES.get(dst_class)) else {
+    let base = cfg.class_base;
+    let (Some(src), Some(dst)) = (
+        CLASSES.get(base.wrapping_add(src_class)),
+        CLASSES.get(base.wrapping_add(dst_class)),
+    ) else {
         return default_action;
     };
-    let mut acc: RuleSet = [0; RULE_WORDS];
-    let mut w = 0;
-    while w < RULE_WORDS {
-        acc[w] = src.src_rules[w] & dst.dst_rules[w];
-        w += 1;
-    }
-    // Other fields, only those some rule looks at: a policy of addresses and zones skips
-    // this whole block.
-    let used = cfg.fields_used;
-    if used != 0 {
+    let mut scan = Scan {
+        sets: [0; MAX_SETS],
+        n: 2,
+        words: cfg.words,
+        summary: [u64::MAX; SUMMARY_WORDS],
+        rule: NO_RULE,
+    };
+    scan.sets[0] = src.src_set;
+    scan.sets[1] = dst.dst_set;
+    // The other fields, when some rule looks at one: a policy of addresses and zones
+    // skips this block. A field no rule looks at maps every value to all the rules.
+    if cfg.fields_used != 0 {
         let mut f = 0;
         while f < FIELDS {
-            let bit = 1 << f;
-            if used & bit != 0 {
-                let set = FIELD_CLASS
-                    .get(field_index(bit, pkt))
-                    .and_then(|class| FIELD_RULES.get(*class));
-                let Some(set) = set else {
-                    return default_action;
-                };
-                let mut w = 0;
-                while w < RULE_WORDS {
-                    acc[w] &= set[w];
-                    w += 1;
-                }
-            }
-            f += 1;
-        }
-    }
-    let mut w = 0;
-    while w < RULE_WORDS {
-        let m = acc[w];
-        if m != 0 {
-            let rule = (w as u32) * 64 + m.trailing_zeros();
-            let Some(entry) = RULES.get(rule) else {
+            let index = cfg.field_base.wrapping_add(field_index(1 << f, pkt));
+            let Some(set) = FIELD_CLASS.get(index) else {
                 return default_action;
             };
-            d.rule = rule;
-            d.reason = reason::RULE;
-            count(&RULE_STATS, rule, len);
-            return (entry.action, entry.arg);
+            scan.sets[2 + f as usize] = *set;
+            f += 1;
         }
-        w += 1;
+        scan.n = MAX_SETS as u32;
     }
-    default_action
+    if !scan.summarize() {
+        return default_action;
+    }
+    // The first candidate word here; the others, rarely needed, in a bounded loop the
+    // verifier checks once.
+    if scan.step() {
+        // SAFETY: `scan_step` is a bpf_loop callback taking a `Scan` as its context, and
+        // `scan` outlives the call.
+        unsafe {
+            bpf_loop(
+                (SUMMARY_WORDS * 64) as u32,
+                scan_step as *mut c_void,
+                &mut scan as *mut Scan as *mut c_void,
+                0,
+            );
+        }
+    }
+    let rule = scan.rule;
+    if rule == NO_RULE {
+        return default_action;
+    }
+    let index = cfg.rule_base.wrapping_add(rule);
+    let Some(entry) = RULES.get(index) else {
+        return default_action;
+    };
+    d.rule = rule;
+    d.reason = reason::RULE;
+    count(&RULE_STATS, index, len);
+    (entry.action, entry.arg)
+}
+
+/// Rule sets a packet is matched against: source class, destination class, and one per
+/// field.
+const MAX_SETS: usize = 2 + FIELDS as usize;
+
+/// The state of the search for the first rule in every one of a packet's sets.
+#[repr(C)]
+struct Scan {
+    /// Set ids.
+    sets: [u32; MAX_SETS],
+    /// Sets in use.
+    n: u32,
+    /// Words per set.
+    words: u32,
+    /// AND of the sets' summaries; candidate words are cleared as they are tried.
+    summary: [u64; SUMMARY_WORDS],
+    /// The first matching rule, or `NO_RULE`.
+    rule: u32,
+}
+
+impl Scan {
+    /// ANDs the summaries of the sets; false if a set is missing.
+    #[inline(always)]
+    fn summarize(&mut self) -> bool {
+        let mut i = 0;
+        while i < MAX_SETS {
+            if i as u32 >= self.n {
+                break;
+            }
+            let Some(s) = SET_SUMMARY.get(self.sets[i]) else {
+                return false;
+            };
+            let mut k = 0;
+            while k < SUMMARY_WORDS {
+                self.summary[k] &= s[k];
+                k += 1;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// Tries the next candidate word: false when the search is over (a rule found or no
+    /// candidate left), true to go on.
+    #[inline(always)]
+    fn step(&mut self) -> bool {
+        // The lowest candidate, taken out of the summary. Constant indexes: this also runs
+        // as a bpf_loop callback, where the verifier does not know which word is next.
+        let (k, m) = if self.summary[0] != 0 {
+            (0, self.summary[0])
+        } else if self.summary[1] != 0 {
+            (1, self.summary[1])
+        } else if self.summary[2] != 0 {
+            (2, self.summary[2])
+        } else if self.summary[3] != 0 {
+            (3, self.summary[3])
+        } else {
+            return false;
+        };
+        let rest = m & m.wrapping_sub(1);
+        match k {
+            0 => self.summary[0] = rest,
+            1 => self.summary[1] = rest,
+            2 => self.summary[2] = rest,
+            _ => self.summary[3] = rest,
+        }
+        let w = k * 64 + m.trailing_zeros();
+        let mut acc = u64::MAX;
+        let mut i = 0;
+        while i < MAX_SETS {
+            if i as u32 >= self.n {
+                break;
+            }
+            let index = self.sets[i].wrapping_mul(self.words).wrapping_add(w);
+            match SET_WORDS.get(index) {
+                Some(word) => acc &= *word,
+                None => acc = 0,
+            }
+            i += 1;
+        }
+        if acc != 0 {
+            self.rule = w * 64 + acc.trailing_zeros();
+            return false;
+        }
+        true
+    }
+}
+
+/// `bpf_loop` callback: one candidate word per call; 1 stops the loop.
+extern "C" fn scan_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `judge` passes its `Scan`, alive for the whole loop.
+    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    i64::from(!scan.step())
 }
 
 /// Number of `field::USED_*` bits.

@@ -8,7 +8,7 @@ use aya::programs::xdp::XdpLink;
 use crate::{
     config::Config,
     dataplane::{
-        self, AttachMode, CompileError, CompiledPolicy, DataplaneError, Loaded, ProgramKind,
+        AttachMode, CompileError, CompiledPolicy, Compiler, DataplaneError, Loaded, ProgramKind,
         events::{Event, EventLog},
         stats::Stats,
     },
@@ -51,11 +51,21 @@ pub enum NodeError {
 /// zones name countries.
 pub fn prepare_policy(path: &Path) -> Result<CompiledPolicy, NodeError> {
     let policy = policy::load(path)?;
+    compile_with(path, &policy, &mut Compiler::default())
+}
+
+/// Compiles `policy` (read from `path`) with `compiler`, opening its GeoIP database if
+/// its zones name countries the compiler has not read.
+fn compile_with(
+    path: &Path,
+    policy: &policy::Policy,
+    compiler: &mut Compiler,
+) -> Result<CompiledPolicy, NodeError> {
     let geo = match (&policy.geoip_database, policy.uses_countries()) {
-        (Some(db), true) => Some(GeoDb::open(db)?),
+        (Some(db), true) if !compiler.keeps_classes(policy) => Some(GeoDb::open(db)?),
         _ => None,
     };
-    let compiled = dataplane::compile(&policy, geo.as_ref())?;
+    let compiled = compiler.compile(policy, geo.as_ref())?;
     if let Some(geo) = &geo
         && compiled.stats.geo_networks == 0
     {
@@ -161,6 +171,7 @@ mod pin {
 pub struct Prepared {
     path: std::path::PathBuf,
     compiled: CompiledPolicy,
+    compiler: Compiler,
     loaded: Loaded,
     started: Instant,
 }
@@ -168,15 +179,61 @@ pub struct Prepared {
 impl Prepared {
     /// Reads, compiles and loads the policy at `path`.
     pub fn new(path: &Path) -> Result<Self, NodeError> {
-        let started = Instant::now();
-        let compiled = prepare_policy(path)?;
+        let policy = policy::load(path)?;
+        Self::from_policy(path, &policy, Instant::now())
+    }
+
+    fn from_policy(
+        path: &Path,
+        policy: &policy::Policy,
+        started: Instant,
+    ) -> Result<Self, NodeError> {
+        let mut compiler = Compiler::default();
+        let compiled = compile_with(path, policy, &mut compiler)?;
         let loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
         Ok(Self {
             path: path.to_path_buf(),
             compiled,
+            compiler,
             loaded,
             started,
         })
+    }
+}
+
+/// A new policy, ready to apply with [`Node::apply`].
+pub enum Update {
+    /// Compiled with the running policy's compiler: written into the running program's
+    /// inactive bank, then flipped to (no program load, tables patched, not rebuilt).
+    InPlace {
+        path: std::path::PathBuf,
+        compiled: CompiledPolicy,
+        compiler: Compiler,
+        started: Instant,
+    },
+    /// Loaded into a program of its own, to be swapped in with `BPF_LINK_UPDATE`: when
+    /// the zones or their countries changed.
+    Full(Prepared),
+}
+
+impl Update {
+    /// Reads and compiles the policy at `path`: in place when `compiler` (the running
+    /// policy's, from [`Node::compiler`]) keeps its class ids, else into a new program.
+    /// The slow part of a reload; the running policy keeps filtering meanwhile.
+    pub fn new(path: &Path, compiler: Compiler) -> Result<Self, NodeError> {
+        let started = Instant::now();
+        let policy = policy::load(path)?;
+        if compiler.keeps_classes(&policy) {
+            let mut compiler = compiler;
+            let compiled = compile_with(path, &policy, &mut compiler)?;
+            return Ok(Self::InPlace {
+                path: path.to_path_buf(),
+                compiled,
+                compiler,
+                started,
+            });
+        }
+        Ok(Self::Full(Prepared::from_policy(path, &policy, started)?))
     }
 }
 
@@ -192,6 +249,8 @@ pub struct Attachment {
 /// The node's dataplane while it runs. Dropping it detaches the program.
 pub struct Node {
     compiled: CompiledPolicy,
+    /// The compiler of the policy in force (its class ids are the tables').
+    compiler: Compiler,
     loaded: Loaded,
     attachments: Vec<Attachment>,
     /// Counters of policies swapped out, so totals survive a reload.
@@ -205,7 +264,9 @@ impl Node {
     /// configured interface. Nothing stays attached if any step fails.
     pub fn start(config: &Config) -> Result<Self, NodeError> {
         let started = Instant::now();
-        let compiled = prepare_policy(&config.policy)?;
+        let policy = policy::load(&config.policy)?;
+        let mut compiler = Compiler::default();
+        let compiled = compile_with(&config.policy, &policy, &mut compiler)?;
         let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
         if let Some(dir) = &config.pin_dir {
             pin::prepare_dir(dir)?;
@@ -245,6 +306,7 @@ impl Node {
         }
         Ok(Self {
             compiled,
+            compiler,
             loaded,
             attachments,
             carried: Stats::default(),
@@ -252,10 +314,70 @@ impl Node {
         })
     }
 
-    /// Replaces the policy with the one at `path` (see [`Prepared`] and [`Node::swap`]).
+    /// Replaces the policy with the one at `path` (see [`Update`]).
     pub fn reload(&mut self, path: &Path) -> Result<(), NodeError> {
-        let prepared = Prepared::new(path)?;
-        self.swap(prepared)
+        let update = Update::new(path, self.compiler())?;
+        self.apply(update)
+    }
+
+    /// A copy of the running policy's compiler, for [`Update::new`].
+    pub fn compiler(&self) -> Compiler {
+        self.compiler.clone()
+    }
+
+    /// Puts a new policy in force: in place when it was compiled so and fits the running
+    /// program's maps, else by loading and swapping in a program of its own.
+    pub fn apply(&mut self, update: Update) -> Result<(), NodeError> {
+        let (path, compiled, compiler, started) = match update {
+            Update::Full(prepared) => return self.swap(prepared),
+            Update::InPlace {
+                path,
+                compiled,
+                compiler,
+                started,
+            } => (path, compiled, compiler, started),
+        };
+        let old_bank = self.loaded.active_bank();
+        // Drain events while their rule numbers still mean the old rules.
+        self.events.poll(&self.compiled);
+        match self.loaded.update(&compiled) {
+            Ok(t) => {
+                // The old bank's rule counters are final now: keep them by name.
+                let old = self.loaded.stats_in_bank(&self.compiled, old_bank)?;
+                for r in old.rules {
+                    match self.carried.rules.iter_mut().find(|c| c.name == r.name) {
+                        Some(c) => c.count.add(r.count),
+                        None => self.carried.rules.push(r),
+                    }
+                }
+                log::info!(
+                    "policy {}: {} rules, {} address classes, {} rule sets; updated in place in {} ms (compile {} ms, patch {} us, write {} us for {} map elements, grace period {} us)",
+                    path.display(),
+                    compiled.rules.len(),
+                    compiled.stats.classes,
+                    compiled.stats.rule_sets,
+                    started.elapsed().as_millis(),
+                    (started.elapsed() - t.prepare - t.write - t.grace).as_millis(),
+                    t.prepare.as_micros(),
+                    t.write.as_micros(),
+                    t.elements,
+                    t.grace.as_micros(),
+                );
+                self.compiled = compiled;
+                self.compiler = compiler;
+                Ok(())
+            }
+            Err(DataplaneError::NoRoom(why)) => {
+                log::info!(
+                    "policy {}: {why}; loading it into a new program",
+                    path.display()
+                );
+                let policy = policy::load(&path)?;
+                let prepared = Prepared::from_policy(&path, &policy, started)?;
+                self.swap(prepared)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Moves every interface onto the prepared program, each in one `BPF_LINK_UPDATE`.
@@ -302,6 +424,7 @@ impl Node {
             self.events.attach(ring);
         }
         self.compiled = prepared.compiled;
+        self.compiler = prepared.compiler;
         self.loaded = prepared.loaded;
         // The new program's counters start at zero; keep the totals so far beside them.
         self.carried = before;

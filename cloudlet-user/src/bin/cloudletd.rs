@@ -15,7 +15,7 @@ use cloudlet::{
     config::Config,
     dataplane::metrics::DataplaneCollector,
     error_chain,
-    node::{Node, NodeError, Prepared, mode_name},
+    node::{Node, NodeError, Update, mode_name},
 };
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
@@ -207,10 +207,18 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
                 let node = node.clone();
                 let path = config.policy.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    // Compile and load without the lock: counters stay readable meanwhile.
-                    let prepared = Prepared::new(&path)?;
+                    // Compile (and load, if it needs a program of its own) without the
+                    // lock: counters stay readable meanwhile.
+                    let compiler = match node.lock() {
+                        Ok(n) => n.compiler(),
+                        Err(_) => {
+                            log::error!("node lock poisoned");
+                            return Ok(());
+                        }
+                    };
+                    let update = Update::new(&path, compiler)?;
                     match node.lock() {
-                        Ok(mut n) => n.swap(prepared),
+                        Ok(mut n) => n.apply(update),
                         Err(_) => {
                             log::error!("node lock poisoned");
                             Ok(())

@@ -2,16 +2,27 @@
 //!
 //! Every address is given an *address class*: the zones it belongs to (longest prefix wins,
 //! explicit prefixes win ties over countries, a country in several zones puts its networks
-//! in all of them) and the rule prefix lists that contain it. Each class carries two rule
-//! bitmaps, the rules whose source and whose destination criteria it satisfies, so the
-//! kernel matches a packet with one lookup per address and an AND, however many rules and
-//! prefixes the policy has. Zones live in user space only (for `classify` and counters).
-//! Pure: no maps, no syscalls.
+//! in all of them) and the rule prefix lists that contain it. Each class names two rule
+//! sets, the rules whose source and whose destination criteria it satisfies; every value of
+//! the other fields rules look at (protocol, ports, VLAN, TCP flags, IP version) names the
+//! set of rules it satisfies. The kernel ANDs a packet's sets and takes the lowest rule, so
+//! the per-packet cost does not scan the rule list. Zones live in user space only (for
+//! `classify` and counters). Pure: no maps, no syscalls.
+//!
+//! A [`Compiler`] keeps what gives classes their meaning (zone sets, prefix lists, the
+//! classes themselves) across compilations, so a later policy that differs a little keeps
+//! the class ids of the earlier one and can be written into the running program's tables
+//! without rebuilding them (see [`patch_table`]).
 
-use std::{collections::HashMap, hash::Hash, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    hash::Hash,
+    net::IpAddr,
+    sync::Arc,
+};
 
 use cloudlet_common::{
-    AddrClass, FlatChunk, PolicyConfig, RULE_WORDS, RateLimit, RuleEntry, RuleSet,
+    AddrClass, BANKS, FlatChunk, PolicyConfig, RateLimit, RuleEntry, SUMMARY_WORDS, Summary,
     flat::{CHUNK_ENTRIES, L1_CHUNKS, PTR},
 };
 
@@ -22,8 +33,6 @@ use crate::{
 
 /// A set of zones, bit i = zone i.
 pub type ZoneSet = [u64; MAX_ZONES / 64];
-/// A set of rule prefix lists: list `2r` is rule r's `src_prefix`, `2r + 1` its `dst_prefix`.
-type ListSet = [u64; RULE_WORDS * 2];
 
 fn has<const W: usize>(set: &[u64; W], i: usize) -> bool {
     set[i / 64] >> (i % 64) & 1 == 1
@@ -34,23 +43,48 @@ fn with<const W: usize>(mut set: [u64; W], i: usize) -> [u64; W] {
     set
 }
 
-/// Interned sets: equal sets get equal ids, id 0 is the empty set.
-struct Sets<const W: usize> {
-    ids: HashMap<[u64; W], u32>,
-    sets: Vec<[u64; W]>,
+/// Values that can be merged: zone sets (bitwise or) and sorted lists of ids.
+trait Union: Clone + Eq + Hash + Default {
+    fn union(&self, other: &Self) -> Self;
+}
+
+impl<const W: usize> Union for [u64; W]
+where
+    [u64; W]: Default,
+{
+    fn union(&self, other: &Self) -> Self {
+        std::array::from_fn(|i| self[i] | other[i])
+    }
+}
+
+impl Union for Vec<u32> {
+    fn union(&self, other: &Self) -> Self {
+        let mut v: Vec<u32> = self.iter().chain(other).copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// Interned values: equal values get equal ids, id 0 is the empty value. Ids never change
+/// meaning while the interner lives.
+#[derive(Clone, Default)]
+struct Sets<K: Union> {
+    ids: HashMap<K, u32>,
+    sets: Vec<K>,
     unions: HashMap<(u32, u32), u32>,
 }
 
-impl<const W: usize> Sets<W> {
+impl<K: Union> Sets<K> {
     fn new() -> Self {
         Self {
-            ids: HashMap::from([([0; W], 0)]),
-            sets: vec![[0; W]],
+            ids: HashMap::from([(K::default(), 0)]),
+            sets: vec![K::default()],
             unions: HashMap::new(),
         }
     }
 
-    fn id(&mut self, set: [u64; W]) -> u32 {
+    fn id(&mut self, set: K) -> u32 {
         intern(&mut self.ids, &mut self.sets, set)
     }
 
@@ -65,18 +99,21 @@ impl<const W: usize> Sets<W> {
         if let Some(id) = self.unions.get(&key) {
             return *id;
         }
-        let (x, y) = (self.sets[a as usize], self.sets[b as usize]);
-        let id = self.id(std::array::from_fn(|i| x[i] | y[i]));
+        let u = self.sets[a as usize].union(&self.sets[b as usize]);
+        let id = self.id(u);
         self.unions.insert(key, id);
         id
     }
 }
 
-fn intern<K: Copy + Eq + Hash>(ids: &mut HashMap<K, u32>, all: &mut Vec<K>, key: K) -> u32 {
-    *ids.entry(key).or_insert_with(|| {
-        all.push(key);
-        (all.len() - 1) as u32
-    })
+fn intern<K: Clone + Eq + Hash>(ids: &mut HashMap<K, u32>, all: &mut Vec<K>, key: K) -> u32 {
+    if let Some(id) = ids.get(&key) {
+        return *id;
+    }
+    all.push(key.clone());
+    let id = (all.len() - 1) as u32;
+    ids.insert(key, id);
+    id
 }
 
 /// Errors from compiling a policy.
@@ -121,11 +158,80 @@ pub struct CompileStats {
     pub v4_chunks: usize,
     pub v6_chunks: usize,
     pub classes: usize,
+    /// Distinct rule sets.
+    pub rule_sets: usize,
 }
 
-/// Everything the XDP program needs for one policy.
+/// The rule sets of a policy, interned: set 0 is the empty set. Each set is `words` words
+/// (bit r = rule r).
+#[derive(Clone, Debug, Default)]
+pub struct RuleSets {
+    pub words: usize,
+    /// Set i is `bits[i * words .. (i + 1) * words]`.
+    pub bits: Vec<u64>,
+    ids: HashMap<Vec<u64>, u32>,
+}
+
+impl RuleSets {
+    fn new(words: usize) -> Self {
+        let mut s = Self {
+            words,
+            bits: Vec::new(),
+            ids: HashMap::new(),
+        };
+        s.id(vec![0; words]);
+        s
+    }
+
+    fn id(&mut self, set: Vec<u64>) -> u32 {
+        debug_assert_eq!(set.len(), self.words);
+        if let Some(id) = self.ids.get(&set) {
+            return *id;
+        }
+        let id = self.len() as u32;
+        self.bits.extend_from_slice(&set);
+        self.ids.insert(set, id);
+        id
+    }
+
+    /// Number of sets.
+    pub fn len(&self) -> usize {
+        self.bits.len() / self.words.max(1)
+    }
+
+    /// Whether there are no sets (never: set 0 always exists).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The words of set `id`.
+    pub fn get(&self, id: u32) -> &[u64] {
+        let w = self.words;
+        &self.bits[id as usize * w..(id as usize + 1) * w]
+    }
+
+    /// Whether set `id` holds rule `r`.
+    pub fn contains(&self, id: u32, r: usize) -> bool {
+        self.get(id)[r / 64] >> (r % 64) & 1 == 1
+    }
+
+    /// The summary of set `id`: bit w set when word w is not zero.
+    pub fn summary(&self, id: u32) -> Summary {
+        let mut s = [0u64; SUMMARY_WORDS];
+        for (w, word) in self.get(id).iter().enumerate() {
+            if *word != 0 {
+                s[w / 64] |= 1 << (w % 64);
+            }
+        }
+        s
+    }
+}
+
+/// Everything the XDP program needs for one policy, independent of where in the program's
+/// maps it goes (see `dataplane::Loaded`).
 #[derive(Clone, Debug)]
 pub struct CompiledPolicy {
+    /// Settings; the bank offsets are filled in when it is written.
     pub config: PolicyConfig,
     pub rules: Vec<RuleEntry>,
     pub rule_names: Vec<String>,
@@ -138,24 +244,26 @@ pub struct CompiledPolicy {
     /// Rate limits of `rate_limit` actions: a rule's argument indexes this list.
     pub rate_limits: Vec<RateLimit>,
     pub zone_names: Vec<String>,
-    /// Class 0 is "no zone, no list": addresses nothing names.
+    /// The rule sets, each `sets.words` words.
+    pub sets: RuleSets,
+    /// Each class's source and destination sets (ids in `sets`). Class 0 is "no zone, no
+    /// list": addresses nothing names.
     pub classes: Vec<AddrClass>,
     /// The zones of each class (user space only).
     pub class_zones: Vec<ZoneSet>,
-    /// Field value to field class (`cloudlet_common::field` layout); empty when no rule
+    /// Field value to rule set (`cloudlet_common::field` layout); empty when no rule
     /// looks at a field other than addresses.
     pub field_class: Vec<u32>,
-    /// Field class to the rules its values satisfy.
-    pub field_rules: Vec<RuleSet>,
-    /// The flat IPv4 table, `L1_CHUNKS` first-level chunks then the rest.
+    /// The flat IPv4 table as built for bank 0: the first level in elements
+    /// `0..L1_CHUNKS`, bank 1's first level (zero) next, then the other chunks.
     pub v4_chunks: Vec<FlatChunk>,
-    /// The flat IPv6 table.
+    /// The flat IPv6 table, the same layout.
     pub v6_chunks: Vec<FlatChunk>,
     /// IPv4 as LPM entries (for the LPM variant of the program).
     pub v4_prefixes: Vec<LpmEntry<4>>,
     pub v6_prefixes: Vec<LpmEntry<16>>,
-    pub v4_ranges: Vec<Range>,
-    pub v6_ranges: Vec<Range>,
+    pub v4_ranges: Arc<Vec<Range>>,
+    pub v6_ranges: Arc<Vec<Range>>,
     pub stats: CompileStats,
 }
 
@@ -186,6 +294,19 @@ impl CompiledPolicy {
         let i = ranges.partition_point(|r| r.end < bits);
         ranges.get(i).map_or(0, |r| r.class)
     }
+
+    /// The first rule whose criteria hold for addresses of classes `src` and `dst` and
+    /// fields of these `FIELD_CLASS` indexes (as the kernel decides it).
+    pub fn first_rule(&self, src: u32, dst: u32, fields: &[u32]) -> Option<usize> {
+        let mut sets = vec![
+            self.classes.get(src as usize)?.src_set,
+            self.classes.get(dst as usize)?.dst_set,
+        ];
+        if !self.field_class.is_empty() {
+            sets.extend(fields.iter().map(|f| self.field_class[*f as usize]));
+        }
+        (0..self.rules.len()).find(|r| sets.iter().all(|s| self.sets.contains(*s, *r)))
+    }
 }
 
 /// One prefix with what it contributes; zone and list sets by id.
@@ -199,30 +320,28 @@ struct Node {
     lists: u32,
 }
 
-/// Prefixes of one address family.
-struct Family {
-    ipv4: bool,
-    nodes: Vec<Node>,
-}
-
-impl Family {
-    fn push(&mut self, p: Prefix, explicit_zones: u32, country_zones: u32, lists: u32) {
+impl Node {
+    fn new(p: Prefix, explicit_zones: u32, country_zones: u32, lists: u32) -> Self {
         let (start, end) = p.range();
-        self.nodes.push(Node {
+        Self {
             start,
             end,
             len: p.len(),
             explicit_zones,
             country_zones,
             lists,
-        });
+        }
     }
 }
 
-/// The interning state shared by both families.
+/// What gives classes their meaning, kept across compilations.
+#[derive(Clone)]
 struct Interned {
-    zones: Sets<{ MAX_ZONES / 64 }>,
-    lists: Sets<{ RULE_WORDS * 2 }>,
+    zones: Sets<ZoneSet>,
+    /// Sets of prefix lists (ids in `prefix_lists`).
+    lists: Sets<Vec<u32>>,
+    /// A rule's `src_prefix` or `dst_prefix`, by content.
+    prefix_lists: HashMap<Vec<Prefix>, u32>,
     class_ids: HashMap<(u32, u32), u32>,
     /// (zone set id, list set id) of each class; class 0 is (0, 0).
     classes: Vec<(u32, u32)>,
@@ -232,46 +351,216 @@ impl Interned {
     fn class(&mut self, zones: u32, lists: u32) -> u32 {
         intern(&mut self.class_ids, &mut self.classes, (zones, lists))
     }
+
+    /// The id of a prefix list (its prefixes sorted and deduplicated).
+    fn prefix_list(&mut self, prefixes: &[Prefix]) -> u32 {
+        let mut key = prefixes.to_vec();
+        key.sort_unstable();
+        key.dedup();
+        let next = self.prefix_lists.len() as u32;
+        *self.prefix_lists.entry(key).or_insert(next)
+    }
+}
+
+/// What GeoIP networks were read for: the database (path, size and modification time)
+/// and each zone's countries.
+type GeoKey = (
+    Option<std::path::PathBuf>,
+    Option<(u64, std::time::SystemTime)>,
+    Vec<Vec<String>>,
+);
+
+/// The GeoIP networks of a policy's countries, sorted, with the key they were read for.
+#[derive(Clone)]
+struct GeoNodes {
+    key: GeoKey,
+    v4: Arc<Vec<Node>>,
+    v6: Arc<Vec<Node>>,
+    networks: usize,
+}
+
+/// Compiles policies, keeping class ids stable from one to the next (see the module
+/// docs). A fresh compiler for every policy gives the same tables as a long-lived one,
+/// only with other class numbers.
+#[derive(Clone)]
+pub struct Compiler {
+    it: Interned,
+    geo: Option<GeoNodes>,
+    /// Each zone's name, in order: class ids keep their meaning only while these stay.
+    zone_names: Option<Vec<String>>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Self {
+            it: Interned {
+                zones: Sets::new(),
+                lists: Sets::new(),
+                prefix_lists: HashMap::new(),
+                class_ids: HashMap::from([((0, 0), 0)]),
+                classes: vec![(0, 0)],
+            },
+            geo: None,
+            zone_names: None,
+        }
+    }
 }
 
 /// Compiles `policy`; `geo` must be given when its zones name countries.
 pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, CompileError> {
-    let t0 = std::time::Instant::now();
-    let mut v4 = Family {
-        ipv4: true,
-        nodes: Vec::new(),
-    };
-    let mut v6 = Family {
-        ipv4: false,
-        nodes: Vec::new(),
-    };
-    let mut it = Interned {
-        zones: Sets::new(),
-        lists: Sets::new(),
-        class_ids: HashMap::from([((0, 0), 0)]),
-        classes: vec![(0, 0)],
-    };
-    let mut stats = CompileStats::default();
+    Compiler::default().compile(policy, geo)
+}
 
-    for (z, zone) in policy.zones.iter().enumerate() {
-        let id = it.zones.id(with([0; MAX_ZONES / 64], z));
-        for p in &zone.prefixes {
-            let fam = if p.is_ipv4() { &mut v4 } else { &mut v6 };
-            fam.push(*p, id, 0, 0);
-        }
+impl Compiler {
+    /// Whether `policy` can be compiled by this compiler keeping the class ids of the
+    /// policies compiled before: the same zones in the same order, with the same countries
+    /// from the same database (explicit prefixes, rules and verdicts may all differ).
+    pub fn keeps_classes(&self, policy: &Policy) -> bool {
+        let names: Vec<String> = policy.zones.iter().map(|z| z.name.clone()).collect();
+        let same_zones = self.zone_names.as_ref().is_none_or(|n| *n == names);
+        let same_geo =
+            !policy.uses_countries() || self.geo.as_ref().is_some_and(|g| g.key == geo_key(policy));
+        same_zones && same_geo
     }
-    for (r, rule) in policy.rules.iter().enumerate() {
-        for (list, prefixes) in [(2 * r, &rule.src_prefix), (2 * r + 1, &rule.dst_prefix)] {
-            let Some(prefixes) = prefixes else { continue };
-            let id = it.lists.id(with([0; RULE_WORDS * 2], list));
-            for p in prefixes {
+
+    /// Compiles `policy`; `geo` must be given when its zones name countries and they are
+    /// not the ones read before.
+    pub fn compile(
+        &mut self,
+        policy: &Policy,
+        geo: Option<&GeoDb>,
+    ) -> Result<CompiledPolicy, CompileError> {
+        let t0 = std::time::Instant::now();
+        if !self.keeps_classes(policy) {
+            *self = Self::default();
+        }
+        self.zone_names = Some(policy.zones.iter().map(|z| z.name.clone()).collect());
+        let mut stats = CompileStats::default();
+        let (geo_v4, geo_v6) = if policy.uses_countries() {
+            let nodes = self.geo_nodes(policy, geo)?;
+            stats.geo_networks = nodes.networks;
+            (nodes.v4, nodes.v6)
+        } else {
+            (Arc::default(), Arc::default())
+        };
+        let it = &mut self.it;
+
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (z, zone) in policy.zones.iter().enumerate() {
+            let id = it.zones.id(with(ZoneSet::default(), z));
+            for p in &zone.prefixes {
                 let fam = if p.is_ipv4() { &mut v4 } else { &mut v6 };
-                fam.push(*p, 0, 0, id);
+                fam.push(Node::new(*p, id, 0, 0));
             }
         }
+        // Each rule's prefix lists, by id; the ids of list sets hold these.
+        let mut rule_lists = Vec::with_capacity(policy.rules.len());
+        for rule in &policy.rules {
+            let mut ids = [None, None];
+            for (slot, prefixes) in [&rule.src_prefix, &rule.dst_prefix].into_iter().enumerate() {
+                let Some(prefixes) = prefixes else { continue };
+                let list = it.prefix_list(prefixes);
+                ids[slot] = Some(list);
+                let set = it.lists.id(vec![list]);
+                for p in prefixes {
+                    let fam = if p.is_ipv4() { &mut v4 } else { &mut v6 };
+                    fam.push(Node::new(*p, 0, 0, set));
+                }
+            }
+            rule_lists.push(ids);
+        }
+        let t_geo = t0.elapsed();
+        let v4_ranges = sweep(true, &geo_v4, v4, it);
+        let v6_ranges = sweep(false, &geo_v6, v6, it);
+        if it.classes.len() >= PTR as usize {
+            return Err(CompileError::TooManyClasses(it.classes.len()));
+        }
+        let t_sweep = t0.elapsed();
+
+        let words = policy.rules.len().div_ceil(64).max(1);
+        let mut sets = RuleSets::new(words);
+        let classes = class_sets(policy, it, &rule_lists, &mut sets);
+        let field_class = field_tables(policy, &mut sets);
+        let class_zones = it
+            .classes
+            .iter()
+            .map(|&(z, _)| it.zones.sets[z as usize])
+            .collect();
+        let t_sets = t0.elapsed();
+        // The two families' tables are independent: build them side by side.
+        let ((v4_chunks, v4_prefixes), (v6_chunks, v6_prefixes)) = std::thread::scope(|s| {
+            let v6 = s.spawn(|| {
+                (
+                    flat_table(&v6_ranges, 128),
+                    lpm_entries::<16>(&v6_ranges, 128),
+                )
+            });
+            let v4 = (flat_table(&v4_ranges, 32), lpm_entries::<4>(&v4_ranges, 32));
+            (
+                v4,
+                v6.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            )
+        });
+        log::debug!(
+            "compiled in {:?}: prefixes gathered {t_geo:?}, ranges {t_sweep:?}, rule sets {t_sets:?}",
+            t0.elapsed()
+        );
+        stats.v4_ranges = v4_ranges.len();
+        stats.v6_ranges = v6_ranges.len();
+        stats.v4_prefixes = v4_prefixes.len();
+        stats.v6_prefixes = v6_prefixes.len();
+        stats.v4_chunks = v4_chunks.len();
+        stats.v6_chunks = v6_chunks.len();
+        stats.classes = classes.len();
+        stats.rule_sets = sets.len();
+        let actions = actions(policy);
+        Ok(CompiledPolicy {
+            config: PolicyConfig {
+                default_action: policy.default_action.code(),
+                malformed_action: policy.malformed_action.code(),
+                non_ip_action: policy.non_ip_action.code(),
+                rule_count: policy.rules.len() as u32,
+                fields_used: fields_used(policy),
+                default_arg: actions.default_arg,
+                words: words as u32,
+                ..PolicyConfig::default()
+            },
+            rules: actions.rules,
+            rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
+            rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
+            redirect_devices: actions.redirect_devices,
+            redirect_cpus: actions.redirect_cpus,
+            rate_limits: actions.rate_limits,
+            zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
+            sets,
+            classes,
+            class_zones,
+            field_class,
+            v4_chunks,
+            v6_chunks,
+            v4_prefixes,
+            v6_prefixes,
+            v4_ranges: Arc::new(v4_ranges),
+            v6_ranges: Arc::new(v6_ranges),
+            stats,
+        })
     }
-    if policy.uses_countries() {
+
+    /// The sorted GeoIP networks of the policy's countries, read once per database and
+    /// set of countries.
+    fn geo_nodes(
+        &mut self,
+        policy: &Policy,
+        geo: Option<&GeoDb>,
+    ) -> Result<GeoNodes, CompileError> {
+        let key = geo_key(policy);
+        if let Some(g) = &self.geo
+            && g.key == key
+        {
+            return Ok(g.clone());
+        }
         let geo = geo.ok_or(CompileError::NoGeoIp)?;
+        let it = &mut self.it;
         let mut country_zones: HashMap<&str, ZoneSet> = HashMap::new();
         for (z, zone) in policy.zones.iter().enumerate() {
             for c in &zone.countries {
@@ -283,74 +572,60 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             .into_iter()
             .map(|(c, set)| (c, it.zones.id(set)))
             .collect();
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        let mut networks = 0;
         geo.for_each_network(
             |code| country_ids.get(code).copied(),
             |prefix, zones| {
-                stats.geo_networks += 1;
+                networks += 1;
                 let fam = if prefix.is_ipv4() { &mut v4 } else { &mut v6 };
-                fam.push(prefix, 0, zones, 0);
+                fam.push(Node::new(prefix, 0, zones, 0));
             },
         )?;
+        v4.sort_unstable_by_key(|n: &Node| (n.start, n.len));
+        v6.sort_unstable_by_key(|n: &Node| (n.start, n.len));
+        let nodes = GeoNodes {
+            key,
+            v4: Arc::new(v4),
+            v6: Arc::new(v6),
+            networks,
+        };
+        self.geo = Some(nodes.clone());
+        Ok(nodes)
     }
+}
 
-    let t_geo = t0.elapsed();
-    let v4_ranges = sweep(&mut v4, &mut it);
-    let v6_ranges = sweep(&mut v6, &mut it);
-    if it.classes.len() >= PTR as usize {
-        return Err(CompileError::TooManyClasses(it.classes.len()));
-    }
+fn geo_key(policy: &Policy) -> GeoKey {
+    let file = policy
+        .geoip_database
+        .as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .and_then(|m| Some((m.len(), m.modified().ok()?)));
+    (
+        policy.geoip_database.clone(),
+        file,
+        policy.zones.iter().map(|z| z.countries.clone()).collect(),
+    )
+}
 
-    let classes = it
-        .classes
-        .iter()
-        .map(|&(z, l)| {
-            class_entry(
-                policy,
-                &it.zones.sets[z as usize],
-                &it.lists.sets[l as usize],
-            )
-        })
-        .collect::<Vec<_>>();
-    let fields = field_tables(policy);
-    let class_zones = it
-        .classes
-        .iter()
-        .map(|&(z, _)| it.zones.sets[z as usize])
-        .collect();
-    let t_sweep = t0.elapsed();
-    // The two families' tables are independent: build them side by side.
-    let ((v4_chunks, v4_prefixes), (v6_chunks, v6_prefixes)) = std::thread::scope(|s| {
-        let v6 = s.spawn(|| {
-            (
-                flat_table(&v6_ranges, 128),
-                lpm_entries::<16>(&v6_ranges, 128),
-            )
-        });
-        let v4 = (flat_table(&v4_ranges, 32), lpm_entries::<4>(&v4_ranges, 32));
-        (
-            v4,
-            v6.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
-        )
-    });
-    log::debug!(
-        "compiled in {:?}: prefixes gathered {t_geo:?}, ranges {t_sweep:?}",
-        t0.elapsed()
-    );
-    stats.v4_ranges = v4_ranges.len();
-    stats.v6_ranges = v6_ranges.len();
-    stats.v4_prefixes = v4_prefixes.len();
-    stats.v6_prefixes = v6_prefixes.len();
-    stats.v4_chunks = v4_chunks.len();
-    stats.v6_chunks = v6_chunks.len();
-    stats.classes = classes.len();
+/// Rule actions with their arguments resolved.
+struct Actions {
+    rules: Vec<RuleEntry>,
+    default_arg: u32,
+    redirect_devices: Vec<String>,
+    redirect_cpus: Vec<u32>,
+    rate_limits: Vec<RateLimit>,
+}
 
+fn actions(policy: &Policy) -> Actions {
+    use crate::policy::Action;
     // Redirect targets by name, in first-use order; a rule's argument is the index.
     let mut redirect_devices: Vec<String> = Vec::new();
     let mut redirect_cpus: Vec<u32> = Vec::new();
     let mut rate_limits: Vec<RateLimit> = Vec::new();
-    let mut arg = |a: &crate::policy::Action| match a {
+    let mut arg = |a: &Action| match a {
         // Each rate_limit action has a bucket (or set of buckets) of its own.
-        crate::policy::Action::RateLimit(r) => {
+        Action::RateLimit(r) => {
             let interval_ns = 1_000_000_000 / r.pps;
             rate_limits.push(RateLimit {
                 interval_ns,
@@ -364,7 +639,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             });
             (rate_limits.len() - 1) as u32
         }
-        crate::policy::Action::Redirect(iface) => {
+        Action::Redirect(iface) => {
             let i = redirect_devices
                 .iter()
                 .position(|d| d == iface)
@@ -374,7 +649,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
                 });
             i as u32
         }
-        crate::policy::Action::Cpu(cpu) => {
+        Action::Cpu(cpu) => {
             if !redirect_cpus.contains(cpu) {
                 redirect_cpus.push(*cpu);
             }
@@ -391,52 +666,95 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             arg: arg(&r.action),
         })
         .collect();
-
-    Ok(CompiledPolicy {
-        config: PolicyConfig {
-            default_action: policy.default_action.code(),
-            malformed_action: policy.malformed_action.code(),
-            non_ip_action: policy.non_ip_action.code(),
-            rule_count: policy.rules.len() as u32,
-            fields_used: fields.used,
-            default_arg,
-        },
+    Actions {
         rules,
-        rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
-        rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
+        default_arg,
         redirect_devices,
         redirect_cpus,
         rate_limits,
-        zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
-        classes,
-        class_zones,
-        field_class: fields.class,
-        field_rules: fields.rules,
-        v4_chunks,
-        v6_chunks,
-        v4_prefixes,
-        v6_prefixes,
-        v4_ranges,
-        v6_ranges,
-        stats,
-    })
+    }
 }
 
-/// The field tables of a policy.
-struct FieldTables {
-    used: u32,
-    class: Vec<u32>,
-    rules: Vec<RuleSet>,
-}
-
-/// For every value of every field some rule looks at, the set of rules that value
-/// satisfies, interned into field classes. Ports and VLANs are cut at the rules' range
-/// bounds so each segment is computed once.
-fn field_tables(policy: &Policy) -> FieldTables {
-    use cloudlet_common::field::*;
-    let rules = &policy.rules;
-    let mut used = 0;
+/// A bitmap of `words` words with rule `r` set for every `r` in `rules` that `keep` keeps.
+fn bits_of(words: usize, rules: impl Iterator<Item = usize>) -> Vec<u64> {
+    let mut set = vec![0u64; words];
     for r in rules {
+        set[r / 64] |= 1 << (r % 64);
+    }
+    set
+}
+
+/// Each class's source and destination rule sets. A rule holds for a class's addresses
+/// when its zone criterion holds for the class's zones and, if it has a prefix list, the
+/// class lies in that list. Rules without a prefix list depend on the zones only, so
+/// they are computed once per zone set.
+fn class_sets(
+    policy: &Policy,
+    it: &Interned,
+    rule_lists: &[[Option<u32>; 2]],
+    sets: &mut RuleSets,
+) -> Vec<AddrClass> {
+    let words = sets.words;
+    let zone_ok =
+        |m: Option<ZoneMatch>, zones: &ZoneSet| m.is_none_or(|m| has(zones, m.zone) != m.negate);
+    // Rules of each prefix list, per side.
+    let mut by_list: [HashMap<u32, Vec<usize>>; 2] = [HashMap::new(), HashMap::new()];
+    for (r, lists) in rule_lists.iter().enumerate() {
+        for side in 0..2 {
+            if let Some(l) = lists[side] {
+                by_list[side].entry(l).or_default().push(r);
+            }
+        }
+    }
+    let zone_of = |r: &Rule, side: usize| if side == 0 { r.src_zone } else { r.dst_zone };
+    let mut zone_base: [HashMap<u32, Vec<u64>>; 2] = [HashMap::new(), HashMap::new()];
+    let mut out = Vec::with_capacity(it.classes.len());
+    let mut ids: HashMap<[Vec<u64>; 2], AddrClass> = HashMap::new();
+    for &(z, l) in &it.classes {
+        let zones = &it.zones.sets[z as usize];
+        let pair: [Vec<u64>; 2] = std::array::from_fn(|side| {
+            let mut set = zone_base[side]
+                .entry(z)
+                .or_insert_with(|| {
+                    bits_of(
+                        words,
+                        policy.rules.iter().enumerate().filter_map(|(r, rule)| {
+                            (rule_lists[r][side].is_none() && zone_ok(zone_of(rule, side), zones))
+                                .then_some(r)
+                        }),
+                    )
+                })
+                .clone();
+            for list in &it.lists.sets[l as usize] {
+                for &r in by_list[side].get(list).into_iter().flatten() {
+                    if zone_ok(zone_of(&policy.rules[r], side), zones) {
+                        set[r / 64] |= 1 << (r % 64);
+                    }
+                }
+            }
+            set
+        });
+        let class = match ids.get(&pair) {
+            Some(c) => *c,
+            None => {
+                let c = AddrClass {
+                    src_set: sets.id(pair[0].clone()),
+                    dst_set: sets.id(pair[1].clone()),
+                };
+                ids.insert(pair, c);
+                c
+            }
+        };
+        out.push(class);
+    }
+    out
+}
+
+/// Which fields other than addresses some rule looks at (`field::USED_*` bits).
+fn fields_used(policy: &Policy) -> u32 {
+    use cloudlet_common::field::*;
+    let mut used = 0;
+    for r in &policy.rules {
         for (present, bit) in [
             (r.proto.is_some(), USED_PROTO),
             (r.src_port.is_some(), USED_SRC_PORT),
@@ -450,127 +768,147 @@ fn field_tables(policy: &Policy) -> FieldTables {
             }
         }
     }
-    if used == 0 {
-        return FieldTables {
-            used,
-            class: Vec::new(),
-            rules: Vec::new(),
-        };
+    used
+}
+
+/// For every value of every field some rule looks at, the set of rules that value
+/// satisfies. Rules without a criterion on a field hold for all its values; ports and
+/// VLANs are swept from one range bound to the next, so the work follows the rules, not
+/// the 65,536 values.
+fn field_tables(policy: &Policy, sets: &mut RuleSets) -> Vec<u32> {
+    use cloudlet_common::field::*;
+    if fields_used(policy) == 0 {
+        return Vec::new();
     }
-    let mut ids: HashMap<RuleSet, u32> = HashMap::new();
-    let mut sets: Vec<RuleSet> = Vec::new();
+    let rules = &policy.rules;
+    let words = sets.words;
     let mut class = vec![0u32; ENTRIES as usize];
-    let set_of = |accepts: &dyn Fn(&Rule) -> bool| -> RuleSet {
-        let mut set = [0u64; RULE_WORDS];
-        for (i, r) in rules.iter().enumerate() {
-            if accepts(r) {
-                set[i / 64] |= 1 << (i % 64);
-            }
-        }
-        set
-    };
-    let mut put = |index: u32, set: RuleSet| {
-        class[index as usize] = intern(&mut ids, &mut sets, set);
+    // Rules without the criterion, plus those of `with` that accept.
+    let of = |without: &dyn Fn(&Rule) -> bool, accepts: &dyn Fn(&Rule) -> bool| {
+        bits_of(
+            words,
+            rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| without(r) || accepts(r))
+                .map(|(i, _)| i),
+        )
     };
     for p in 0..=255u8 {
-        put(
-            PROTO_BASE + u32::from(p),
-            set_of(&|r| r.proto.as_ref().is_none_or(|m| m.accepts(p))),
-        );
+        let set = of(&|r| r.proto.is_none(), &|r| {
+            r.proto.as_ref().is_some_and(|m| m.accepts(p))
+        });
+        class[(PROTO_BASE + u32::from(p)) as usize] = sets.id(set);
     }
-    for (base, pick) in [
-        (
-            SRC_PORT_BASE,
-            (|r: &Rule| r.src_port.as_ref()) as fn(&Rule) -> Option<&Match<u16>>,
-        ),
-        (DST_PORT_BASE, |r: &Rule| r.dst_port.as_ref()),
-    ] {
-        for (lo, hi) in segments(rules.iter().filter_map(pick), 65_535) {
-            let set = set_of(&|r| pick(r).is_none_or(|m| m.accepts(lo)));
-            for port in lo..=hi {
-                put(base + u32::from(port), set);
-            }
+    type Pick = fn(&Rule) -> Option<&Match<u16>>;
+    let ports: [(u32, u32, Pick); 3] = [
+        (SRC_PORT_BASE, 65_535, |r| r.src_port.as_ref()),
+        (DST_PORT_BASE, 65_535, |r| r.dst_port.as_ref()),
+        (VLAN_BASE, 4_095, |r| r.vlan.as_ref()),
+    ];
+    for (base, max, pick) in ports {
+        for (lo, hi, set) in sweep_ranges(rules, pick, max, words) {
+            let id = sets.id(set);
+            class[(base + lo) as usize..=(base + hi) as usize].fill(id);
         }
-        // No ports: only rules without a port criterion of this kind.
-        put(base + NO_PORT, set_of(&|r| pick(r).is_none()));
     }
-    for (lo, hi) in segments(rules.iter().filter_map(|r| r.vlan.as_ref()), 4_095) {
-        let set = set_of(&|r| r.vlan.as_ref().is_none_or(|m| m.accepts(lo)));
-        for id in lo..=hi {
-            put(VLAN_BASE + u32::from(id), set);
-        }
+    // No ports: only rules without a port criterion of this kind.
+    for (base, pick) in [(SRC_PORT_BASE, ports[0].2), (DST_PORT_BASE, ports[1].2)] {
+        let set = of(&|r| pick(r).is_none(), &|_| false);
+        class[(base + NO_PORT) as usize] = sets.id(set);
     }
     // Untagged: "vlan = N" does not match, "vlan = !N" does.
-    put(
-        VLAN_BASE + UNTAGGED,
-        set_of(&|r| r.vlan.as_ref().is_none_or(|m| m.negate)),
-    );
+    let set = of(&|r| r.vlan.is_none(), &|r| {
+        r.vlan.as_ref().is_some_and(|m| m.negate)
+    });
+    class[(VLAN_BASE + UNTAGGED) as usize] = sets.id(set);
     for f in 0..=255u8 {
-        put(
-            TCP_FLAGS_BASE + u32::from(f),
-            set_of(&|r| r.tcp_flags.is_none_or(|t| t.accepts(f))),
-        );
+        let set = of(&|r| r.tcp_flags.is_none(), &|r| {
+            r.tcp_flags.is_some_and(|t| t.accepts(f))
+        });
+        class[(TCP_FLAGS_BASE + u32::from(f)) as usize] = sets.id(set);
     }
-    put(TCP_FLAGS_BASE + NOT_TCP, set_of(&|r| r.tcp_flags.is_none()));
+    let set = of(&|r| r.tcp_flags.is_none(), &|_| false);
+    class[(TCP_FLAGS_BASE + NOT_TCP) as usize] = sets.id(set);
     for (i, v) in [4u8, 6].into_iter().enumerate() {
-        put(
-            IP_VERSION_BASE + i as u32,
-            set_of(&|r| r.ip_version.is_none_or(|x| x == v)),
-        );
+        let set = of(&|r| r.ip_version.is_none(), &|r| r.ip_version == Some(v));
+        class[(IP_VERSION_BASE + i as u32) as usize] = sets.id(set);
     }
-    FieldTables {
-        used,
-        class,
-        rules: sets,
-    }
+    class
 }
 
-/// Cuts `0..=max` at every bound of the criteria's ranges: within a segment every value is
-/// accepted by the same criteria.
-fn segments<'a>(criteria: impl Iterator<Item = &'a Match<u16>>, max: u16) -> Vec<(u16, u16)> {
-    let mut cuts = vec![0u32, u32::from(max) + 1];
-    for m in criteria {
-        for r in &m.ranges {
-            cuts.push(u32::from(*r.start()));
-            cuts.push(u32::from(*r.end()) + 1);
+/// Cuts `0..=max` at every bound of the rules' ranges on one field and gives each segment
+/// the rules it satisfies, keeping the set up to date from one bound to the next.
+fn sweep_ranges(
+    rules: &[Rule],
+    pick: fn(&Rule) -> Option<&Match<u16>>,
+    max: u32,
+    words: usize,
+) -> Vec<(u32, u32, Vec<u64>)> {
+    // (value, rule, +1 entering a range / -1 leaving it)
+    let mut events: Vec<(u32, usize, i32)> = Vec::new();
+    let mut set = vec![0u64; words];
+    let mut negate = vec![false; rules.len()];
+    for (r, rule) in rules.iter().enumerate() {
+        match pick(rule) {
+            None => set[r / 64] |= 1 << (r % 64),
+            Some(m) => {
+                negate[r] = m.negate;
+                if m.negate {
+                    set[r / 64] |= 1 << (r % 64);
+                }
+                for range in &m.ranges {
+                    events.push((u32::from(*range.start()), r, 1));
+                    events.push((u32::from(*range.end()) + 1, r, -1));
+                }
+            }
         }
     }
-    cuts.sort_unstable();
-    cuts.dedup();
-    cuts.windows(2)
-        .filter(|w| w[0] <= u32::from(max))
-        .map(|w| (w[0] as u16, (w[1] - 1).min(u32::from(max)) as u16))
-        .collect()
-}
-
-/// The rule bitmaps of a class with these zones and prefix lists.
-fn class_entry(policy: &Policy, zones: &ZoneSet, lists: &ListSet) -> AddrClass {
-    let zone_ok = |m: Option<ZoneMatch>| m.is_none_or(|m| has(zones, m.zone) != m.negate);
-    let mut c = AddrClass::default();
-    for (r, rule) in policy.rules.iter().enumerate() {
-        if zone_ok(rule.src_zone) && (rule.src_prefix.is_none() || has(lists, 2 * r)) {
-            c.src_rules[r / 64] |= 1 << (r % 64);
+    events.sort_unstable();
+    let mut cover = vec![0i32; rules.len()];
+    let mut out = Vec::new();
+    let mut lo = 0u32;
+    let mut e = 0;
+    while lo <= max {
+        while e < events.len() && events[e].0 == lo {
+            let (_, r, d) = events[e];
+            cover[r] += d;
+            let on = (cover[r] > 0) != negate[r];
+            if on {
+                set[r / 64] |= 1 << (r % 64);
+            } else {
+                set[r / 64] &= !(1 << (r % 64));
+            }
+            e += 1;
         }
-        if zone_ok(rule.dst_zone) && (rule.dst_prefix.is_none() || has(lists, 2 * r + 1)) {
-            c.dst_rules[r / 64] |= 1 << (r % 64);
-        }
+        let next = events.get(e).map_or(max + 1, |ev| ev.0.min(max + 1));
+        out.push((lo, next - 1, set.clone()));
+        lo = next;
     }
-    c
+    out
 }
 
-/// Turns the family's (nested or disjoint) prefixes into contiguous ranges covering the
-/// whole address space, each with its class, adjacent equal classes merged.
-fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
-    let max: u128 = if fam.ipv4 {
+/// Turns a family's (nested or disjoint) prefixes, the GeoIP ones (sorted) and the
+/// policy's own, into contiguous ranges covering the whole address space, each with its
+/// class, adjacent equal classes merged.
+fn sweep(ipv4: bool, geo: &[Node], mut own: Vec<Node>, it: &mut Interned) -> Vec<Range> {
+    let max: u128 = if ipv4 {
         u128::from(u32::MAX)
     } else {
         u128::MAX
     };
-    let nodes = &mut fam.nodes;
     // CIDR prefixes nest or are disjoint; sorted so, a parent comes before its children.
-    nodes.sort_unstable_by_key(|n| (n.start, n.len));
-    let mut merged: Vec<Node> = Vec::with_capacity(nodes.len());
-    for n in nodes.drain(..) {
+    let key = |n: &Node| (n.start, n.len);
+    own.sort_unstable_by_key(key);
+    let mut merged: Vec<Node> = Vec::with_capacity(geo.len() + own.len());
+    let (mut g, mut o) = (geo.iter().peekable(), own.into_iter().peekable());
+    loop {
+        let n = match (g.peek(), o.peek()) {
+            (Some(a), Some(b)) if key(a) <= key(b) => *g.next().expect("peeked"),
+            (_, Some(_)) => o.next().expect("peeked"),
+            (Some(_), None) => *g.next().expect("peeked"),
+            (None, None) => break,
+        };
         match merged.last_mut() {
             Some(m) if m.start == n.start && m.len == n.len => {
                 m.explicit_zones = it.zones.union(m.explicit_zones, n.explicit_zones);
@@ -652,63 +990,213 @@ fn sweep(fam: &mut Family, it: &mut Interned) -> Vec<Range> {
 }
 
 /// Builds a flat multibit table (16-bit first level, then 8-bit chunks) from ranges
-/// covering the whole family of `width` bits. Each slot is given the ranges overlapping it,
-/// so the build is linear in the number of ranges and chunks.
+/// covering the whole family of `width` bits, for bank 0: its first level in elements
+/// `0..L1_CHUNKS`, bank 1's (zero) after it, then the chunks below. Each slot is given the
+/// ranges overlapping it, so the build is linear in the number of ranges and chunks.
 fn flat_table(ranges: &[Range], width: u32) -> Vec<FlatChunk> {
-    /// The ranges of `ranges` overlapping the block `start ..= end` (`ranges` starts with
-    /// the first range overlapping it and covers it contiguously).
-    fn overlapping(ranges: &[Range], end: u128) -> usize {
-        ranges
-            .iter()
-            .position(|r| r.end >= end)
-            .map_or(ranges.len(), |i| i + 1)
-    }
-    fn slot(chunks: &mut Vec<FlatChunk>, ranges: &[Range], start: u128, slot_bits: u32) -> u32 {
-        if ranges.len() == 1 {
-            return ranges[0].class;
-        }
-        // More than one range in the block: split it. A single address lies in exactly
-        // one range, so slot_bits >= 8 here.
-        let idx = chunks.len();
-        chunks.push([0; CHUNK_ENTRIES]);
-        children(
-            chunks,
-            ranges,
-            start,
-            slot_bits - 8,
-            CHUNK_ENTRIES,
-            |chunks, i, e| {
-                chunks[idx][i] = e;
-            },
-        );
-        PTR | idx as u32
-    }
-    /// Fills `count` child slots of `child_bits` each, starting at `start`.
-    fn children(
-        chunks: &mut Vec<FlatChunk>,
-        ranges: &[Range],
-        start: u128,
-        child_bits: u32,
-        count: usize,
-        mut set: impl FnMut(&mut Vec<FlatChunk>, usize, u32),
-    ) {
-        let mut rest = ranges;
-        for i in 0..count {
-            let cs = start + ((i as u128) << child_bits);
-            let ce = block_end(cs, child_bits);
-            let skip = rest.iter().position(|r| r.end >= cs).unwrap_or(rest.len());
-            rest = &rest[skip..];
-            let n = overlapping(rest, ce);
-            let e = slot(chunks, &rest[..n], cs, child_bits);
-            set(chunks, i, e);
-        }
-    }
-    let mut chunks: Vec<FlatChunk> = vec![[0; CHUNK_ENTRIES]; L1_CHUNKS as usize];
+    let mut chunks: Vec<FlatChunk> = vec![[0; CHUNK_ENTRIES]; (L1_CHUNKS * BANKS) as usize];
     let l1 = L1_CHUNKS as usize * CHUNK_ENTRIES;
     children(&mut chunks, ranges, 0, width - 16, l1, |chunks, i, e| {
         chunks[i / CHUNK_ENTRIES][i % CHUNK_ENTRIES] = e;
     });
     chunks
+}
+
+/// The ranges of `ranges` overlapping the block `start ..= end` (`ranges` starts with
+/// the first range overlapping it and covers it contiguously).
+fn overlapping(ranges: &[Range], end: u128) -> usize {
+    ranges
+        .iter()
+        .position(|r| r.end >= end)
+        .map_or(ranges.len(), |i| i + 1)
+}
+
+/// The entry for a block of `2^slot_bits` addresses at `start` covered by `ranges`: a
+/// class, or a pointer to chunks appended to `chunks`.
+fn slot(chunks: &mut Vec<FlatChunk>, ranges: &[Range], start: u128, slot_bits: u32) -> u32 {
+    if ranges.len() == 1 {
+        return ranges[0].class;
+    }
+    // More than one range in the block: split it. A single address lies in exactly
+    // one range, so slot_bits >= 8 here.
+    let idx = chunks.len();
+    chunks.push([0; CHUNK_ENTRIES]);
+    children(
+        chunks,
+        ranges,
+        start,
+        slot_bits - 8,
+        CHUNK_ENTRIES,
+        |chunks, i, e| {
+            chunks[idx][i] = e;
+        },
+    );
+    PTR | idx as u32
+}
+
+/// Fills `count` child slots of `child_bits` each, starting at `start`.
+fn children(
+    chunks: &mut Vec<FlatChunk>,
+    ranges: &[Range],
+    start: u128,
+    child_bits: u32,
+    count: usize,
+    mut set: impl FnMut(&mut Vec<FlatChunk>, usize, u32),
+) {
+    let mut rest = ranges;
+    for i in 0..count {
+        let cs = start + ((i as u128) << child_bits);
+        let ce = block_end(cs, child_bits);
+        let skip = rest.iter().position(|r| r.end >= cs).unwrap_or(rest.len());
+        rest = &rest[skip..];
+        let n = overlapping(rest, ce);
+        let e = slot(chunks, &rest[..n], cs, child_bits);
+        set(chunks, i, e);
+    }
+}
+
+/// A flat table as the program's map holds it, with the elements not in use.
+#[derive(Clone, Debug)]
+pub struct FlatTable {
+    /// Every element of the map (a copy of what the kernel holds).
+    pub chunks: Vec<FlatChunk>,
+    /// Elements free for new chunks.
+    pub free: Vec<u32>,
+}
+
+impl FlatTable {
+    /// The table of a freshly filled map of `capacity` elements holding `chunks`.
+    pub fn new(mut chunks: Vec<FlatChunk>, capacity: usize) -> Self {
+        let used = chunks.len();
+        chunks.resize(capacity.max(used), [0; CHUNK_ENTRIES]);
+        let free = (used as u32..chunks.len() as u32).rev().collect();
+        Self { chunks, free }
+    }
+
+    /// The first-level entry `slot` of the bank rooted at `root`.
+    fn l1(&self, root: u32, slot: usize) -> u32 {
+        self.chunks[root as usize + slot / CHUNK_ENTRIES][slot % CHUNK_ENTRIES]
+    }
+
+    /// The chunks under entry `e`.
+    fn subtree(&self, e: u32, out: &mut Vec<u32>) {
+        if e & PTR != 0 {
+            let idx = e & !PTR;
+            out.push(idx);
+            for child in self.chunks[idx as usize] {
+                self.subtree(child, out);
+            }
+        }
+    }
+}
+
+/// What to write into a flat table's map to move it from one policy's ranges to
+/// another's, in the inactive bank.
+#[derive(Debug, Default)]
+pub struct TablePatch {
+    /// Elements to write (new chunks first, then the new bank's first level).
+    pub writes: Vec<(u32, FlatChunk)>,
+    /// Elements only the old bank reaches: free once no packet can still be walking it.
+    pub garbage: Vec<u32>,
+}
+
+/// Builds, into the free elements of `table`, the parts of the tree that differ between
+/// `old` and `new` ranges (whole first-level slots: a /16 of IPv4, a /16 of IPv6), and a
+/// first level for the bank at `to_root` that shares every unchanged slot with the bank at
+/// `from_root`. Nothing the bank at `from_root` reaches is written. `None` when the free
+/// elements do not suffice; `table` is then unchanged.
+pub fn patch_table(
+    table: &mut FlatTable,
+    old: &[Range],
+    new: &[Range],
+    width: u32,
+    from_root: u32,
+    to_root: u32,
+) -> Option<TablePatch> {
+    let shift = width - 16;
+    let max = block_end(0, width);
+    // First-level slots whose addresses change class.
+    let mut changed = BTreeSet::new();
+    let (mut i, mut j, mut pos) = (0, 0, 0u128);
+    while i < old.len() && j < new.len() {
+        let (a, b) = (&old[i], &new[j]);
+        let end = a.end.min(b.end);
+        if a.class != b.class {
+            changed.extend((pos >> shift) as usize..=(end >> shift) as usize);
+        }
+        if end == max {
+            break;
+        }
+        pos = end + 1;
+        if a.end == end {
+            i += 1;
+        }
+        if b.end == end {
+            j += 1;
+        }
+    }
+    let mut l1: Vec<u32> = (0..L1_CHUNKS as usize * CHUNK_ENTRIES)
+        .map(|s| table.l1(from_root, s))
+        .collect();
+    let mut built: Vec<FlatChunk> = Vec::new();
+    let mut roots = Vec::with_capacity(changed.len());
+    let mut garbage = Vec::new();
+    for &s in &changed {
+        let start = (s as u128) << shift;
+        let end = block_end(start, shift);
+        let first = new.partition_point(|r| r.end < start);
+        let n = overlapping(&new[first..], end);
+        let base = built.len();
+        // Build with indexes relative to `built`; relocated below.
+        let mut local = Vec::new();
+        let e = slot(&mut local, &new[first..first + n], start, shift);
+        built.extend(local);
+        roots.push((s, e, base));
+        table.subtree(l1[s], &mut garbage);
+    }
+    if built.len() > table.free.len() {
+        return None;
+    }
+    let at: Vec<u32> = (0..built.len())
+        .map(|_| table.free.pop().expect("checked"))
+        .collect();
+    let mut writes = Vec::with_capacity(built.len() + L1_CHUNKS as usize);
+    // Relocate: a pointer to local chunk k of the slot whose chunks start at `base`.
+    let mut next_root = roots.iter().peekable();
+    let mut base = 0;
+    for (k, chunk) in built.iter().enumerate() {
+        while let Some(&&(_, _, b)) = next_root.peek() {
+            if b > k {
+                break;
+            }
+            base = b;
+            next_root.next();
+        }
+        let moved = chunk.map(|e| {
+            if e & PTR != 0 {
+                PTR | at[base + (e & !PTR) as usize]
+            } else {
+                e
+            }
+        });
+        writes.push((at[k], moved));
+    }
+    for &(s, e, base) in &roots {
+        l1[s] = if e & PTR != 0 {
+            PTR | at[base + (e & !PTR) as usize]
+        } else {
+            e
+        };
+    }
+    for c in 0..L1_CHUNKS as usize {
+        let chunk: FlatChunk = std::array::from_fn(|k| l1[c * CHUNK_ENTRIES + k]);
+        writes.push((to_root + c as u32, chunk));
+    }
+    writes.retain(|(idx, chunk)| table.chunks[*idx as usize] != *chunk);
+    for (idx, chunk) in &writes {
+        table.chunks[*idx as usize] = *chunk;
+    }
+    Some(TablePatch { writes, garbage })
 }
 
 /// Last address of the block of `2^bits` addresses starting at `start` (aligned).

@@ -14,9 +14,13 @@ use aya::{
     maps::{Array, LpmTrie, MapError, lpm_trie::Key},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
-use cloudlet_common::{AddrClass, FlatChunk, PolicyConfig, RuleEntry};
+use cloudlet_common::{
+    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, Summary, field,
+    flat::L1_CHUNKS,
+};
 
-pub use compile::{CompileError, CompiledPolicy, compile};
+pub use compile::{CompileError, CompiledPolicy, Compiler, compile};
+use compile::{FlatTable, Range};
 
 /// Errors from loading, filling, attaching or reading the XDP program.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,10 @@ pub enum DataplaneError {
     /// A map or program the object should have is missing.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    /// The policy cannot be written into the running program's maps (they are too small,
+    /// or its redirect targets or rate limits differ): it needs a program of its own.
+    #[error("the policy does not fit the running program: {0}")]
+    NoRoom(String),
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -107,16 +115,106 @@ pub struct LoadTimings {
     pub fill: Duration,
 }
 
+/// How much each bank of a program's maps holds, fixed when it is loaded with room to
+/// grow, so later policies can be written into the same maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Capacity {
+    /// Words of every rule set (64 rules each).
+    pub words: u32,
+    /// Rules.
+    pub rules: u32,
+    /// Address classes (ids shared by both banks).
+    pub classes: u32,
+    /// Rule sets.
+    pub sets: u32,
+    /// Elements of the flat tables (both banks' first levels and the chunks).
+    pub v4_chunks: u32,
+    pub v6_chunks: u32,
+}
+
+impl Capacity {
+    /// Room for `c` and for policies somewhat larger than it.
+    pub fn for_policy(c: &CompiledPolicy) -> Self {
+        let grow = |n: usize, extra: usize| (n + n / 4 + extra) as u32;
+        let words = (c.rules.len() + c.rules.len() / 8 + 64)
+            .div_ceil(64)
+            .min(MAX_RULES / 64) as u32;
+        Self {
+            words,
+            rules: words * 64,
+            classes: grow(c.classes.len(), 1024),
+            sets: grow(c.sets.len(), 1024),
+            v4_chunks: grow(c.v4_chunks.len(), 256),
+            v6_chunks: grow(c.v6_chunks.len(), 256),
+        }
+    }
+
+    /// Why `c` does not fit, if it does not.
+    fn misfit(&self, c: &CompiledPolicy) -> Option<String> {
+        let checks = [
+            ("rules", c.rules.len(), self.rules),
+            ("rule-set words", c.sets.words, self.words),
+            ("address classes", c.classes.len(), self.classes),
+            ("rule sets", c.sets.len(), self.sets),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, n, cap)| *n > *cap as usize)
+            .map(|(what, n, cap)| format!("{n} {what}, room for {cap}"))
+    }
+}
+
+/// What one bank of the maps holds, as written (for writing only what changes).
+#[derive(Default)]
+struct Bank {
+    summaries: Vec<Summary>,
+    words: Vec<u64>,
+    classes: Vec<AddrClass>,
+    field_class: Vec<u32>,
+    rules: Vec<RuleEntry>,
+}
+
+/// The policy a program's maps hold, for writing the next one beside it.
+struct Written {
+    /// The bank in force.
+    active: u32,
+    banks: [Bank; BANKS as usize],
+    v4: FlatTable,
+    v6: FlatTable,
+    v4_ranges: std::sync::Arc<Vec<Range>>,
+    v6_ranges: std::sync::Arc<Vec<Range>>,
+    redirect_devices: Vec<String>,
+    redirect_cpus: Vec<u32>,
+    rate_limits: Vec<cloudlet_common::RateLimit>,
+    /// Set when a write failed half-way: the copy may disagree with the maps.
+    broken: bool,
+}
+
+/// Time an update in place took.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct UpdateTimings {
+    /// Computing what to write (table patches, differences).
+    pub prepare: Duration,
+    /// Writing the inactive bank, up to and including the flip.
+    pub write: Duration,
+    /// Waiting until no packet can still see the old bank (then its chunks are reused).
+    pub grace: Duration,
+    /// Map elements written.
+    pub elements: usize,
+}
+
 /// A loaded (not necessarily attached) program with its filled maps.
 pub struct Loaded {
     ebpf: Ebpf,
     kind: ProgramKind,
     pub timings: LoadTimings,
+    capacity: Capacity,
+    written: Written,
 }
 
 impl Loaded {
-    /// Creates the maps sized for `compiled`, fills them and loads program `kind`.
-    /// `trace` makes the program record each decision (for `classify`).
+    /// Creates the maps sized for `compiled` (with room to grow), fills bank 0 and loads
+    /// program `kind`. `trace` makes the program record each decision (for `classify`).
     pub fn new(
         compiled: &CompiledPolicy,
         kind: ProgramKind,
@@ -125,26 +223,43 @@ impl Loaded {
         raise_memlock_limit();
         let started = Instant::now();
         let lpm = kind == ProgramKind::PolicyLpm;
-        let classes = compiled.classes.len().max(1) as u32;
+        let cap = Capacity::for_policy(compiled);
         // Size only the structures this program uses; the others get one entry.
         let size = |used: bool, n: usize| if used { n.max(1) as u32 } else { 1 };
         let trace_flag = u32::from(trace);
         let ebpf = EbpfLoader::new()
-            .map_max_entries("CLASSES", classes)
-            .map_max_entries("CLASS_STATS", classes * 2)
-            .map_max_entries("FIELD_RULES", compiled.field_rules.len().max(1) as u32)
+            .map_max_entries("RULES", cap.rules * BANKS)
+            .map_max_entries("RULE_STATS", cap.rules * BANKS)
+            .map_max_entries("CLASSES", cap.classes * BANKS)
+            .map_max_entries("CLASS_STATS", cap.classes * 2)
+            .map_max_entries("SET_SUMMARY", cap.sets * BANKS)
+            .map_max_entries("SET_WORDS", cap.sets * BANKS * cap.words)
             .map_max_entries("RATE_LIMITS", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("RATE_RULE_TAT", compiled.rate_limits.len().max(1) as u32)
-            .map_max_entries("V4_TABLE", size(!lpm, compiled.v4_chunks.len()))
-            .map_max_entries("V6_TABLE", size(!lpm, compiled.v6_chunks.len()))
+            .map_max_entries("V4_TABLE", size(!lpm, cap.v4_chunks as usize))
+            .map_max_entries("V6_TABLE", size(!lpm, cap.v6_chunks as usize))
             .map_max_entries("V4_TRIE", size(lpm, compiled.v4_prefixes.len()))
             .map_max_entries("V6_TRIE", size(lpm, compiled.v6_prefixes.len()))
             .override_global("TRACE", &trace_flag, true)
             .load(crate::EBPF_OBJECT)?;
+        let empty = |n: u32| FlatTable::new(Vec::new(), if lpm { 0 } else { n as usize });
         let mut loaded = Self {
             ebpf,
             kind,
             timings: LoadTimings::default(),
+            capacity: cap,
+            written: Written {
+                active: 0,
+                banks: Default::default(),
+                v4: empty(cap.v4_chunks),
+                v6: empty(cap.v6_chunks),
+                v4_ranges: compiled.v4_ranges.clone(),
+                v6_ranges: compiled.v6_ranges.clone(),
+                redirect_devices: compiled.redirect_devices.clone(),
+                redirect_cpus: compiled.redirect_cpus.clone(),
+                rate_limits: compiled.rate_limits.clone(),
+                broken: false,
+            },
         };
         let fill_started = Instant::now();
         loaded.fill(compiled, lpm)?;
@@ -158,6 +273,162 @@ impl Loaded {
             })?;
         loaded.timings.load = started.elapsed() - loaded.timings.fill;
         Ok(loaded)
+    }
+
+    /// The room each bank of the maps has.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// The bank in force.
+    pub fn active_bank(&self) -> u32 {
+        self.written.active
+    }
+
+    /// Writes `compiled` into the inactive bank of the running maps, then makes it the
+    /// bank in force with one word: packets see the old policy or the new one, never a
+    /// mix. Only what differs is written: address-table chunks of the /16s whose classes
+    /// change, and the rule sets, classes, field entries and rules that differ. `compiled`
+    /// must come from the [`Compiler`] that compiled the policy in force (class ids must
+    /// mean the same). Fails with [`DataplaneError::NoRoom`], changing nothing, when it
+    /// does not fit; after any other error the packets still see the old policy, and
+    /// later updates are refused (a full reload is needed).
+    pub fn update(&mut self, compiled: &CompiledPolicy) -> Result<UpdateTimings, DataplaneError> {
+        let started = Instant::now();
+        let w = &self.written;
+        if self.kind != ProgramKind::Policy {
+            return Err(DataplaneError::NoRoom("not the policy program".into()));
+        }
+        if w.broken {
+            return Err(DataplaneError::NoRoom(
+                "an earlier update failed half-way".into(),
+            ));
+        }
+        if let Some(why) = self.capacity.misfit(compiled) {
+            return Err(DataplaneError::NoRoom(why));
+        }
+        if w.redirect_devices != compiled.redirect_devices
+            || w.redirect_cpus != compiled.redirect_cpus
+            || w.rate_limits != compiled.rate_limits
+        {
+            return Err(DataplaneError::NoRoom(
+                "redirect targets or rate limits changed".into(),
+            ));
+        }
+        let (from, to) = (w.active, 1 - w.active);
+        let mut v4 = w.v4.clone();
+        let mut v6 = w.v6.clone();
+        let room = || DataplaneError::NoRoom("the address tables are full".into());
+        let p4 = compile::patch_table(
+            &mut v4,
+            &w.v4_ranges,
+            &compiled.v4_ranges,
+            32,
+            from * L1_CHUNKS,
+            to * L1_CHUNKS,
+        )
+        .ok_or_else(room)?;
+        let p6 = compile::patch_table(
+            &mut v6,
+            &w.v6_ranges,
+            &compiled.v6_ranges,
+            128,
+            from * L1_CHUNKS,
+            to * L1_CHUNKS,
+        )
+        .ok_or_else(room)?;
+        let prepared = started.elapsed();
+        // From here on the maps change: a failure leaves the copy unreliable.
+        self.written.broken = true;
+        let mut elements = p4.writes.len() + p6.writes.len();
+        write_entries(&mut self.ebpf, "V4_TABLE", &p4.writes)?;
+        write_entries(&mut self.ebpf, "V6_TABLE", &p6.writes)?;
+        elements += self.write_bank(compiled, to)?;
+        zero_rule_stats(
+            &mut self.ebpf,
+            to * self.capacity.rules,
+            compiled.rules.len(),
+        )?;
+        let config = self.bank_config(compiled, to);
+        write_entries(&mut self.ebpf, "CONFIG", &[(to, config)])?;
+        // The flip: one word.
+        write_entries(&mut self.ebpf, "ACTIVE", &[(0u32, to)])?;
+        let written = started.elapsed();
+        wait_for_readers();
+        let w = &mut self.written;
+        w.active = to;
+        v4.free.extend(p4.garbage);
+        v6.free.extend(p6.garbage);
+        w.v4 = v4;
+        w.v6 = v6;
+        w.v4_ranges = compiled.v4_ranges.clone();
+        w.v6_ranges = compiled.v6_ranges.clone();
+        w.broken = false;
+        Ok(UpdateTimings {
+            prepare: prepared,
+            write: written - prepared,
+            grace: started.elapsed() - written,
+            elements,
+        })
+    }
+
+    /// `compiled.config` with the offsets of `bank`.
+    fn bank_config(&self, compiled: &CompiledPolicy, bank: u32) -> PolicyConfig {
+        PolicyConfig {
+            words: self.capacity.words,
+            rule_base: bank * self.capacity.rules,
+            class_base: bank * self.capacity.classes,
+            field_base: bank * field::ENTRIES,
+            table_root: bank * L1_CHUNKS,
+            ..compiled.config
+        }
+    }
+
+    /// Writes the rule sets, classes, field entries and rules of `c` into `bank`, only
+    /// where they differ from what the bank holds. Returns the elements written.
+    fn write_bank(&mut self, c: &CompiledPolicy, bank: u32) -> Result<usize, DataplaneError> {
+        let cap = self.capacity;
+        let set_base = bank * cap.sets;
+        let stride = cap.words as usize;
+        let global = |id: u32| set_base + id;
+        let new = Bank {
+            summaries: (0..c.sets.len() as u32)
+                .map(|i| c.sets.summary(i))
+                .collect(),
+            words: (0..c.sets.len() as u32)
+                .flat_map(|i| {
+                    let mut v = c.sets.get(i).to_vec();
+                    v.resize(stride, 0);
+                    v
+                })
+                .collect(),
+            classes: c
+                .classes
+                .iter()
+                .map(|k| AddrClass {
+                    src_set: global(k.src_set),
+                    dst_set: global(k.dst_set),
+                })
+                .collect(),
+            field_class: c.field_class.iter().map(|s| global(*s)).collect(),
+            rules: c.rules.clone(),
+        };
+        let old = std::mem::take(&mut self.written.banks[bank as usize]);
+        let e = &mut self.ebpf;
+        let mut n = 0;
+        n += write_diff(e, "SET_SUMMARY", set_base, &new.summaries, &old.summaries)?;
+        n += write_diff(e, "SET_WORDS", set_base * cap.words, &new.words, &old.words)?;
+        n += write_diff(e, "CLASSES", bank * cap.classes, &new.classes, &old.classes)?;
+        n += write_diff(
+            e,
+            "FIELD_CLASS",
+            bank * field::ENTRIES,
+            &new.field_class,
+            &old.field_class,
+        )?;
+        n += write_diff(e, "RULES", bank * cap.rules, &new.rules, &old.rules)?;
+        self.written.banks[bank as usize] = new;
+        Ok(n)
     }
 
     /// The loaded program.
@@ -192,46 +463,28 @@ impl Loaded {
     }
 
     fn fill(&mut self, c: &CompiledPolicy, lpm: bool) -> Result<(), DataplaneError> {
+        self.write_bank(c, 0)?;
+        let config = self.bank_config(c, 0);
         let e = &mut self.ebpf;
-        let mut config: Array<_, PolicyConfig> = Array::try_from(
-            e.map_mut("CONFIG")
-                .ok_or(DataplaneError::Missing("map CONFIG"))?,
-        )
-        .map_err(map_err("CONFIG"))?;
-        config.set(0, c.config, 0).map_err(map_err("CONFIG"))?;
-
-        let mut rules: Array<_, RuleEntry> = Array::try_from(
-            e.map_mut("RULES")
-                .ok_or(DataplaneError::Missing("map RULES"))?,
-        )
-        .map_err(map_err("RULES"))?;
-        for (i, r) in c.rules.iter().enumerate() {
-            rules.set(i as u32, r, 0).map_err(map_err("RULES"))?;
-        }
-
-        let mut classes: Array<_, AddrClass> = Array::try_from(
-            e.map_mut("CLASSES")
-                .ok_or(DataplaneError::Missing("map CLASSES"))?,
-        )
-        .map_err(map_err("CLASSES"))?;
-        for (i, class) in c.classes.iter().enumerate() {
-            classes
-                .set(i as u32, class, 0)
-                .map_err(map_err("CLASSES"))?;
-        }
-
+        write_entries(e, "CONFIG", &[(0u32, config)])?;
         fill_redirects(e, c)?;
         if !c.rate_limits.is_empty() {
-            fill_array(e, "RATE_LIMITS", &c.rate_limits)?;
-        }
-        if !c.field_class.is_empty() {
-            fill_array(e, "FIELD_CLASS", &c.field_class)?;
-            fill_array(e, "FIELD_RULES", &c.field_rules)?;
+            let limits: Vec<(u32, _)> = c
+                .rate_limits
+                .iter()
+                .copied()
+                .enumerate()
+                .map(|(i, l)| (i as u32, l))
+                .collect();
+            write_entries(e, "RATE_LIMITS", &limits)?;
         }
         if lpm {
             fill_lpm(e, "V4_TRIE", &c.v4_prefixes)?;
             fill_lpm(e, "V6_TRIE", &c.v6_prefixes)?;
         } else {
+            let w = &mut self.written;
+            w.v4 = FlatTable::new(c.v4_chunks.clone(), self.capacity.v4_chunks as usize);
+            w.v6 = FlatTable::new(c.v6_chunks.clone(), self.capacity.v6_chunks as usize);
             fill_flat(e, "V4_TABLE", &c.v4_chunks)?;
             fill_flat(e, "V6_TABLE", &c.v6_chunks)?;
         }
@@ -293,9 +546,19 @@ impl Loaded {
             .and_then(|m| aya::maps::RingBuf::try_from(m).ok())
     }
 
-    /// Reads the counters, folded by rule and zone names of `compiled`.
+    /// Reads the counters, folded by rule and zone names of `compiled` (the policy in
+    /// force).
     pub fn stats(&self, compiled: &CompiledPolicy) -> Result<stats::Stats, DataplaneError> {
-        stats::read(&self.ebpf, compiled)
+        self.stats_in_bank(compiled, self.written.active)
+    }
+
+    /// Reads the counters with the rule counters of `bank`, which held `compiled`.
+    pub fn stats_in_bank(
+        &self,
+        compiled: &CompiledPolicy,
+        bank: u32,
+    ) -> Result<stats::Stats, DataplaneError> {
+        stats::read(&self.ebpf, compiled, bank * self.capacity.rules)
     }
 }
 
@@ -385,27 +648,97 @@ fn fill_redirects(ebpf: &mut Ebpf, c: &CompiledPolicy) -> Result<(), DataplaneEr
     Ok(())
 }
 
-/// Writes `values` at indexes 0.. of an array map.
-fn fill_array<V: aya::Pod>(
+/// Writes `(index, value)` pairs into an array map, in batches where the kernel can.
+fn write_entries<V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    values: &[V],
+    entries: &[(u32, V)],
 ) -> Result<(), DataplaneError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
-    let keys: Vec<u32> = (0..values.len() as u32).collect();
+    let (keys, values): (Vec<u32>, Vec<V>) = entries.iter().copied().unzip();
     let batched = match &*map {
         aya::maps::Map::Array(data) => {
-            update_batch(data, &keys, values).map_err(batch_err(name))?
+            update_batch(data, &keys, &values).map_err(batch_err(name))?
         }
         _ => false,
     };
     if !batched {
         let mut array: Array<_, V> = Array::try_from(map).map_err(map_err(name))?;
-        for (k, v) in keys.iter().zip(values) {
+        for (k, v) in keys.iter().zip(&values) {
             array.set(*k, v, 0).map_err(map_err(name))?;
         }
     }
     Ok(())
+}
+
+/// Writes the elements of `new` (at `base + i`) that differ from `old` (missing elements
+/// of `old` count as zero, as in a new map). Returns how many were written.
+fn write_diff<V: aya::Pod + PartialEq + Default>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    base: u32,
+    new: &[V],
+    old: &[V],
+) -> Result<usize, DataplaneError> {
+    let zero = V::default();
+    let entries: Vec<(u32, V)> = new
+        .iter()
+        .enumerate()
+        .filter(|(i, v)| *v != old.get(*i).unwrap_or(&zero))
+        .map(|(i, v)| (base + i as u32, *v))
+        .collect();
+    write_entries(ebpf, name, &entries)?;
+    Ok(entries.len())
+}
+
+/// Zeroes the per-CPU counters of `count` rules from `base` (a bank about to come into
+/// force starts counting from zero).
+fn zero_rule_stats(ebpf: &mut Ebpf, base: u32, count: usize) -> Result<(), DataplaneError> {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    let name = "RULE_STATS";
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+        map: name,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        }),
+    })?;
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
+    let keys: Vec<u32> = (base..base + count as u32).collect();
+    // A per-CPU batch value is one (8-byte aligned) value per possible CPU.
+    let zeros = vec![Counter::default(); keys.len() * cpus];
+    let batched = match &*map {
+        aya::maps::Map::PerCpuArray(data) => {
+            update_batch_raw(data, &keys, zeros.as_ptr().cast()).map_err(batch_err(name))?
+        }
+        _ => false,
+    };
+    if !batched {
+        let mut array: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(map).map_err(map_err(name))?;
+        for k in keys {
+            let values =
+                PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(batch_err(name))?;
+            array.set(k, values, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every XDP program run that started before now has finished, so nothing
+/// still reads the bank just retired (`membarrier(MEMBARRIER_CMD_GLOBAL)` is an RCU grace
+/// period, and XDP runs inside RCU read-side sections).
+fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if ret != 0 {
+        // Refused on nohz_full kernels: an XDP run lasts microseconds.
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Fills a flat table with its chunks (chunks of class 0 only are already zero).
@@ -472,6 +805,17 @@ fn update_batch<K: Copy, V: Copy>(
     keys: &[K],
     values: &[V],
 ) -> std::io::Result<bool> {
+    debug_assert_eq!(keys.len(), values.len());
+    update_batch_raw(map, keys, values.as_ptr().cast())
+}
+
+/// [`update_batch`] with values as the kernel lays them out: `keys.len()` values of the
+/// map's value size (per-CPU maps: one per possible CPU, each rounded up to 8 bytes).
+fn update_batch_raw<K: Copy>(
+    map: &aya::maps::MapData,
+    keys: &[K],
+    values: *const u8,
+) -> std::io::Result<bool> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     #[repr(C)]
     #[derive(Default)]
@@ -486,14 +830,21 @@ fn update_batch<K: Copy, V: Copy>(
         flags: u64,
     }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    debug_assert_eq!(keys.len(), values.len());
     let fd = map.fd().as_fd().as_raw_fd();
+    let info = map.info().map_err(std::io::Error::other)?;
+    let value_size = info.value_size() as usize;
+    let per_key = if matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray)) {
+        value_size.next_multiple_of(8) * aya::util::nr_cpus().map_err(|(_, e)| e)?
+    } else {
+        value_size
+    };
     let mut done = 0usize;
     while done < keys.len() {
         let n = (keys.len() - done).min(1 << 16);
         let mut attr = BatchAttr {
             keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
+            // SAFETY: within the caller's buffer of keys.len() values.
+            values: unsafe { values.add(done * per_key) } as u64,
             count: n as u32,
             map_fd: fd as u32,
             ..Default::default()

@@ -32,7 +32,7 @@ pub struct Count {
 }
 
 impl Count {
-    fn add(&mut self, c: Count) {
+    pub fn add(&mut self, c: Count) {
         self.packets += c.packets;
         self.bytes += c.bytes;
     }
@@ -196,8 +196,13 @@ fn per_cpu<'a>(
         .map_err(map_err(name))
 }
 
-/// Reads every counter of a loaded program.
-pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneError> {
+/// Reads every counter of a loaded program; the rules' counters from `rule_base` (the
+/// bank in force).
+pub fn read(
+    ebpf: &Ebpf,
+    compiled: &CompiledPolicy,
+    rule_base: u32,
+) -> Result<Stats, DataplaneError> {
     let stats = per_cpu(ebpf, "STATS")?;
     let mut out = Stats {
         rate_limited: per_cpu_sum(&stats, stat::RATE_LIMITED).map_err(map_err("STATS"))?,
@@ -221,7 +226,8 @@ pub fn read(ebpf: &Ebpf, compiled: &CompiledPolicy) -> Result<Stats, DataplaneEr
 
     let rule_stats = per_cpu(ebpf, "RULE_STATS")?;
     for (i, name) in compiled.rule_names.iter().enumerate() {
-        let count = per_cpu_sum(&rule_stats, i as u32).map_err(map_err("RULE_STATS"))?;
+        let count =
+            per_cpu_sum(&rule_stats, rule_base + i as u32).map_err(map_err("RULE_STATS"))?;
         let action = compiled.rule_actions[i].clone();
         out.rules.push(RuleCount {
             name: name.clone(),

@@ -219,7 +219,11 @@ fn rules_get_default_names_and_limits_hold() {
 
     let many = "[[rules]]\naction = \"drop\"\n".repeat(MAX_RULES + 1);
     let got = diagnostics(&many);
-    assert!(got.iter().any(|d| d.contains("at most 256")), "{got:?}");
+    assert!(
+        got.iter()
+            .any(|d| d.contains("32769:1: 16385 rules defined; at most 16384")),
+        "{got:?}"
+    );
 
     let zones: String = (0..=MAX_ZONES)
         .map(|i| format!("[zones.z{i}]\nprefixes = []\n"))

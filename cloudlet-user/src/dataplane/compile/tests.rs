@@ -12,16 +12,19 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// What the kernel does, spelled out: first rule whose source and destination bits are set.
+/// What the kernel does, spelled out: first rule in the source and destination sets.
 fn first_rule(c: &CompiledPolicy, src: &str, dst: &str) -> Option<usize> {
-    let s = &c.classes[c.class_of(ip(src)) as usize];
-    let d = &c.classes[c.class_of(ip(dst)) as usize];
-    (0..c.rules.len()).find(|r| (s.src_rules[r / 64] & d.dst_rules[r / 64]) >> (r % 64) & 1 == 1)
+    c.first_rule(c.class_of(ip(src)), c.class_of(ip(dst)), &[])
 }
 
 /// Class of an address through a flat table, exactly as the XDP program walks it.
 fn flat_lookup(chunks: &[FlatChunk], addr: &[u8]) -> u32 {
-    let mut e = chunks[usize::from(addr[0])][usize::from(addr[1])];
+    flat_lookup_at(chunks, 0, addr)
+}
+
+/// The same from the first level at element `root`.
+fn flat_lookup_at(chunks: &[FlatChunk], root: usize, addr: &[u8]) -> u32 {
+    let mut e = chunks[root + usize::from(addr[0])][usize::from(addr[1])];
     for b in &addr[2..] {
         if e & PTR == 0 {
             return e;
@@ -201,7 +204,7 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
         assert_eq!(lpm_lookup(&c.v4_prefixes, u128::from(a), 32), want);
     }
     // Probe every range edge too.
-    for r in &c.v4_ranges {
+    for r in c.v4_ranges.iter() {
         for a in [r.start, r.end] {
             assert_eq!(
                 flat_lookup(&c.v4_chunks, &(a as u32).to_be_bytes()),
@@ -210,7 +213,7 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
             assert_eq!(lpm_lookup(&c.v4_prefixes, a, 32), r.class);
         }
     }
-    for r in &c.v6_ranges {
+    for r in c.v6_ranges.iter() {
         for a in [r.start, r.end] {
             assert_eq!(lpm_lookup(&c.v6_prefixes, a, 128), r.class);
             assert_eq!(flat_lookup(&c.v6_chunks, &a.to_be_bytes()), r.class);
@@ -228,13 +231,163 @@ fn class_zero_means_nothing_and_config_is_encoded() {
     assert_eq!(c.config.malformed_action, cloudlet_common::action::PASS);
     assert_eq!(c.config.non_ip_action, cloudlet_common::action::DROP);
     assert_eq!(c.config.rule_count, 1);
-    // A rule without criteria is in every class's source and destination bitmaps.
+    // A rule without criteria is in every class's source and destination sets.
     assert!(
         c.classes
             .iter()
-            .all(|k| k.src_rules[0] & 1 == 1 && k.dst_rules[0] & 1 == 1)
+            .all(|k| c.sets.contains(k.src_set, 0) && c.sets.contains(k.dst_set, 0))
     );
     assert!(c.v4_prefixes.is_empty() && c.v6_prefixes.is_empty());
-    assert_eq!(c.v4_chunks.len(), L1_CHUNKS as usize);
-    assert_eq!(c.v6_chunks.len(), L1_CHUNKS as usize);
+    assert_eq!(
+        c.v4_chunks.len(),
+        (L1_CHUNKS * BANKS) as usize,
+        "both banks' first levels, nothing below"
+    );
+    assert_eq!(
+        c.v6_chunks.len(),
+        (L1_CHUNKS * BANKS) as usize,
+        "both banks' first levels, nothing below"
+    );
+}
+
+/// Random policies of many rules on prefixes, zones, ports and protocols: the first rule
+/// of the compiled sets is the first rule whose criteria hold, checked directly.
+#[test]
+fn thousands_of_rules_first_match_agrees_with_the_criteria() {
+    use cloudlet_common::field::*;
+    let mut rng = Lcg(11);
+    let mut text = String::from(
+        "[zones.a]\nprefixes = [\"10.0.0.0/8\"]\n[zones.b]\nprefixes = [\"10.1.0.0/16\", \"192.0.2.0/24\"]\n",
+    );
+    let rules: usize = 3_000;
+    for i in 0..rules {
+        text.push_str(&format!("[[rules]]\nname = \"r{i}\"\naction = \"drop\"\n"));
+        match rng.next() % 5 {
+            0 => text.push_str(&format!(
+                "src_prefix = [\"10.{}.{}.0/24\"]\n",
+                rng.next() % 4,
+                rng.next() % 256
+            )),
+            1 => text.push_str(&format!(
+                "dst_zone = \"{}{}\"\n",
+                if rng.next() % 2 == 0 { "!" } else { "" },
+                if rng.next() % 2 == 0 { "a" } else { "b" }
+            )),
+            2 => text.push_str(&format!(
+                "dst_port = [\"{}-{}\"]\n",
+                rng.next() % 1000,
+                1000 + rng.next() % 1000
+            )),
+            3 => text.push_str(&format!(
+                "proto = \"{}\"\nsrc_port = \"!{}\"\n",
+                if rng.next() % 2 == 0 { "tcp" } else { "udp" },
+                rng.next() % 2000
+            )),
+            _ => text.push_str(&format!(
+                "src_prefix = [\"10.{}.0.0/16\"]\ndst_port = {}\n",
+                rng.next() % 4,
+                rng.next() % 2000
+            )),
+        }
+    }
+    let p = policy::parse(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let c = compile(&p, None).unwrap();
+    assert_eq!(c.sets.words, rules.div_ceil(64));
+    for _ in 0..3_000 {
+        let src = format!(
+            "10.{}.{}.{}",
+            rng.next() % 5,
+            rng.next() % 256,
+            rng.next() % 256
+        );
+        let dst = if rng.next() % 2 == 0 {
+            "10.1.2.3"
+        } else {
+            "192.0.2.9"
+        };
+        let (proto, sport, dport) = (
+            if rng.next() % 2 == 0 { 6u8 } else { 17 },
+            (rng.next() % 2100) as u16,
+            (rng.next() % 2100) as u16,
+        );
+        let fields = [
+            PROTO_BASE + u32::from(proto),
+            SRC_PORT_BASE + u32::from(sport),
+            DST_PORT_BASE + u32::from(dport),
+        ];
+        let got = c.first_rule(c.class_of(ip(&src)), c.class_of(ip(dst)), &fields);
+        let want = p.rules.iter().position(|r| {
+            let pfx = |l: &Option<Vec<policy::Prefix>>, a: &str| {
+                l.as_ref()
+                    .is_none_or(|l| l.iter().any(|p| p.contains(ip(a))))
+            };
+            let zone = |m: Option<policy::ZoneMatch>, a: &str| {
+                m.is_none_or(|m| c.class_in_zone(c.class_of(ip(a)), m.zone) != m.negate)
+            };
+            pfx(&r.src_prefix, &src)
+                && pfx(&r.dst_prefix, dst)
+                && zone(r.src_zone, &src)
+                && zone(r.dst_zone, dst)
+                && r.proto.as_ref().is_none_or(|m| m.accepts(proto))
+                && r.src_port.as_ref().is_none_or(|m| m.accepts(sport))
+                && r.dst_port.as_ref().is_none_or(|m| m.accepts(dport))
+        });
+        assert_eq!(got, want, "{src} -> {dst} proto {proto} {sport} -> {dport}");
+    }
+}
+
+/// A table patched from one policy to the next: the new bank's first level finds the new
+/// classes everywhere, and nothing the old bank reaches was written.
+#[test]
+fn patched_table_serves_the_new_policy_and_leaves_the_old_bank_alone() {
+    let zones = |extra: &str| {
+        format!(
+            "[zones.a]\nprefixes = [\"10.0.0.0/8\", \"2001:db8::/32\"{extra}]\n[zones.b]\nprefixes = [\"10.1.0.0/16\"]\n[[rules]]\nsrc_zone = \"a\"\naction = \"drop\"\n"
+        )
+    };
+    let parse = |t: &str| policy::parse(t, Path::new("t.toml")).unwrap();
+    let mut compiler = Compiler::default();
+    let a = compiler.compile(&parse(&zones("")), None).unwrap();
+    let mut table = FlatTable::new(a.v4_chunks.clone(), a.v4_chunks.len() + 64);
+    let before = table.chunks.clone();
+    let b_policy = parse(&zones(
+        ", \"172.16.5.0/24\", \"10.1.2.0/24\", \"11.0.0.0/8\"",
+    ));
+    assert!(compiler.keeps_classes(&b_policy));
+    let b = compiler.compile(&b_policy, None).unwrap();
+    let root = L1_CHUNKS as usize;
+    let patch =
+        patch_table(&mut table, &a.v4_ranges, &b.v4_ranges, 32, 0, root as u32).expect("room");
+    // Only free elements and the other bank's first level were written.
+    for (idx, _) in &patch.writes {
+        let i = *idx as usize;
+        assert!(
+            i >= a.v4_chunks.len() || (root..2 * root).contains(&i),
+            "wrote {i}"
+        );
+    }
+    let mut rng = Lcg(3);
+    for _ in 0..20_000 {
+        let x = rng.next() as u32;
+        let addr = match rng.next() % 4 {
+            0 => 0x0a01_0200 | (x & 0xff),
+            1 => 0xac10_0500 | (x & 0x1ff),
+            2 => 0x0b00_0000 | (x & 0xff_ffff),
+            _ => x,
+        };
+        let bytes = addr.to_be_bytes();
+        let v4 = IpAddr::from(std::net::Ipv4Addr::from(addr));
+        assert_eq!(flat_lookup_at(&table.chunks, root, &bytes), b.class_of(v4));
+        assert_eq!(flat_lookup_at(&before, 0, &bytes), a.class_of(v4));
+        assert_eq!(flat_lookup_at(&table.chunks, 0, &bytes), a.class_of(v4));
+    }
+    // The old bank's classes kept their meaning.
+    for (class, zones) in a.class_zones.iter().enumerate() {
+        assert_eq!(b.class_zones[class], *zones);
+    }
+    // No room: nothing happens.
+    let mut full = FlatTable::new(a.v4_chunks.clone(), a.v4_chunks.len());
+    let copy = full.chunks.clone();
+    assert!(patch_table(&mut full, &a.v4_ranges, &b.v4_ranges, 32, 0, root as u32).is_none());
+    assert_eq!(full.chunks, copy);
 }
