@@ -202,6 +202,7 @@ impl Prepared {
 }
 
 /// A new policy, ready to apply with [`Node::apply`].
+#[allow(clippy::large_enum_variant, reason = "one per reload, moved once")]
 pub enum Update {
     /// Compiled with the running policy's compiler: written into the running program's
     /// inactive bank, then flipped to (no program load, tables patched, not rebuilt).
@@ -257,6 +258,16 @@ pub struct Node {
     carried: Stats,
     /// Sampled drops.
     events: EventLog,
+    /// Policies put in force so far by writing the running program's maps in place, and
+    /// by swapping in a new program.
+    pub reloads: Reloads,
+}
+
+/// How the policies after the first were put in force.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reloads {
+    pub in_place: u64,
+    pub new_program: u64,
 }
 
 impl Node {
@@ -311,6 +322,7 @@ impl Node {
             attachments,
             carried: Stats::default(),
             events,
+            reloads: Reloads::default(),
         })
     }
 
@@ -365,6 +377,7 @@ impl Node {
                 );
                 self.compiled = compiled;
                 self.compiler = compiler;
+                self.reloads.in_place += 1;
                 Ok(())
             }
             Err(DataplaneError::NoRoom(why)) => {
@@ -423,6 +436,7 @@ impl Node {
         if let Some(ring) = prepared.loaded.take_events() {
             self.events.attach(ring);
         }
+        self.reloads.new_program += 1;
         self.compiled = prepared.compiled;
         self.compiler = prepared.compiler;
         self.loaded = prepared.loaded;

@@ -112,7 +112,13 @@ fn list(prefixes: &[Prefix]) -> String {
 }
 
 /// A random policy as TOML, and every prefix it names (to aim packets at).
-fn random_policy(rng: &mut Rng, with_countries: bool, geo: &[Prefix]) -> (String, Vec<Prefix>) {
+/// A random policy of up to `max_rules` rules, and the prefixes it names.
+fn random_policy(
+    rng: &mut Rng,
+    with_countries: bool,
+    geo: &[Prefix],
+    max_rules: usize,
+) -> (String, Vec<Prefix>) {
     let mut text = String::new();
     let mut named = Vec::new();
     let action = |rng: &mut Rng| if rng.chance(50) { "pass" } else { "drop" };
@@ -139,7 +145,7 @@ fn random_policy(rng: &mut Rng, with_countries: bool, geo: &[Prefix]) -> (String
             text.push_str(&format!("countries = [{}]\n", countries.join(", ")));
         }
     }
-    for r in 0..1 + rng.below(8) {
+    for r in 0..1 + rng.below(max_rules) {
         text.push_str(&format!(
             "[[rules]]\nname = \"r{r}\"\naction = \"{}\"\n",
             action(rng)
@@ -333,52 +339,161 @@ fn xdp_verdicts_match_the_reference_evaluator() {
     for round in 0..policies {
         let mut rng = Rng(seed ^ (round as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let with_countries = round % 3 == 0;
-        let (text, named) = random_policy(&mut rng, with_countries, &geo_networks);
+        // Every fourth policy has hundreds to thousands of rules: matches deep in the
+        // rule sets, across many words.
+        let max_rules = if round % 4 == 1 { 3_000 } else { 8 };
+        let (text, named) = random_policy(&mut rng, with_countries, &geo_networks, max_rules);
         let policy = policy::parse(&text, Path::new("random.toml"))
             .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}\n{text}"));
         let geo = with_countries.then_some(&db);
         let compiled = compile(&policy, geo).expect("compile");
         let classifier = Classifier::new(&compiled).expect("load (needs root)");
-        for _ in 0..packets {
-            let v6 = rng.chance(50);
-            let src = random_address(&mut rng, v6, &named, &geo_networks);
-            let dst = random_address(&mut rng, v6, &named, &geo_networks);
-            let (frame, facts) = random_frame(&mut rng, src, dst);
-            let frame = frame.build();
-            let got = classifier.classify(&compiled, &frame).expect("classify");
-            let (action, rule) = reference::verdict(&policy, geo, &facts);
-            let want_rule = rule.map(|i| policy.rules[i].name.clone());
-            assert!(
-                got.verdict == action.name() && got.rule == want_rule,
-                "seed {seed} round {round}: {src} -> {dst}: XDP says {} by {:?}, reference {} by {:?}\nsrc zones {:?} (ref {:?}), dst zones {:?} (ref {:?})\nframe {}\npolicy:\n{text}",
-                got.verdict,
-                got.rule,
-                action.name(),
-                want_rule,
-                got.src_zones,
-                reference::zones_of(&policy, geo, src),
-                got.dst_zones,
-                reference::zones_of(&policy, geo, dst),
-                to_hex(&frame),
-            );
-            let names = |zones: Vec<usize>| {
-                zones
-                    .into_iter()
-                    .map(|z| policy.zones[z].name.clone())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(
-                got.src_zones,
-                names(reference::zones_of(&policy, geo, src)),
-                "seed {seed} round {round}: zones of {src}\n{text}"
-            );
-            assert_eq!(
-                got.dst_zones,
-                names(reference::zones_of(&policy, geo, dst)),
-                "seed {seed} round {round}: zones of {dst}\n{text}"
-            );
-            checked += 1;
-        }
+        checked += check_packets(
+            &mut rng,
+            &classifier,
+            &compiled,
+            &policy,
+            geo,
+            &named,
+            &geo_networks,
+            packets,
+            &format!("seed {seed} round {round}"),
+            &text,
+        );
     }
     assert_eq!(checked, policies * packets);
+}
+
+/// Policies updated in place, one after another in the same program: after each update
+/// the verdicts are the new policy's, as the reference evaluator gives them. The zones stay
+/// (that is what keeps an update in place); prefixes, rules and verdicts all change.
+#[test]
+fn in_place_updates_match_the_reference_evaluator() {
+    let seed: u64 = std::env::var("CLOUDLET_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x0bad_5eed_u64);
+    let db = GeoDb::open(Path::new(GEOIP_DATABASE)).expect("GeoIP database (cargo xtask setup)");
+    let geo_networks = country_networks(&db);
+    let mut rng = Rng(seed);
+    // The zones of the first policy, kept by the others.
+    let (first, _) = random_policy(&mut rng, true, &geo_networks, 8);
+    let zones_end = first.find("[[rules]]").unwrap_or(first.len());
+    // Rules of other random policies name zones z0..z3: have them all.
+    let mut zones = first[..zones_end].to_string();
+    for z in 0..4 {
+        if !zones.contains(&format!("[zones.z{z}]")) {
+            zones.push_str(&format!("[zones.z{z}]\nprefixes = []\n"));
+        }
+    }
+    let mut compiler = cloudlet::dataplane::Compiler::default();
+    let mut classifier = None;
+    let (updates, packets) = (12, 100);
+    let mut checked = 0;
+    let mut in_place = 0;
+    for round in 0..updates {
+        let max_rules = if round % 3 == 2 { 2_000 } else { 10 };
+        let (rules, named) = random_policy(&mut rng, false, &geo_networks, max_rules);
+        let rules = &rules[rules.find("[[rules]]").unwrap_or(rules.len())..];
+        // Extra prefixes in the zones change the address tables too.
+        let n = 1 + rng.below(3);
+        let extra = random_prefixes(&mut rng, n);
+        let text = format!(
+            "{}[zones.extra]\nprefixes = [{}]\n{rules}",
+            zones,
+            list(&extra)
+        );
+        let policy = policy::parse(&text, Path::new("update.toml"))
+            .unwrap_or_else(|e| panic!("seed {seed} update {round}: {e}\n{text}"));
+        assert!(round == 0 || compiler.keeps_classes(&policy));
+        let compiled = compiler.compile(&policy, Some(&db)).expect("compile");
+        match &mut classifier {
+            None => classifier = Some(Classifier::new(&compiled).expect("load (needs root)")),
+            Some(c) => match c.update(&compiled) {
+                Ok(_) => in_place += 1,
+                Err(cloudlet::dataplane::DataplaneError::NoRoom(why)) => {
+                    eprintln!("update {round} needs a new program: {why}");
+                    *c = Classifier::new(&compiled).expect("load");
+                }
+                Err(e) => panic!("update {round}: {e}"),
+            },
+        }
+        let mut named = named;
+        named.extend(&extra);
+        checked += check_packets(
+            &mut rng,
+            classifier.as_ref().expect("loaded"),
+            &compiled,
+            &policy,
+            Some(&db),
+            &named,
+            &geo_networks,
+            packets,
+            &format!("seed {seed} update {round}"),
+            &text,
+        );
+    }
+    assert_eq!(checked, updates * packets);
+    assert!(
+        in_place >= updates / 2,
+        "{in_place} of {updates} updates in place"
+    );
+}
+
+/// Classifies `packets` random packets and checks each against the reference evaluator.
+#[allow(clippy::too_many_arguments)]
+fn check_packets(
+    rng: &mut Rng,
+    classifier: &Classifier,
+    compiled: &cloudlet::dataplane::CompiledPolicy,
+    policy: &policy::Policy,
+    geo: Option<&GeoDb>,
+    named: &[Prefix],
+    geo_networks: &[Prefix],
+    packets: usize,
+    what: &str,
+    text: &str,
+) -> usize {
+    let mut checked = 0;
+    for _ in 0..packets {
+        let v6 = rng.chance(50);
+        let src = random_address(rng, v6, named, geo_networks);
+        let dst = random_address(rng, v6, named, geo_networks);
+        let (frame, facts) = random_frame(rng, src, dst);
+        let frame = frame.build();
+        let got = classifier.classify(compiled, &frame).expect("classify");
+        let (action, rule) = reference::verdict(policy, geo, &facts);
+        let want_rule = rule.map(|i| policy.rules[i].name.clone());
+        assert!(
+            got.verdict == action.name() && got.rule == want_rule,
+            "{what}: {src} -> {dst}: XDP says {} by {:?}, reference {} by {:?}\nsrc zones {:?} (ref {:?}), dst zones {:?} (ref {:?})\nframe {}\npolicy:\n{text}",
+            got.verdict,
+            got.rule,
+            action.name(),
+            want_rule,
+            got.src_zones,
+            reference::zones_of(policy, geo, src),
+            got.dst_zones,
+            reference::zones_of(policy, geo, dst),
+            to_hex(&frame),
+        );
+        let names = |zones: Vec<usize>| {
+            zones
+                .into_iter()
+                .map(|z| policy.zones[z].name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got.src_zones,
+            names(reference::zones_of(policy, geo, src)),
+            "{what}: zones of {src}\n{text}"
+        );
+        assert_eq!(
+            got.dst_zones,
+            names(reference::zones_of(policy, geo, dst)),
+            "{what}: zones of {dst}\n{text}"
+        );
+        checked += 1;
+    }
+    checked
 }

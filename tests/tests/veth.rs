@@ -660,38 +660,63 @@ fn rate_limit_holds_under_load() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Two policies swapped 100 times while traffic flows: a frame both pass always arrives, a
-/// frame both drop never does, and frames they disagree on may go either way. No packet is
-/// judged by anything but one policy or the other.
+/// Two policies updated in place (same zones: the running program's inactive bank is
+/// written, then flipped to) 100 times while traffic flows.
 #[test]
-fn atomic_swap_under_continuous_traffic() {
+fn atomic_in_place_update_under_continuous_traffic() {
+    let reloads = swap_under_traffic("", "", "src5", "dut5");
+    assert_eq!(reloads.in_place, 100, "{reloads:?}");
+}
+
+/// Two policies with different zones, so each reload loads a program of its own and moves
+/// the interface onto it with BPF_LINK_UPDATE, 100 times while traffic flows.
+#[test]
+fn atomic_program_swap_under_continuous_traffic() {
+    let reloads = swap_under_traffic(
+        "[zones.x]\nprefixes = [\"198.51.100.0/24\"]\n",
+        "[zones.y]\nprefixes = [\"198.51.100.0/24\"]\n",
+        "src7",
+        "dut7",
+    );
+    assert_eq!(reloads.new_program, 100, "{reloads:?}");
+}
+
+/// Alternates two policies 100 times while traffic flows: a frame both pass always
+/// arrives, a frame both drop never does, and frames they disagree on may go either way. No
+/// packet is judged by anything but one policy or the other.
+fn swap_under_traffic(
+    a_zones: &str,
+    b_zones: &str,
+    src_if: &str,
+    dut_if: &str,
+) -> cloudlet::node::Reloads {
     let src = NetNs::new("cl-src");
     let dut = NetNs::new("cl-dut");
-    veth_pair(&src, "src5", &dut, "dut5");
-    let dir = std::env::temp_dir().join(format!("cloudlet-swap-{}", std::process::id()));
+    veth_pair(&src, src_if, &dut, dut_if);
+    let dir = std::env::temp_dir().join(format!("cloudlet-swap-{}-{dut_if}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Port 10: both pass. 11: both drop. 12: only A drops. 13: only B drops.
     let a = dir.join("a.toml");
     let b = dir.join("b.toml");
     std::fs::write(
         &a,
-        "[[rules]]\nname = \"a\"\ndst_port = [11, 12]\naction = \"drop\"\n",
+        format!("{a_zones}[[rules]]\nname = \"a\"\ndst_port = [11, 12]\naction = \"drop\"\n"),
     )
     .unwrap();
     std::fs::write(
         &b,
-        "[[rules]]\nname = \"b\"\ndst_port = [11, 13]\naction = \"drop\"\n",
+        format!("{b_zones}[[rules]]\nname = \"b\"\ndst_port = [11, 13]\naction = \"drop\"\n"),
     )
     .unwrap();
     let config = cloudlet::config::Config {
         policy: a.clone(),
-        interfaces: vec!["dut5".into()],
+        interfaces: vec![dut_if.into()],
         xdp_mode: AttachMode::Native,
         admin_socket: dir.join("unused.sock"),
         admin_listen: None,
         pin_dir: None,
     };
-    let dst_mac = dut.mac("dut5");
+    let dst_mac = dut.mac(dut_if);
     let frames: Vec<Vec<u8>> = (10..14)
         .map(|port| {
             let mut f = Frame::udp(
@@ -706,13 +731,13 @@ fn atomic_swap_under_continuous_traffic() {
         })
         .collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (sent, received, swaps) = dut.run(|| {
+    let (sent, received, swaps, reloads) = dut.run(|| {
         let mut node = cloudlet::node::Node::start(&config).expect("start");
-        let rx = PacketSocket::bind("dut5").expect("receiver");
+        let rx = PacketSocket::bind(dut_if).expect("receiver");
         std::thread::scope(|s| {
             let sender = s.spawn(|| {
                 src.run(|| {
-                    let tx = PacketSocket::bind("src5").expect("sender");
+                    let tx = PacketSocket::bind(src_if).expect("sender");
                     let mut sent = [0u64; 4];
                     let mut i = 0usize;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -756,7 +781,7 @@ fn atomic_swap_under_continuous_traffic() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let sent = sender.join().expect("sender");
             let received = receiver.join().expect("receiver");
-            (sent, received, swaps)
+            (sent, received, swaps, node.reloads)
         })
     });
     assert_eq!(swaps, 100);
@@ -775,6 +800,7 @@ fn atomic_swap_under_continuous_traffic() {
         "each policy passed the other's port: {received:?} of {sent:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    reloads
 }
 
 /// A bpffs mounted on a folder of the test's, unmounted and removed on drop.

@@ -86,6 +86,14 @@ impl Classifier {
         })
     }
 
+    /// Writes `compiled` into the loaded program in place (see [`Loaded::update`]).
+    pub fn update(
+        &mut self,
+        compiled: &CompiledPolicy,
+    ) -> Result<super::UpdateTimings, DataplaneError> {
+        self.loaded.update(compiled)
+    }
+
     /// Runs the program once on `frame`.
     pub fn classify(
         &self,

@@ -270,8 +270,16 @@ fn thousands_of_rules_first_match_agrees_with_the_criteria() {
             )),
             1 => text.push_str(&format!(
                 "dst_zone = \"{}{}\"\n",
-                if rng.next() % 2 == 0 { "!" } else { "" },
-                if rng.next() % 2 == 0 { "a" } else { "b" }
+                if rng.next().is_multiple_of(2) {
+                    "!"
+                } else {
+                    ""
+                },
+                if rng.next().is_multiple_of(2) {
+                    "a"
+                } else {
+                    "b"
+                }
             )),
             2 => text.push_str(&format!(
                 "dst_port = [\"{}-{}\"]\n",
@@ -280,7 +288,11 @@ fn thousands_of_rules_first_match_agrees_with_the_criteria() {
             )),
             3 => text.push_str(&format!(
                 "proto = \"{}\"\nsrc_port = \"!{}\"\n",
-                if rng.next() % 2 == 0 { "tcp" } else { "udp" },
+                if rng.next().is_multiple_of(2) {
+                    "tcp"
+                } else {
+                    "udp"
+                },
                 rng.next() % 2000
             )),
             _ => text.push_str(&format!(
@@ -300,13 +312,17 @@ fn thousands_of_rules_first_match_agrees_with_the_criteria() {
             rng.next() % 256,
             rng.next() % 256
         );
-        let dst = if rng.next() % 2 == 0 {
+        let dst = if rng.next().is_multiple_of(2) {
             "10.1.2.3"
         } else {
             "192.0.2.9"
         };
         let (proto, sport, dport) = (
-            if rng.next() % 2 == 0 { 6u8 } else { 17 },
+            if rng.next().is_multiple_of(2) {
+                6u8
+            } else {
+                17
+            },
             (rng.next() % 2100) as u16,
             (rng.next() % 2100) as u16,
         );
