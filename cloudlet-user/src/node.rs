@@ -11,6 +11,7 @@ use crate::{
         self, AttachMode, CompileError, CompiledPolicy, DataplaneError, Loaded, ProgramKind,
         events::{Event, EventLog},
         stats::Stats,
+        xsk::{XskError, XskSockets},
     },
     geoip::{GeoDb, GeoIpError},
     policy::{self, PolicyError},
@@ -31,6 +32,9 @@ pub enum NodeError {
     /// The program could not be loaded, filled or attached.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// An AF_XDP socket of an `xsk` action could not be opened.
+    #[error(transparent)]
+    Xsk(#[from] XskError),
     /// A link could not be pinned or taken over from its pin.
     #[error("pinning: {0}")]
     Pin(String),
@@ -198,6 +202,8 @@ pub struct Node {
     carried: Stats,
     /// Sampled drops.
     events: EventLog,
+    /// AF_XDP sockets of `xsk` actions. Last: they close after the program lets go of them.
+    xsk: XskSockets,
 }
 
 impl Node {
@@ -207,6 +213,11 @@ impl Node {
         let started = Instant::now();
         let compiled = prepare_policy(&config.policy)?;
         let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
+        // Sockets before attaching: a program taken over from a previous daemon moves onto
+        // this one with its sockets in place (the previous daemon's closed with it).
+        let mut xsk = XskSockets::new(config.xsk_forward.as_deref())?;
+        xsk.open(&config.interfaces, &compiled.xsk_queues)?;
+        xsk.register(&mut loaded, &config.interfaces, &compiled.xsk_queues)?;
         if let Some(dir) = &config.pin_dir {
             pin::prepare_dir(dir)?;
         }
@@ -249,6 +260,7 @@ impl Node {
             attachments,
             carried: Stats::default(),
             events,
+            xsk,
         })
     }
 
@@ -263,6 +275,23 @@ impl Node {
     /// (not seen in practice), the interfaces not yet moved keep the running program.
     pub fn swap(&mut self, mut prepared: Prepared) -> Result<(), NodeError> {
         let before = self.stats()?;
+        // The new program gets the sockets of its `xsk` queues, opening those the running
+        // policy has none on; on failure the running policy keeps just its own.
+        let interfaces: Vec<String> = self
+            .attachments
+            .iter()
+            .map(|a| a.interface.clone())
+            .collect();
+        let queues = prepared.compiled.xsk_queues.clone();
+        let opened = self.xsk.open(&interfaces, &queues).map_err(NodeError::from);
+        if let Err(e) = opened.and_then(|()| {
+            self.xsk
+                .register(&mut prepared.loaded, &interfaces, &queues)
+                .map_err(NodeError::from)
+        }) {
+            self.xsk.retain(&self.compiled.xsk_queues);
+            return Err(e);
+        }
         let mut old = std::mem::take(&mut self.attachments).into_iter();
         let mut moved = Vec::new();
         for a in old.by_ref() {
@@ -303,6 +332,8 @@ impl Node {
         }
         self.compiled = prepared.compiled;
         self.loaded = prepared.loaded;
+        // The old program is gone: close the sockets the new one does not use.
+        self.xsk.retain(&self.compiled.xsk_queues);
         // The new program's counters start at zero; keep the totals so far beside them.
         self.carried = before;
         Ok(())
@@ -312,6 +343,8 @@ impl Node {
     pub fn stats(&self) -> Result<Stats, NodeError> {
         let mut s = self.loaded.stats(&self.compiled)?;
         s.absorb(&self.carried);
+        // Socket counters run since start, across reloads.
+        s.xsk = self.xsk.counts();
         Ok(s)
     }
 

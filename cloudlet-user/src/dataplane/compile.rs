@@ -135,6 +135,9 @@ pub struct CompiledPolicy {
     pub redirect_devices: Vec<String>,
     /// CPUs of `cpu` actions.
     pub redirect_cpus: Vec<u32>,
+    /// Receive queues of `xsk` actions, ascending: cloudletd opens an AF_XDP socket on each
+    /// of them on every interface it attaches to.
+    pub xsk_queues: Vec<u32>,
     /// Rate limits of `rate_limit` actions: a rule's argument indexes this list.
     pub rate_limits: Vec<RateLimit>,
     pub zone_names: Vec<String>,
@@ -347,6 +350,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
     // Redirect targets by name, in first-use order; a rule's argument is the index.
     let mut redirect_devices: Vec<String> = Vec::new();
     let mut redirect_cpus: Vec<u32> = Vec::new();
+    let mut xsk_queues: Vec<u32> = Vec::new();
     let mut rate_limits: Vec<RateLimit> = Vec::new();
     let mut arg = |a: &crate::policy::Action| match a {
         // Each rate_limit action has a bucket (or set of buckets) of its own.
@@ -380,6 +384,12 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             }
             *cpu
         }
+        crate::policy::Action::Xsk(queue) => {
+            if !xsk_queues.contains(queue) {
+                xsk_queues.push(*queue);
+            }
+            *queue
+        }
         _ => 0,
     };
     let default_arg = arg(&policy.default_action);
@@ -391,6 +401,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
             arg: arg(&r.action),
         })
         .collect();
+    xsk_queues.sort_unstable();
 
     Ok(CompiledPolicy {
         config: PolicyConfig {
@@ -406,6 +417,7 @@ pub fn compile(policy: &Policy, geo: Option<&GeoDb>) -> Result<CompiledPolicy, C
         rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
         redirect_devices,
         redirect_cpus,
+        xsk_queues,
         rate_limits,
         zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
         classes,
