@@ -1088,3 +1088,83 @@ fn xsk_action_delivers_to_cloudletd_which_counts_and_forwards() {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A restart with `xsk` actions: the first daemon's sockets close with it, so while no
+/// daemon runs the pinned program drops those frames (counted as undelivered, not passed);
+/// the second daemon opens new sockets and enters them into its program before taking the
+/// link over, and receives from then on.
+#[test]
+fn hitless_restart_reopens_xsk_sockets() {
+    let bin = cloudletd_path();
+    assert!(
+        bin.exists(),
+        "{} missing (cargo xtask test builds it)",
+        bin.display()
+    );
+    let bpffs = BpfFs::new("cloudlet-xsk-pins");
+    let dir = std::env::temp_dir().join(format!("cloudlet-xsk-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("cloudletd.sock");
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[rules]]\nname = \"to-cloudletd\"\ndst_port = 4789\naction = { xsk = 0 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cloudlet.toml"),
+        format!(
+            "policy = \"policy.toml\"\ninterfaces = [\"dut8\"]\nxdp_mode = \"native\"\npin_dir = {:?}\n[admin]\nsocket = {:?}\n",
+            bpffs.0.join("cloudlet").display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    veth_pair(&src, "src8", &dut, "dut8");
+    let dst_mac = dut.mac("dut8");
+    let frames = marked_udp(dst_mac, 4789, 0..10);
+    let start = |extra: &[&str]| {
+        let d = Daemon(
+            dut.command(&bin.display().to_string())
+                .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
+                .args(extra)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start cloudletd"),
+        );
+        wait_for(&socket);
+        d
+    };
+    let stop = |mut d: Daemon| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+        let status = d.0.wait().expect("wait");
+        assert!(status.success(), "cloudletd exit status {status}");
+    };
+    // Frames that reached dut8's stack.
+    let round = || exchange(&src, "src8", &dut, "dut8", &frames);
+
+    let first = start(&[]);
+    assert!(round().is_empty(), "first daemon: frames go to its socket");
+    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 10);
+    assert_eq!(s.xsk[0].received.packets, 10);
+    stop(first);
+    assert!(
+        round().is_empty(),
+        "no daemon: the pinned program has no socket and drops, rather than pass"
+    );
+    let second = start(&["--detach-on-exit"]);
+    assert!(round().is_empty(), "second daemon: frames go to its socket");
+    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 10);
+    assert_eq!(s.xsk[0].received.packets, 10, "{:?}", s.xsk);
+    assert!(s.xsk[0].open);
+    assert_eq!(s.xsk_undelivered.packets, 0, "its program had the socket");
+    stop(second);
+    assert_eq!(
+        markers(&round()),
+        (0..10).collect(),
+        "detached: nothing is steered"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
