@@ -391,8 +391,16 @@ impl Drop for Running {
 /// An interface queue.
 type Key = (String, u32);
 
+impl Drop for XskSockets {
+    fn drop(&mut self) {
+        // Stop every thread first; dropping the map then joins them.
+        for r in self.running.values() {
+            r.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The node's AF_XDP sockets and their counters.
-#[derive(Default)]
 pub struct XskSockets {
     forward: Option<Arc<Forward>>,
     forward_name: Option<String>,
@@ -407,7 +415,8 @@ impl XskSockets {
         Ok(Self {
             forward: forward.map(Forward::open).transpose()?.map(Arc::new),
             forward_name: forward.map(str::to_string),
-            ..Self::default()
+            running: BTreeMap::new(),
+            counters: BTreeMap::new(),
         })
     }
 
@@ -482,13 +491,15 @@ impl XskSockets {
 
     /// Closes the sockets of queues not in `queues`; their counters stay.
     pub fn retain(&mut self, queues: &[u32]) {
-        self.running.retain(|(iface, queue), _| {
-            let keep = queues.contains(queue);
-            if !keep {
+        // Stop every thread first, so they wind down together rather than one poll
+        // timeout after another.
+        for ((iface, queue), r) in &self.running {
+            if !queues.contains(queue) {
                 log::info!("closing the AF_XDP socket on {iface} queue {queue}");
+                r.stop.store(true, Ordering::Relaxed);
             }
-            keep
-        });
+        }
+        self.running.retain(|(_, queue), _| queues.contains(queue));
     }
 
     /// Enters the sockets of `queues` into a program's maps: interface `interfaces[i]`
