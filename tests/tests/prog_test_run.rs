@@ -3,6 +3,7 @@
 //! the geo-fence with the real GeoIP database, and rule order. Each frame's whole verdict is
 //! compared. Needs root.
 
+use cloudlet::policy::Action;
 use cloudlet::{
     dataplane::{classify::ClassifyError, xsk::XskSockets},
     frame::{Ext, Frame, L4, TPID_8021AD, TPID_8021Q},
@@ -12,6 +13,7 @@ use cloudlet_tests::progtest::{
     ARP_REQUEST, Case, ETH_HLEN, Expect, Program, case, country, ethernet, geoip_table, ip,
     ip_offset, patched, truncated_consistently,
 };
+use cloudlet_tests::reference::{self, Facts};
 
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_LLDP: u16 = 0x88cc;
@@ -1921,8 +1923,7 @@ action = "pass"
 /// counted as undelivered.
 #[test]
 fn xsk_action() {
-    let mut p = Program::new(
-        r#"
+    let text = r#"
 default = { xsk = 1 }
 
 [[rules]]
@@ -1934,8 +1935,8 @@ action = { xsk = 0 }
 name = "pass-dns"
 dst_port = 53
 action = "pass"
-"#,
-    );
+"#;
+    let mut p = Program::new(text);
     assert_eq!(p.compiled().xsk_queues, [0, 1]);
     let f = |dport| udp("192.0.2.1", "192.0.2.2", 40000, dport).build();
     let to_queue_0 = || {
@@ -1971,13 +1972,31 @@ action = "pass"
             Expect::rule("pass", "pass-dns").ip(4, 17).ports(40000, 53),
         ),
     ]);
+    // The reference evaluator agrees on the action and its code.
+    let policy = cloudlet::policy::parse(text, std::path::Path::new("xsk.toml")).expect("policy");
+    let facts = Facts {
+        src: ip("192.0.2.1"),
+        dst: ip("192.0.2.2"),
+        proto: 17,
+        ports: Some((40000, 4789)),
+        vlan: None,
+        tcp_flags: None,
+    };
+    let (action, rule) = reference::verdict(&policy, None, &facts);
+    assert_eq!((action.clone(), rule), (Action::Xsk(0), Some(0)));
+    let got = p.classify("reference", &f(4789));
+    assert_eq!(
+        (got.verdict.as_str(), Some(got.xdp)),
+        (action.name(), reference::xdp_code(&action))
+    );
+
     let compiled = p.compiled().clone();
     let stats = p
         .classifier_mut()
         .loaded_mut()
         .stats(&compiled)
         .expect("stats");
-    assert_eq!(stats.verdict("xsk").packets, 3, "every xsk verdict counts");
+    assert_eq!(stats.verdict("xsk").packets, 4, "every xsk verdict counts");
     assert_eq!(
         stats.xsk_undelivered.packets, 2,
         "the two frames without a socket for their queue"
