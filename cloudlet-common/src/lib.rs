@@ -35,8 +35,11 @@ pub mod action {
     /// Pass within a rate, else the limit's `over_action`: `arg` indexes `RATE_LIMITS`.
     /// Never a verdict itself: the program counts the action it resolves to.
     pub const RATE_LIMIT: u32 = 5;
+    /// Hand it to cloudletd's AF_XDP socket on queue `arg` of the interface it came in on
+    /// (see [`super::xsk`]).
+    pub const XSK: u32 = 6;
     /// Number of actions (size of the per-action counter block).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Why a packet got its verdict: indexes the per-CPU `STATS` counters.
@@ -83,8 +86,28 @@ pub mod stat {
     }
     /// Packets over a rate limit.
     pub const RATE_LIMITED: u32 = reason::COUNT + action::COUNT;
+    /// Packets of an `xsk` action that found no socket for the interface and queue they
+    /// came in on (dropped).
+    pub const XSK_UNDELIVERED: u32 = RATE_LIMITED + 1;
     /// Size of the `STATS` array.
-    pub const COUNT: u32 = RATE_LIMITED + 1;
+    pub const COUNT: u32 = XSK_UNDELIVERED + 1;
+}
+
+/// AF_XDP sockets of `xsk` actions. A socket receives only frames of the one interface
+/// queue it is bound to, so the program looks a socket up by the frame's interface and
+/// receive queue: `XSK_INTERFACES` maps an ifindex to a slot, and the socket of queue `q`
+/// on that interface is entry `slot * MAX_QUEUES + q` of `XSK_SOCKETS`.
+pub mod xsk {
+    /// Queues per interface: an `xsk` action's queue is below this.
+    pub const MAX_QUEUES: u32 = 64;
+    /// Interfaces that can have sockets (entries of `XSK_INTERFACES`).
+    pub const MAX_INTERFACES: u32 = 64;
+    /// Entries of `XSK_SOCKETS`.
+    pub const SOCKETS: u32 = MAX_QUEUES * MAX_INTERFACES;
+    /// The `XSK_SOCKETS` index of queue `queue` of the interface in slot `slot`.
+    pub const fn index(slot: u32, queue: u32) -> u32 {
+        slot * MAX_QUEUES + queue
+    }
 }
 
 /// A packet and byte counter (per CPU in the kernel, summed in user space).

@@ -10,6 +10,7 @@ mod geofence;
 mod parse;
 mod ratelimit;
 mod rules;
+mod xsk;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -82,6 +83,17 @@ static REDIRECT_DEVICES: DevMap = DevMap::with_max_entries(64, 0);
 /// CPUs of `cpu` actions (filled by the loader with a queue per CPU used).
 #[map]
 static REDIRECT_CPUS: CpuMap = CpuMap::with_max_entries(256, 0);
+
+/// Interfaces with AF_XDP sockets of `xsk` actions: ifindex to slot (see
+/// `cloudlet_common::xsk`). Filled by cloudletd.
+#[map]
+static XSK_INTERFACES: aya_ebpf::maps::HashMap<u32, u32> =
+    aya_ebpf::maps::HashMap::with_max_entries(cloudlet_common::xsk::MAX_INTERFACES, 0);
+
+/// cloudletd's AF_XDP sockets, at `xsk::index(slot, queue)`.
+#[map]
+static XSK_SOCKETS: aya_ebpf::maps::XskMap =
+    aya_ebpf::maps::XskMap::with_max_entries(cloudlet_common::xsk::SOCKETS, 0);
 
 /// Rate limits of `rate_limit` actions. Sized by the loader.
 #[map]

@@ -337,6 +337,7 @@ fn apply(ctx: &XdpContext, act: u32, arg: u32) -> u32 {
         action::CPU => REDIRECT_CPUS
             .redirect(arg, u64::from(xdp_action::XDP_DROP))
             .unwrap_or_else(|c| c),
+        action::XSK => crate::xsk::redirect(ctx, arg),
         _ => xdp_action::XDP_PASS,
     }
 }

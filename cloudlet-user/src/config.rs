@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::dataplane::AttachMode;
 
@@ -26,6 +27,9 @@ pub struct Config {
     /// Where the XDP links are pinned (on a bpffs), so the program outlives the daemon and a
     /// restarted daemon takes it over. None: no pinning.
     pub pin_dir: Option<PathBuf>,
+    /// Where cloudletd sends the frames its AF_XDP sockets (`xsk` actions) receive. None:
+    /// it counts them and lets them go.
+    pub xsk_forward: Option<String>,
 }
 
 /// Default pin folder.
@@ -43,6 +47,15 @@ struct RawConfig {
     pin_dir: Option<String>,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    xsk: RawXsk,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawXsk {
+    /// Default: none (count received frames, forward nothing).
+    forward: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -95,6 +108,17 @@ impl Config {
                 message: e.message().to_string(),
             }
         })?;
+        if let Some(f) = &raw.xsk.forward
+            && !crate::policy::is_interface_name(f.get_ref())
+        {
+            let (line, column) = crate::policy::line_column(text, f.span().start);
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: format!("`xsk.forward`: {:?} is not an interface name", f.get_ref()),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &str| {
             let p = PathBuf::from(p);
@@ -114,6 +138,7 @@ impl Config {
                 Some("") => None,
                 Some(dir) => Some(resolve(dir)),
             },
+            xsk_forward: raw.xsk.forward.map(Spanned::into_inner),
         })
     }
 }
@@ -135,6 +160,7 @@ mod tests {
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.pin_dir, Some(PathBuf::from(DEFAULT_PIN_DIR)));
+        assert_eq!(c.xsk_forward, None);
         let c = Config::parse("policy = \"p\"\npin_dir = \"\"\n", Path::new("c.toml")).unwrap();
         assert_eq!(c.pin_dir, None);
         let c = Config::parse(
@@ -143,6 +169,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.admin_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn xsk_forward() {
+        let c = Config::parse(
+            "policy = \"p\"\n[xsk]\nforward = \"eth2\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.xsk_forward.as_deref(), Some("eth2"));
+        let msg = Config::parse(
+            "policy = \"p\"\n[xsk]\nforward = \"a/b\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            msg,
+            "c.toml:3:11: `xsk.forward`: \"a/b\" is not an interface name"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::{
         AttachMode, CompileError, CompiledPolicy, Compiler, DataplaneError, Loaded, ProgramKind,
         events::{Event, EventLog},
         stats::Stats,
+        xsk::{XskError, XskSockets},
     },
     geoip::{GeoDb, GeoIpError},
     policy::{self, PolicyError},
@@ -31,6 +32,9 @@ pub enum NodeError {
     /// The program could not be loaded, filled or attached.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// An AF_XDP socket of an `xsk` action could not be opened.
+    #[error(transparent)]
+    Xsk(#[from] XskError),
     /// A link could not be pinned or taken over from its pin.
     #[error("pinning: {0}")]
     Pin(String),
@@ -261,6 +265,8 @@ pub struct Node {
     /// Policies put in force so far by writing the running program's maps in place, and
     /// by swapping in a new program.
     pub reloads: Reloads,
+    /// AF_XDP sockets of `xsk` actions. Last: they close after the program lets go of them.
+    xsk: XskSockets,
 }
 
 /// How the policies after the first were put in force.
@@ -279,6 +285,11 @@ impl Node {
         let mut compiler = Compiler::default();
         let compiled = compile_with(&config.policy, &policy, &mut compiler)?;
         let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
+        // Sockets before attaching: a program taken over from a previous daemon moves onto
+        // this one with its sockets in place (the previous daemon's closed with it).
+        let mut xsk = XskSockets::new(config.xsk_forward.as_deref())?;
+        xsk.open(&config.interfaces, &compiled.xsk_queues)?;
+        xsk.register(&mut loaded, &config.interfaces, &compiled.xsk_queues)?;
         if let Some(dir) = &config.pin_dir {
             pin::prepare_dir(dir)?;
         }
@@ -323,6 +334,7 @@ impl Node {
             carried: Stats::default(),
             events,
             reloads: Reloads::default(),
+            xsk,
         })
     }
 
@@ -350,6 +362,23 @@ impl Node {
             } => (path, compiled, compiler, started),
         };
         let old_bank = self.loaded.active_bank();
+        // Sockets for `xsk` queues the running policy has none on, in the map both banks
+        // share, before the new bank can send frames to them.
+        let interfaces: Vec<String> = self
+            .attachments
+            .iter()
+            .map(|a| a.interface.clone())
+            .collect();
+        let queues = compiled.xsk_queues.clone();
+        let opened = self.xsk.open(&interfaces, &queues).map_err(NodeError::from);
+        if let Err(e) = opened.and_then(|()| {
+            self.xsk
+                .register(&mut self.loaded, &interfaces, &queues)
+                .map_err(NodeError::from)
+        }) {
+            self.xsk.retain(&self.compiled.xsk_queues);
+            return Err(e);
+        }
         // Drain events while their rule numbers still mean the old rules.
         self.events.poll(&self.compiled);
         match self.loaded.update(&compiled) {
@@ -378,9 +407,12 @@ impl Node {
                 self.compiled = compiled;
                 self.compiler = compiler;
                 self.reloads.in_place += 1;
+                // No packet sees the old bank any more: close the sockets it alone used.
+                self.xsk.retain(&self.compiled.xsk_queues);
                 Ok(())
             }
             Err(DataplaneError::NoRoom(why)) => {
+                self.xsk.retain(&self.compiled.xsk_queues);
                 log::info!(
                     "policy {}: {why}; loading it into a new program",
                     path.display()
@@ -389,7 +421,10 @@ impl Node {
                 let prepared = Prepared::from_policy(&path, &policy, started)?;
                 self.swap(prepared)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                self.xsk.retain(&self.compiled.xsk_queues);
+                Err(e.into())
+            }
         }
     }
 
@@ -398,6 +433,23 @@ impl Node {
     /// (not seen in practice), the interfaces not yet moved keep the running program.
     pub fn swap(&mut self, mut prepared: Prepared) -> Result<(), NodeError> {
         let before = self.stats()?;
+        // The new program gets the sockets of its `xsk` queues, opening those the running
+        // policy has none on; on failure the running policy keeps just its own.
+        let interfaces: Vec<String> = self
+            .attachments
+            .iter()
+            .map(|a| a.interface.clone())
+            .collect();
+        let queues = prepared.compiled.xsk_queues.clone();
+        let opened = self.xsk.open(&interfaces, &queues).map_err(NodeError::from);
+        if let Err(e) = opened.and_then(|()| {
+            self.xsk
+                .register(&mut prepared.loaded, &interfaces, &queues)
+                .map_err(NodeError::from)
+        }) {
+            self.xsk.retain(&self.compiled.xsk_queues);
+            return Err(e);
+        }
         let mut old = std::mem::take(&mut self.attachments).into_iter();
         let mut moved = Vec::new();
         for a in old.by_ref() {
@@ -440,6 +492,8 @@ impl Node {
         self.compiled = prepared.compiled;
         self.compiler = prepared.compiler;
         self.loaded = prepared.loaded;
+        // The old program is gone: close the sockets the new one does not use.
+        self.xsk.retain(&self.compiled.xsk_queues);
         // The new program's counters start at zero; keep the totals so far beside them.
         self.carried = before;
         Ok(())
@@ -449,6 +503,8 @@ impl Node {
     pub fn stats(&self) -> Result<Stats, NodeError> {
         let mut s = self.loaded.stats(&self.compiled)?;
         s.absorb(&self.carried);
+        // Socket counters run since start, across reloads.
+        s.xsk = self.xsk.counts();
         Ok(s)
     }
 

@@ -79,6 +79,11 @@ impl Program {
         &self.compiled
     }
 
+    /// The classifier, to fill maps a policy alone does not (AF_XDP sockets).
+    pub fn classifier_mut(&mut self) -> &mut Classifier {
+        &mut self.classifier
+    }
+
     /// Runs the program once on `frame`, without judging the outcome.
     pub fn try_classify(&self, frame: &[u8]) -> Result<Verdict, ClassifyError> {
         self.classifier.classify(&self.compiled, frame)
@@ -171,7 +176,7 @@ impl Expect {
             "pass" => "XDP_PASS",
             "drop" => "XDP_DROP",
             "tx" => "XDP_TX",
-            "redirect" | "cpu" => "XDP_REDIRECT",
+            "redirect" | "cpu" | "xsk" => "XDP_REDIRECT",
             other => panic!("unknown action {other:?} in a test case"),
         };
         Self(Verdict {
@@ -221,8 +226,8 @@ impl Expect {
         Self::new(action, reason)
     }
 
-    /// The XDP code and action name when they differ from pass/drop (`"tx"`,
-    /// `"redirect"`, `"cpu"`).
+    /// The XDP code and action name when they differ from the usual pairing (an `xsk`
+    /// action without a socket is dropped: `("xsk", "XDP_DROP")`).
     pub fn action(mut self, action: &str, xdp: &'static str) -> Self {
         self.0.verdict = action.to_string();
         self.0.xdp = xdp;

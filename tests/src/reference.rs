@@ -105,3 +105,16 @@ pub fn verdict(policy: &Policy, geo: Option<&GeoDb>, p: &Facts) -> (Action, Opti
     }
     (policy.default_action.clone(), None)
 }
+
+/// The XDP code an action returns when its target is in place (a device, a CPU queue, an
+/// AF_XDP socket on the frame's queue); without one the program falls back to XDP_DROP.
+/// A rate limit resolves to pass or its over action, which the reference does not model.
+pub fn xdp_code(action: &Action) -> Option<&'static str> {
+    match action {
+        Action::Pass => Some("XDP_PASS"),
+        Action::Drop => Some("XDP_DROP"),
+        Action::Tx => Some("XDP_TX"),
+        Action::Redirect(_) | Action::Cpu(_) | Action::Xsk(_) => Some("XDP_REDIRECT"),
+        Action::RateLimit(_) => None,
+    }
+}

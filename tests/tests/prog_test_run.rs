@@ -3,8 +3,9 @@
 //! the geo-fence with the real GeoIP database, and rule order. Each frame's whole verdict is
 //! compared. Needs root.
 
+use cloudlet::policy::Action;
 use cloudlet::{
-    dataplane::classify::ClassifyError,
+    dataplane::{classify::ClassifyError, xsk::XskSockets},
     frame::{Ext, Frame, L4, TPID_8021AD, TPID_8021Q},
 };
 use cloudlet_common::MAX_IPV6_EXT_HEADERS;
@@ -12,6 +13,7 @@ use cloudlet_tests::progtest::{
     ARP_REQUEST, Case, ETH_HLEN, Expect, Program, case, country, ethernet, geoip_table, ip,
     ip_offset, patched, truncated_consistently,
 };
+use cloudlet_tests::reference::{self, Facts};
 
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_LLDP: u16 = 0x88cc;
@@ -1913,6 +1915,104 @@ action = "pass"
         ),
     ];
     p.check_all(&cases);
+}
+
+/// `xsk`: a frame goes to cloudletd's AF_XDP socket on the queue the rule names of the
+/// interface it came in on. A test run receives on `lo`, queue 0: with a socket there the
+/// verdict is XDP_REDIRECT; without one, or for another queue, the frame is dropped and
+/// counted as undelivered.
+#[test]
+fn xsk_action() {
+    let text = r#"
+default = { xsk = 1 }
+
+[[rules]]
+name = "to-queue-0"
+dst_port = 4789
+action = { xsk = 0 }
+
+[[rules]]
+name = "pass-dns"
+dst_port = 53
+action = "pass"
+"#;
+    let mut p = Program::new(text);
+    assert_eq!(p.compiled().xsk_queues, [0, 1]);
+    let f = |dport| udp("192.0.2.1", "192.0.2.2", 40000, dport).build();
+    let to_queue_0 = || {
+        Expect::rule("xsk", "to-queue-0")
+            .ip(4, 17)
+            .ports(40000, 4789)
+    };
+    let default = || Expect::default("xsk").ip(4, 17).ports(40000, 9);
+    p.check_all(&[case(
+        "queue 0, no socket yet: dropped",
+        f(4789),
+        to_queue_0().action("xsk", "XDP_DROP"),
+    )]);
+
+    let lo = ["lo".to_string()];
+    let mut sockets = XskSockets::new(None).expect("no forward interface");
+    sockets
+        .open(&lo, &[0])
+        .unwrap_or_else(|e| panic!("AF_XDP socket on lo: {e}"));
+    sockets
+        .register(p.classifier_mut().loaded_mut(), &lo, &[0])
+        .expect("register the socket");
+    p.check_all(&[
+        case("queue 0, socket bound: redirected", f(4789), to_queue_0()),
+        case(
+            "default queue 1: the frame came in on queue 0, dropped",
+            f(9),
+            default().action("xsk", "XDP_DROP"),
+        ),
+        case(
+            "other rules are unaffected",
+            f(53),
+            Expect::rule("pass", "pass-dns").ip(4, 17).ports(40000, 53),
+        ),
+    ]);
+    // The reference evaluator agrees on the action and its code.
+    let policy = cloudlet::policy::parse(text, std::path::Path::new("xsk.toml")).expect("policy");
+    let facts = Facts {
+        src: ip("192.0.2.1"),
+        dst: ip("192.0.2.2"),
+        proto: 17,
+        ports: Some((40000, 4789)),
+        vlan: None,
+        tcp_flags: None,
+    };
+    let (action, rule) = reference::verdict(&policy, None, &facts);
+    assert_eq!((action.clone(), rule), (Action::Xsk(0), Some(0)));
+    let got = p.classify("reference", &f(4789));
+    assert_eq!(
+        (got.verdict.as_str(), Some(got.xdp)),
+        (action.name(), reference::xdp_code(&action))
+    );
+
+    let compiled = p.compiled().clone();
+    let stats = p
+        .classifier_mut()
+        .loaded_mut()
+        .stats(&compiled)
+        .expect("stats");
+    assert_eq!(stats.verdict("xsk").packets, 4, "every xsk verdict counts");
+    assert_eq!(
+        stats.xsk_undelivered.packets, 2,
+        "the two frames without a socket for their queue"
+    );
+    let counts = sockets.counts();
+    assert_eq!(counts.len(), 1);
+    assert_eq!(
+        (
+            counts[0].interface.as_str(),
+            counts[0].queue,
+            counts[0].open
+        ),
+        ("lo", 0, true)
+    );
+    // A test run does not deliver: the socket received nothing.
+    assert_eq!(counts[0].received.packets, 0);
 }
 
 /// Rate limits: a burst passes, the rest gets the over-action; per-source limits keep a

@@ -715,6 +715,7 @@ fn swap_under_traffic(
         admin_socket: dir.join("unused.sock"),
         admin_listen: None,
         pin_dir: None,
+        xsk_forward: None,
     };
     let dst_mac = dut.mac(dut_if);
     let frames: Vec<Vec<u8>> = (10..14)
@@ -928,5 +929,268 @@ fn hitless_restart_keeps_filtering() {
         "--detach-on-exit removes the pin"
     );
     assert_eq!(round(), (50, 50), "detached: nothing is filtered");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// UDP frames to `port` from 192.0.2.1 to 192.0.2.2, to `dst_mac`, carrying markers
+/// `markers`.
+fn marked_udp(dst_mac: [u8; 6], port: u16, markers: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+    markers
+        .map(|n| {
+            let mut f = Frame::udp(
+                "192.0.2.1".parse().unwrap(),
+                "192.0.2.2".parse().unwrap(),
+                5000,
+                port,
+            )
+            .payload(format!("cloudlet-veth-{n}").as_bytes());
+            f.dst_mac = dst_mac;
+            f.build()
+        })
+        .collect()
+}
+
+/// Receives on `iface` (in the calling thread's namespace) until 500 ms pass without a
+/// frame.
+fn drain(rx: &PacketSocket) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(n) = rx.recv(&mut buf, Duration::from_millis(500)).expect("recv") {
+        got.push(buf[..n].to_vec());
+    }
+    got
+}
+
+/// Waits until cloudletd's AF_XDP socket counters satisfy `until`.
+fn wait_for_xsk(socket: &Path, until: impl Fn(&Stats) -> bool) -> Stats {
+    let start = Instant::now();
+    loop {
+        let s = stats(socket);
+        if until(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "AF_XDP counters did not get there: {:?}",
+            s.xsk
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `{ xsk = 0 }`: cloudletd's AF_XDP socket on dut7 queue 0 receives exactly the frames
+/// the rule steers to it, counts them, and forwards them out of fwd7 (`[xsk] forward`);
+/// other traffic reaches the stack. After a SIGHUP reload the new program delivers to the
+/// same socket.
+#[test]
+fn xsk_action_delivers_to_cloudletd_which_counts_and_forwards() {
+    let bin = cloudletd_path();
+    assert!(
+        bin.exists(),
+        "{} missing (cargo xtask test builds it)",
+        bin.display()
+    );
+    let dir = std::env::temp_dir().join(format!("cloudlet-xsk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("cloudletd.sock");
+    let policy = |name: &str| {
+        format!(
+            "default = \"pass\"\n[[rules]]\nname = \"{name}\"\ndst_port = 4789\naction = {{ xsk = 0 }}\n"
+        )
+    };
+    std::fs::write(dir.join("policy.toml"), policy("to-cloudletd")).unwrap();
+    std::fs::write(
+        dir.join("cloudlet.toml"),
+        format!(
+            "policy = \"policy.toml\"\ninterfaces = [\"dut7\"]\nxdp_mode = \"native\"\npin_dir = \"\"\n[admin]\nsocket = {:?}\n[xsk]\nforward = \"fwd7\"\n",
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    let sink = NetNs::new("cl-sink");
+    veth_pair(&src, "src7", &dut, "dut7");
+    veth_pair(&dut, "fwd7", &sink, "sink7");
+    let dst_mac = dut.mac("dut7");
+    // Markers 0-19 go to the socket, 20-29 (DNS) pass.
+    let mut frames = marked_udp(dst_mac, 4789, 0..20);
+    frames.extend(marked_udp(dst_mac, 53, 20..30));
+    let xsk_bytes: u64 = frames[..20].iter().map(|f| f.len() as u64).sum();
+
+    let daemon = Daemon(
+        dut.command(&bin.display().to_string())
+            .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
+            .stderr(std::fs::File::create(dir.join("cloudletd.log")).unwrap())
+            .spawn()
+            .expect("start cloudletd"),
+    );
+    wait_for(&socket);
+    let s = stats(&socket);
+    assert_eq!(s.xsk.len(), 1, "one socket: {:?}", s.xsk);
+    assert_eq!(
+        (s.xsk[0].interface.as_str(), s.xsk[0].queue, s.xsk[0].open),
+        ("dut7", 0, true)
+    );
+
+    // Sends `frames` from src7; returns what reached dut7's stack and what left fwd7.
+    let round = |frames: &[Vec<u8>]| {
+        dut.run(|| {
+            let rx_dut = PacketSocket::bind("dut7").expect("receiver on dut7");
+            let at_sink = sink.run(|| {
+                let rx_sink = PacketSocket::bind("sink7").expect("receiver on sink7");
+                src.run(|| {
+                    let tx = PacketSocket::bind("src7").expect("sender");
+                    for f in frames {
+                        tx.send(f).expect("send");
+                    }
+                });
+                drain(&rx_sink)
+            });
+            (drain(&rx_dut), at_sink)
+        })
+    };
+    let (at_dut, at_sink) = round(&frames);
+    assert_eq!(
+        markers(&at_dut),
+        (20..30).collect(),
+        "only the other traffic reaches dut7's stack"
+    );
+    assert_eq!(
+        markers(&at_sink),
+        (0..20).collect(),
+        "cloudletd forwards what its socket receives out of fwd7"
+    );
+    assert!(
+        at_sink.iter().all(|f| frames[..20].contains(f)),
+        "forwarded frames are unchanged"
+    );
+    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 20);
+    assert_eq!(s.xsk[0].received.packets, 20, "{:?}", s.xsk);
+    assert_eq!(s.xsk[0].received.bytes, xsk_bytes);
+    assert_eq!(s.xsk[0].forwarded.packets, 20);
+    assert_eq!(s.xsk[0].forward_errors, 0);
+    assert_eq!(s.xsk[0].dropped, 0);
+    assert_eq!(s.verdict("xsk").packets, 20);
+    assert_eq!(s.xsk_undelivered.packets, 0);
+    assert_eq!(s.verdict("pass").packets, 10);
+    let metrics = admin::get(&socket, "/metrics").expect("GET /metrics");
+    for line in [
+        "cloudlet_xsk_received_packets_total{interface=\"dut7\",queue=\"0\"} 20".to_string(),
+        format!("cloudlet_xsk_received_bytes_total{{interface=\"dut7\",queue=\"0\"}} {xsk_bytes}"),
+        "cloudlet_xsk_forwarded_packets_total{interface=\"dut7\",queue=\"0\"} 20".to_string(),
+        "cloudlet_packets_total{verdict=\"xsk\"} 20".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} missing from\n{metrics}"
+        );
+    }
+
+    // A reload: the new program has the same socket in its map.
+    std::fs::write(dir.join("policy.toml"), policy("to-cloudletd-v2")).unwrap();
+    hup_and_wait(&daemon, &socket, |s| {
+        s.rules.first().is_some_and(|r| r.name == "to-cloudletd-v2")
+    });
+    let (at_dut, at_sink) = round(&frames);
+    assert_eq!(markers(&at_dut), (20..30).collect(), "after reload");
+    assert_eq!(markers(&at_sink), (0..20).collect(), "after reload");
+    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 40);
+    assert_eq!(s.xsk[0].received.packets, 40, "{:?}", s.xsk);
+    assert_eq!(s.rules[0].count.packets, 20, "the new rule's own count");
+    assert_eq!(
+        s.verdict("xsk").packets,
+        40,
+        "verdicts carried over the reload"
+    );
+
+    // A policy without xsk actions closes the socket; its counters stay.
+    std::fs::write(dir.join("policy.toml"), "default = \"pass\"\n").unwrap();
+    hup_and_wait(&daemon, &socket, |s| s.xsk.iter().all(|x| !x.open));
+    let (at_dut, at_sink) = round(&frames);
+    assert_eq!(markers(&at_dut), (0..30).collect(), "no xsk rule: all pass");
+    assert!(at_sink.is_empty(), "nothing forwarded");
+    assert_eq!(stats(&socket).xsk[0].received.packets, 40);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A restart with `xsk` actions: the first daemon's sockets close with it, so while no
+/// daemon runs the pinned program drops those frames (counted as undelivered, not passed);
+/// the second daemon opens new sockets and enters them into its program before taking the
+/// link over, and receives from then on.
+#[test]
+fn hitless_restart_reopens_xsk_sockets() {
+    let bin = cloudletd_path();
+    assert!(
+        bin.exists(),
+        "{} missing (cargo xtask test builds it)",
+        bin.display()
+    );
+    let bpffs = BpfFs::new("cloudlet-xsk-pins");
+    let dir = std::env::temp_dir().join(format!("cloudlet-xsk-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("cloudletd.sock");
+    std::fs::write(
+        dir.join("policy.toml"),
+        "[[rules]]\nname = \"to-cloudletd\"\ndst_port = 4789\naction = { xsk = 0 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cloudlet.toml"),
+        format!(
+            "policy = \"policy.toml\"\ninterfaces = [\"dut8\"]\nxdp_mode = \"native\"\npin_dir = {:?}\n[admin]\nsocket = {:?}\n",
+            bpffs.0.join("cloudlet").display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .unwrap();
+    let src = NetNs::new("cl-src");
+    let dut = NetNs::new("cl-dut");
+    veth_pair(&src, "src8", &dut, "dut8");
+    let dst_mac = dut.mac("dut8");
+    let frames = marked_udp(dst_mac, 4789, 0..10);
+    let start = |extra: &[&str]| {
+        let d = Daemon(
+            dut.command(&bin.display().to_string())
+                .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
+                .args(extra)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start cloudletd"),
+        );
+        wait_for(&socket);
+        d
+    };
+    let stop = |mut d: Daemon| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+        let status = d.0.wait().expect("wait");
+        assert!(status.success(), "cloudletd exit status {status}");
+    };
+    // Frames that reached dut8's stack.
+    let round = || exchange(&src, "src8", &dut, "dut8", &frames);
+
+    let first = start(&[]);
+    assert!(round().is_empty(), "first daemon: frames go to its socket");
+    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 10);
+    assert_eq!(s.xsk[0].received.packets, 10);
+    stop(first);
+    assert!(
+        round().is_empty(),
+        "no daemon: the pinned program has no socket and drops, rather than pass"
+    );
+    let second = start(&["--detach-on-exit"]);
+    assert!(round().is_empty(), "second daemon: frames go to its socket");
+    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 10);
+    assert_eq!(s.xsk[0].received.packets, 10, "{:?}", s.xsk);
+    assert!(s.xsk[0].open);
+    assert_eq!(s.xsk_undelivered.packets, 0, "its program had the socket");
+    stop(second);
+    assert_eq!(
+        markers(&round()),
+        (0..10).collect(),
+        "detached: nothing is steered"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,7 +20,7 @@ pub const MAX_TEST_FRAME: usize = 4096 - 256 - 320;
 /// What the program decided for one frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Verdict {
-    /// The action taken: "pass" or "drop".
+    /// The action taken: "pass", "drop", "tx", "redirect", "cpu" or "xsk".
     pub verdict: String,
     /// The XDP return code's name.
     pub xdp: &'static str,
@@ -92,6 +92,11 @@ impl Classifier {
         compiled: &CompiledPolicy,
     ) -> Result<super::UpdateTimings, DataplaneError> {
         self.loaded.update(compiled)
+    }
+
+    /// The loaded program, to fill maps a policy alone does not (AF_XDP sockets).
+    pub fn loaded_mut(&mut self) -> &mut Loaded {
+        &mut self.loaded
     }
 
     /// Runs the program once on `frame`.

@@ -241,6 +241,9 @@ pub struct CompiledPolicy {
     pub redirect_devices: Vec<String>,
     /// CPUs of `cpu` actions.
     pub redirect_cpus: Vec<u32>,
+    /// Receive queues of `xsk` actions, ascending: cloudletd opens an AF_XDP socket on each
+    /// of them on every interface it attaches to.
+    pub xsk_queues: Vec<u32>,
     /// Rate limits of `rate_limit` actions: a rule's argument indexes this list.
     pub rate_limits: Vec<RateLimit>,
     pub zone_names: Vec<String>,
@@ -530,6 +533,7 @@ impl Compiler {
             rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
             redirect_devices: actions.redirect_devices,
             redirect_cpus: actions.redirect_cpus,
+            xsk_queues: actions.xsk_queues,
             rate_limits: actions.rate_limits,
             zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
             sets,
@@ -614,6 +618,7 @@ struct Actions {
     default_arg: u32,
     redirect_devices: Vec<String>,
     redirect_cpus: Vec<u32>,
+    xsk_queues: Vec<u32>,
     rate_limits: Vec<RateLimit>,
 }
 
@@ -622,6 +627,7 @@ fn actions(policy: &Policy) -> Actions {
     // Redirect targets by name, in first-use order; a rule's argument is the index.
     let mut redirect_devices: Vec<String> = Vec::new();
     let mut redirect_cpus: Vec<u32> = Vec::new();
+    let mut xsk_queues: Vec<u32> = Vec::new();
     let mut rate_limits: Vec<RateLimit> = Vec::new();
     let mut arg = |a: &Action| match a {
         // Each rate_limit action has a bucket (or set of buckets) of its own.
@@ -655,6 +661,12 @@ fn actions(policy: &Policy) -> Actions {
             }
             *cpu
         }
+        crate::policy::Action::Xsk(queue) => {
+            if !xsk_queues.contains(queue) {
+                xsk_queues.push(*queue);
+            }
+            *queue
+        }
         _ => 0,
     };
     let default_arg = arg(&policy.default_action);
@@ -666,11 +678,13 @@ fn actions(policy: &Policy) -> Actions {
             arg: arg(&r.action),
         })
         .collect();
+    xsk_queues.sort_unstable();
     Actions {
         rules,
         default_arg,
         redirect_devices,
         redirect_cpus,
+        xsk_queues,
         rate_limits,
     }
 }

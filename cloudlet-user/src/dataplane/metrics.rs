@@ -9,7 +9,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 
-use super::stats::{Count, Stats};
+use super::stats::{Count, Stats, XskCount};
 
 /// Reads the current counters; `None` when they cannot be read (logged by the reader).
 pub type ReadStats = Arc<dyn Fn() -> Option<Stats> + Send + Sync>;
@@ -19,7 +19,11 @@ pub type ReadStats = Arc<dyn Fn() -> Option<Stats> + Send + Sync>;
 /// `cloudlet_reason_packets_total` / `cloudlet_reason_bytes_total` by `reason`,
 /// `cloudlet_rule_packets_total` / `cloudlet_rule_bytes_total` by `rule` and `action`,
 /// `cloudlet_zone_packets_total` / `cloudlet_zone_bytes_total` by `zone` and `direction`,
-/// `cloudlet_rate_limited_packets_total` / `cloudlet_rate_limited_bytes_total`.
+/// `cloudlet_rate_limited_packets_total` / `cloudlet_rate_limited_bytes_total`,
+/// `cloudlet_xsk_undelivered_packets_total` / `cloudlet_xsk_undelivered_bytes_total`,
+/// and per AF_XDP socket (`interface`, `queue`): `cloudlet_xsk_received_*`,
+/// `cloudlet_xsk_forwarded_*`, `cloudlet_xsk_forward_errors_total`,
+/// `cloudlet_xsk_dropped_total`.
 pub struct DataplaneCollector {
     read: ReadStats,
 }
@@ -81,6 +85,48 @@ impl Collector for DataplaneCollector {
             "Frames over a rate limit, given the limit's over verdict",
             std::iter::once((Vec::new(), s.rate_limited)),
         )?;
+        family(
+            &mut encoder,
+            "cloudlet_xsk_undelivered",
+            "Frames of an xsk action with no socket on their interface and queue (dropped)",
+            std::iter::once((Vec::new(), s.xsk_undelivered)),
+        )?;
+        let queues: Vec<String> = s.xsk.iter().map(|x| x.queue.to_string()).collect();
+        let labels = |i: usize| {
+            vec![
+                ("interface", s.xsk[i].interface.as_str()),
+                ("queue", queues[i].as_str()),
+            ]
+        };
+        family(
+            &mut encoder,
+            "cloudlet_xsk_received",
+            "Frames read from cloudletd's AF_XDP socket",
+            (0..s.xsk.len()).map(|i| (labels(i), s.xsk[i].received)),
+        )?;
+        family(
+            &mut encoder,
+            "cloudlet_xsk_forwarded",
+            "Frames from the AF_XDP socket sent out of the forward interface",
+            (0..s.xsk.len()).map(|i| (labels(i), s.xsk[i].forwarded)),
+        )?;
+        for (name, help, pick) in [
+            (
+                "cloudlet_xsk_forward_errors",
+                "Frames from the AF_XDP socket the forward interface refused",
+                (|x: &XskCount| x.forward_errors) as fn(&XskCount) -> u64,
+            ),
+            (
+                "cloudlet_xsk_dropped",
+                "Frames the kernel dropped for want of a buffer or room in the socket's ring",
+                |x: &XskCount| x.dropped,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (i, x) in s.xsk.iter().enumerate() {
+                ConstCounter::new(pick(x)).encode(m.encode_family(&labels(i))?)?;
+            }
+        }
         family(
             &mut encoder,
             "cloudlet_reason",
@@ -159,6 +205,25 @@ mod tests {
                 packets: 2,
                 bytes: 120,
             },
+            xsk_undelivered: Count {
+                packets: 1,
+                bytes: 60,
+            },
+            xsk: vec![XskCount {
+                interface: "eth0".into(),
+                queue: 3,
+                open: true,
+                received: Count {
+                    packets: 5,
+                    bytes: 300,
+                },
+                forwarded: Count {
+                    packets: 4,
+                    bytes: 240,
+                },
+                forward_errors: 1,
+                dropped: 0,
+            }],
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(DataplaneCollector::new(Arc::new(move || {
@@ -175,6 +240,11 @@ mod tests {
             "cloudlet_zone_packets_total{zone=\"kp\",direction=\"dst\"} 0",
             "# TYPE cloudlet_rule_bytes counter",
             "cloudlet_rate_limited_packets_total 2",
+            "cloudlet_xsk_undelivered_bytes_total 60",
+            "cloudlet_xsk_received_packets_total{interface=\"eth0\",queue=\"3\"} 5",
+            "cloudlet_xsk_forwarded_bytes_total{interface=\"eth0\",queue=\"3\"} 240",
+            "cloudlet_xsk_forward_errors_total{interface=\"eth0\",queue=\"3\"} 1",
+            "cloudlet_xsk_dropped_total{interface=\"eth0\",queue=\"3\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

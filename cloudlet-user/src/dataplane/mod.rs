@@ -6,6 +6,7 @@ pub mod compile;
 pub mod events;
 pub mod metrics;
 pub mod stats;
+pub mod xsk;
 
 use std::time::{Duration, Instant};
 
@@ -544,6 +545,35 @@ impl Loaded {
         self.ebpf
             .take_map("EVENTS")
             .and_then(|m| aya::maps::RingBuf::try_from(m).ok())
+    }
+
+    /// Enters an AF_XDP socket into the program's maps: `fd`, bound to queue `queue` of
+    /// interface `ifindex`, which takes socket slot `slot` (see `cloudlet_common::xsk`).
+    pub fn register_xsk(
+        &mut self,
+        slot: u32,
+        ifindex: u32,
+        queue: u32,
+        fd: std::os::fd::RawFd,
+    ) -> Result<(), DataplaneError> {
+        let mut interfaces: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut("XSK_INTERFACES")
+                .ok_or(DataplaneError::Missing("map XSK_INTERFACES"))?,
+        )
+        .map_err(map_err("XSK_INTERFACES"))?;
+        interfaces
+            .insert(ifindex, slot, 0)
+            .map_err(map_err("XSK_INTERFACES"))?;
+        let mut sockets = aya::maps::XskMap::try_from(
+            self.ebpf
+                .map_mut("XSK_SOCKETS")
+                .ok_or(DataplaneError::Missing("map XSK_SOCKETS"))?,
+        )
+        .map_err(map_err("XSK_SOCKETS"))?;
+        sockets
+            .set(cloudlet_common::xsk::index(slot, queue), fd, 0)
+            .map_err(map_err("XSK_SOCKETS"))
     }
 
     /// Reads the counters, folded by rule and zone names of `compiled` (the policy in

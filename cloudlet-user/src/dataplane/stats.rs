@@ -63,6 +63,23 @@ pub struct ZoneCount {
     pub dst: Count,
 }
 
+/// Counters of one of cloudletd's AF_XDP sockets (an interface queue of `xsk` actions).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XskCount {
+    pub interface: String,
+    pub queue: u32,
+    /// Whether the socket is open (false: the policy no longer names its queue).
+    pub open: bool,
+    /// Frames read from the socket.
+    pub received: Count,
+    /// Frames sent out of the forward interface.
+    pub forwarded: Count,
+    /// Frames the forward interface refused.
+    pub forward_errors: u64,
+    /// Frames the kernel dropped for want of a free buffer or room in the receive ring.
+    pub dropped: u64,
+}
+
 /// All counters of a running policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -78,6 +95,13 @@ pub struct Stats {
     /// Packets over a rate limit (given the limit's `over` verdict).
     #[serde(default)]
     pub rate_limited: Count,
+    /// Frames of an `xsk` action with no socket on the interface and queue they came in
+    /// on (dropped).
+    #[serde(default)]
+    pub xsk_undelivered: Count,
+    /// cloudletd's AF_XDP sockets (counted by cloudletd, not by the program).
+    #[serde(default)]
+    pub xsk: Vec<XskCount>,
 }
 
 impl Stats {
@@ -91,6 +115,7 @@ impl Stats {
             }
         }
         self.rate_limited.add(other.rate_limited);
+        self.xsk_undelivered.add(other.xsk_undelivered);
         add_named(&mut self.verdicts, &other.verdicts);
         add_named(&mut self.reasons, &other.reasons);
         for f in &other.rules {
@@ -135,6 +160,13 @@ impl Stats {
                 "(over a rate limit)", s.rate_limited.packets, s.rate_limited.bytes
             );
         }
+        if s.xsk_undelivered.packets > 0 {
+            let _ = writeln!(
+                o,
+                "{:<28} {:>14} {:>16}",
+                "(xsk, no socket: dropped)", s.xsk_undelivered.packets, s.xsk_undelivered.bytes
+            );
+        }
         let _ = writeln!(o, "\n{:<28} {:>14} {:>16}", "REASON", "PACKETS", "BYTES");
         for n in s
             .reasons
@@ -171,6 +203,30 @@ impl Stats {
                 z.name, z.src.packets, z.dst.packets
             );
         }
+        if !s.xsk.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n{:<22} {:>5} {:>14} {:>16} {:>14} {:>10}",
+                "XSK SOCKET", "QUEUE", "RECEIVED", "BYTES", "FORWARDED", "DROPPED"
+            );
+            for x in &s.xsk {
+                let name = if x.open {
+                    x.interface.clone()
+                } else {
+                    format!("{} (closed)", x.interface)
+                };
+                let _ = writeln!(
+                    o,
+                    "{:<22} {:>5} {:>14} {:>16} {:>14} {:>10}",
+                    name,
+                    x.queue,
+                    x.received.packets,
+                    x.received.bytes,
+                    x.forwarded.packets,
+                    x.dropped
+                );
+            }
+        }
         o
     }
 }
@@ -206,6 +262,7 @@ pub fn read(
     let stats = per_cpu(ebpf, "STATS")?;
     let mut out = Stats {
         rate_limited: per_cpu_sum(&stats, stat::RATE_LIMITED).map_err(map_err("STATS"))?,
+        xsk_undelivered: per_cpu_sum(&stats, stat::XSK_UNDELIVERED).map_err(map_err("STATS"))?,
         ..Stats::default()
     };
     for a in (0..action::COUNT).filter(|a| *a != action::RATE_LIMIT) {

@@ -38,6 +38,9 @@ pub enum Action {
     Cpu(u32),
     /// Pass up to a rate, then the limit's `over` action.
     RateLimit(RateLimitSpec),
+    /// Hand it to cloudletd's AF_XDP socket on this receive queue of the interface it came
+    /// in on (XDP_REDIRECT through an XSK map).
+    Xsk(u32),
 }
 
 /// `{ rate_limit = { pps = N, burst = M, per = "source" | "rule", over = "drop" | "pass" } }`.
@@ -99,11 +102,19 @@ impl RateLimitSpec {
     }
 }
 
+/// Whether `name` can name a network interface (1 to 15 bytes, no `/` or whitespace).
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 15 && !name.contains(|c: char| c == '/' || c.is_whitespace())
+}
+
 /// How the accepted actions are spelled, for error messages.
-const ACTIONS: &str = "\"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" }, { cpu = N } or { rate_limit = { ... } }";
+const ACTIONS: &str = "\"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" }, { cpu = N }, { xsk = QUEUE } or { rate_limit = { ... } }";
 
 /// Most CPUs a `cpu` action can name (the CPU map's size).
 pub const MAX_CPUS: u32 = 256;
+
+/// Queues an `xsk` action can name: 0 to this less one.
+pub const MAX_XSK_QUEUES: u32 = cloudlet_common::xsk::MAX_QUEUES;
 
 impl Action {
     /// The action's name as printed by `classify` and `stats` (without its argument).
@@ -121,6 +132,7 @@ impl Action {
             Self::Redirect(_) => action::REDIRECT,
             Self::Cpu(_) => action::CPU,
             Self::RateLimit(_) => action::RATE_LIMIT,
+            Self::Xsk(_) => action::XSK,
         }
     }
 
@@ -134,11 +146,13 @@ impl Action {
             action::REDIRECT => "redirect",
             action::CPU => "cpu",
             action::RATE_LIMIT => "rate_limit",
+            action::XSK => "xsk",
             _ => "unknown",
         }
     }
 
-    /// Parses `"pass"`, `"drop"`, `"tx"`, `{ redirect = "IFNAME" }` or `{ cpu = N }`.
+    /// Parses `"pass"`, `"drop"`, `"tx"`, `{ redirect = "IFNAME" }`, `{ cpu = N }`,
+    /// `{ xsk = QUEUE }` or `{ rate_limit = { ... } }`.
     pub fn from_value(value: &toml::Value) -> Result<Self, String> {
         match value {
             toml::Value::String(s) => match s.as_str() {
@@ -149,7 +163,7 @@ impl Action {
             },
             toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
                 Some((k, toml::Value::String(iface))) if k == "redirect" => {
-                    if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+                    if !is_interface_name(iface) {
                         Err(format!("`redirect`: {iface:?} is not an interface name"))
                     } else {
                         Ok(Self::Redirect(iface.clone()))
@@ -160,6 +174,17 @@ impl Action {
                     .filter(|n| *n < MAX_CPUS)
                     .map(Self::Cpu)
                     .ok_or_else(|| format!("`cpu`: {n} is not a CPU number below {MAX_CPUS}")),
+                Some((k, toml::Value::Integer(n))) if k == "xsk" => u32::try_from(*n)
+                    .ok()
+                    .filter(|n| *n < MAX_XSK_QUEUES)
+                    .map(Self::Xsk)
+                    .ok_or_else(|| {
+                        format!("`xsk`: {n} is not a queue number below {MAX_XSK_QUEUES}")
+                    }),
+                Some((k, v)) if k == "xsk" => Err(format!(
+                    "`xsk` takes a receive queue number (found {})",
+                    v.type_str()
+                )),
                 Some((k, v)) if k == "rate_limit" => RateLimitSpec::parse(v).map(Self::RateLimit),
                 _ => Err(format!("unknown action table; expected {ACTIONS}")),
             },
@@ -179,6 +204,7 @@ impl fmt::Display for Action {
         match self {
             Self::Redirect(iface) => write!(f, "redirect {iface}"),
             Self::Cpu(cpu) => write!(f, "cpu {cpu}"),
+            Self::Xsk(queue) => write!(f, "xsk {queue}"),
             Self::RateLimit(r) => write!(
                 f,
                 "rate_limit {} pps burst {} per {} over {}",

@@ -194,6 +194,49 @@ fn every_action_parses() {
 }
 
 #[test]
+fn xsk_action_parses_and_bad_queues_are_located() {
+    let p = check("default = { xsk = 0 }\n[[rules]]\ndst_port = 4789\naction = { xsk = 63 }\n")
+        .unwrap();
+    assert_eq!(p.default_action, Action::Xsk(0));
+    assert_eq!(p.rules[0].action, Action::Xsk(63));
+    assert_eq!(p.rules[0].action.to_string(), "xsk 63");
+    assert_eq!(p.rules[0].action.name(), "xsk");
+    for (text, want) in [
+        (
+            "[[rules]]\naction = { xsk = 64 }\n",
+            "2:10: `action`: `xsk`: 64 is not a queue number below 64",
+        ),
+        (
+            "[[rules]]\naction = { xsk = -1 }\n",
+            "2:10: `action`: `xsk`: -1 is not a queue number below 64",
+        ),
+        (
+            "[[rules]]\naction = { xsk = \"0\" }\n",
+            "2:10: `action`: `xsk` takes a receive queue number (found string)",
+        ),
+        (
+            "default = { xsk = 1.5 }\n",
+            "1:11: `default`: `xsk` takes a receive queue number (found float)",
+        ),
+        (
+            "[[rules]]\naction = { xsk = 0, cpu = 1 }\n",
+            "2:10: `action`: an action table has exactly one key",
+        ),
+        (
+            "malformed = { xsk = 0 }\n",
+            // `malformed` takes "pass" or "drop" only.
+            "1:13: invalid type: map, expected a string",
+        ),
+    ] {
+        let got = diagnostics(text);
+        assert!(
+            got.iter().any(|d| d.starts_with(want)),
+            "want {want:?}, got {got:?}"
+        );
+    }
+}
+
+#[test]
 fn all_problems_are_reported_at_once() {
     let text = "[[rules]]\nsrc_zone = \"a\"\ndst_zone = \"b\"\naction = \"nope\"\n";
     let got = diagnostics(text);
@@ -207,7 +250,7 @@ fn error_display_is_file_line_column() {
     let err = check("[[rules]]\naction = \"reject\"\n").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "/etc/cloudlet/policy.toml:2:10: `action`: unknown action \"reject\"; expected \"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" }, { cpu = N } or { rate_limit = { ... } }"
+        "/etc/cloudlet/policy.toml:2:10: `action`: unknown action \"reject\"; expected \"pass\", \"drop\", \"tx\", { redirect = \"IFNAME\" }, { cpu = N }, { xsk = QUEUE } or { rate_limit = { ... } }"
     );
 }
 
