@@ -76,3 +76,82 @@ pub struct Figure {
     /// `value / baseline`.
     pub ratio: Option<f64>,
 }
+
+/// How the kinds of rules of [`mixed_rules`] are ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mix {
+    /// Each kind in one run, as blocklists and allowlists are written: the rule sets of a
+    /// packet's fields rarely overlap within 64 consecutive rules.
+    Clustered,
+    /// Kinds in turn, rule after rule: every 64 consecutive rules hold every kind, the
+    /// worst case for the summaries.
+    Interleaved,
+}
+
+/// `n` rules of mixed criteria (source and destination prefixes, zones, protocols, port
+/// lists and ranges, TCP flags, VLANs, IP version), none of which the benchmark's traffic
+/// (UDP from everywhere to port 443 of the `svc` zone) matches except the last, so every
+/// packet is judged against the whole rule set.
+pub fn mixed_rules(n: usize, mix: Mix) -> String {
+    // A fixed generator: the same policy every run.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut p = String::new();
+    for i in 0..n.saturating_sub(1) {
+        let r = next();
+        let (a, b, port) = (r >> 8 & 0xff, r >> 16 & 0xff, (r >> 24 & 0x3fff) as u16 + 1024);
+        p.push_str(&format!("[[rules]]\nname = \"r{i}\"\n"));
+        let kind = match mix {
+            Mix::Interleaved => i % 8,
+            Mix::Clustered => i * 8 / n,
+        };
+        match kind {
+            // Blocklists: sources in the documentation and shared address ranges.
+            0 => p.push_str(&format!(
+                "src_prefix = [\"100.{}.{b}.0/24\", \"2001:db8:{a:x}{b:02x}::/48\"]\naction = \"drop\"\n",
+                64 + (a & 63)
+            )),
+            1 => p.push_str(&format!(
+                "dst_prefix = [\"172.{}.{b}.0/24\"]\nproto = \"tcp\"\ndst_port = {port}\naction = \"pass\"\n",
+                16 + (a & 15)
+            )),
+            2 => p.push_str(&format!(
+                "src_prefix = [\"198.18.{a}.0/24\"]\nproto = \"udp\"\ndst_port = \"{port}-{}\"\naction = \"drop\"\n",
+                port + 100
+            )),
+            3 => p.push_str(&format!(
+                "dst_zone = \"svc\"\nproto = \"tcp\"\ntcp_flags = \"syn,!ack\"\nsrc_port = [{port}, {}]\naction = \"drop\"\n",
+                port + 1
+            )),
+            4 => p.push_str(&format!("vlan = {}\naction = \"pass\"\n", 1 + (r >> 40) % 4000)),
+            5 => p.push_str(&format!(
+                "src_zone = \"kp\"\ndst_port = [{port}, {}, {}]\naction = \"drop\"\n",
+                port + 7,
+                port + 9
+            )),
+            6 => p.push_str(&format!(
+                "ip_version = 6\ndst_prefix = [\"fd00:{a:x}:{b:x}::/48\"]\naction = \"drop\"\n"
+            )),
+            _ => p.push_str(&format!(
+                "dst_zone = \"svc\"\nproto = \"udp\"\ndst_port = \"!{port}-{}\"\nsrc_port = {}\naction = \"drop\"\n",
+                port + 50000u16.min(u16::MAX - port),
+                port / 2
+            )),
+        }
+    }
+    p.push_str("[[rules]]\nname = \"last\"\ndst_zone = \"svc\"\nproto = \"udp\"\ndst_port = 443\naction = \"pass\"\n");
+    p
+}
+
+/// A policy of `n` mixed rules (see [`mixed_rules`]) with a few explicit zones.
+pub fn rules_policy(n: usize, mix: Mix) -> String {
+    format!(
+        "default = \"drop\"\n[zones.svc]\nprefixes = [\"10.10.0.0/16\", \"fd00:10::/32\"]\n[zones.kp]\nprefixes = [\"203.0.113.0/24\"]\n{}",
+        mixed_rules(n, mix)
+    )
+}
