@@ -104,7 +104,11 @@ pub fn mixed_rules(n: usize, mix: Mix) -> String {
     let mut p = String::new();
     for i in 0..n.saturating_sub(1) {
         let r = next();
-        let (a, b, port) = (r >> 8 & 0xff, r >> 16 & 0xff, (r >> 24 & 0x3fff) as u16 + 1024);
+        let (a, b, port) = (
+            r >> 8 & 0xff,
+            r >> 16 & 0xff,
+            (r >> 24 & 0x3fff) as u16 + 1024,
+        );
         p.push_str(&format!("[[rules]]\nname = \"r{i}\"\n"));
         let kind = match mix {
             Mix::Interleaved => i % 8,

@@ -275,7 +275,8 @@ impl Scan {
             self.rule = w * 64 + acc.trailing_zeros();
             return false;
         }
-        true
+        // Go on only if candidates are left.
+        (self.summary[0] | self.summary[1] | self.summary[2] | self.summary[3]) != 0
     }
 }
 

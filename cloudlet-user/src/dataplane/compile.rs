@@ -259,12 +259,12 @@ pub struct CompiledPolicy {
     pub field_class: Vec<u32>,
     /// The flat IPv4 table as built for bank 0: the first level in elements
     /// `0..L1_CHUNKS`, bank 1's first level (zero) next, then the other chunks.
-    pub v4_chunks: Vec<FlatChunk>,
+    pub v4_chunks: Arc<Vec<FlatChunk>>,
     /// The flat IPv6 table, the same layout.
-    pub v6_chunks: Vec<FlatChunk>,
+    pub v6_chunks: Arc<Vec<FlatChunk>>,
     /// IPv4 as LPM entries (for the LPM variant of the program).
-    pub v4_prefixes: Vec<LpmEntry<4>>,
-    pub v6_prefixes: Vec<LpmEntry<16>>,
+    pub v4_prefixes: Arc<Vec<LpmEntry<4>>>,
+    pub v6_prefixes: Arc<Vec<LpmEntry<16>>>,
     pub v4_ranges: Arc<Vec<Range>>,
     pub v6_ranges: Arc<Vec<Range>>,
     pub stats: CompileStats,
@@ -313,7 +313,7 @@ impl CompiledPolicy {
 }
 
 /// One prefix with what it contributes; zone and list sets by id.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Node {
     start: u128,
     end: u128,
@@ -391,6 +391,44 @@ pub struct Compiler {
     geo: Option<GeoNodes>,
     /// Each zone's name, in order: class ids keep their meaning only while these stay.
     zone_names: Option<Vec<String>>,
+    /// The policy's own prefixes (sorted) and the ranges they gave, last time: a policy
+    /// with the same prefixes (rules and verdicts changed) reuses the ranges.
+    last: Option<LastRanges>,
+}
+
+#[derive(Clone)]
+struct LastRanges {
+    v4: Vec<Node>,
+    v6: Vec<Node>,
+    v4_ranges: Arc<Vec<Range>>,
+    v6_ranges: Arc<Vec<Range>>,
+    tables: Tables,
+}
+
+/// The flat tables and LPM entries of both families.
+type Tables = (
+    Arc<Vec<FlatChunk>>,
+    Arc<Vec<LpmEntry<4>>>,
+    Arc<Vec<FlatChunk>>,
+    Arc<Vec<LpmEntry<16>>>,
+);
+
+/// Builds the tables of a policy's ranges, the two families side by side.
+fn tables(v4_ranges: &[Range], v6_ranges: &[Range]) -> Tables {
+    std::thread::scope(|s| {
+        let v6 = s.spawn(|| {
+            (
+                Arc::new(flat_table(v6_ranges, 128)),
+                Arc::new(lpm_entries::<16>(v6_ranges, 128)),
+            )
+        });
+        let v4 = (
+            Arc::new(flat_table(v4_ranges, 32)),
+            Arc::new(lpm_entries::<4>(v4_ranges, 32)),
+        );
+        let v6 = v6.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (v4.0, v4.1, v6.0, v6.1)
+    })
 }
 
 impl Default for Compiler {
@@ -405,6 +443,7 @@ impl Default for Compiler {
             },
             geo: None,
             zone_names: None,
+            last: None,
         }
     }
 }
@@ -473,11 +512,34 @@ impl Compiler {
             rule_lists.push(ids);
         }
         let t_geo = t0.elapsed();
-        let v4_ranges = sweep(true, &geo_v4, v4, it);
-        let v6_ranges = sweep(false, &geo_v6, v6, it);
-        if it.classes.len() >= PTR as usize {
-            return Err(CompileError::TooManyClasses(it.classes.len()));
-        }
+        let key = |n: &Node| (n.start, n.len, n.explicit_zones, n.lists);
+        v4.sort_unstable_by_key(key);
+        v6.sort_unstable_by_key(key);
+        let (v4_ranges, v6_ranges, tables) = match &self.last {
+            Some(last) if last.v4 == v4 && last.v6 == v6 => (
+                last.v4_ranges.clone(),
+                last.v6_ranges.clone(),
+                last.tables.clone(),
+            ),
+            _ => {
+                let v4_ranges = Arc::new(sweep(true, &geo_v4, v4.clone(), it));
+                let v6_ranges = Arc::new(sweep(false, &geo_v6, v6.clone(), it));
+                if it.classes.len() >= PTR as usize {
+                    return Err(CompileError::TooManyClasses(it.classes.len()));
+                }
+                let tables = tables(&v4_ranges, &v6_ranges);
+                self.last = Some(LastRanges {
+                    v4,
+                    v6,
+                    v4_ranges: v4_ranges.clone(),
+                    v6_ranges: v6_ranges.clone(),
+                    tables: tables.clone(),
+                });
+                (v4_ranges, v6_ranges, tables)
+            }
+        };
+        let (v4_chunks, v4_prefixes, v6_chunks, v6_prefixes) = tables;
+        let it = &mut self.it;
         let t_sweep = t0.elapsed();
 
         let words = policy.rules.len().div_ceil(64).max(1);
@@ -490,20 +552,6 @@ impl Compiler {
             .map(|&(z, _)| it.zones.sets[z as usize])
             .collect();
         let t_sets = t0.elapsed();
-        // The two families' tables are independent: build them side by side.
-        let ((v4_chunks, v4_prefixes), (v6_chunks, v6_prefixes)) = std::thread::scope(|s| {
-            let v6 = s.spawn(|| {
-                (
-                    flat_table(&v6_ranges, 128),
-                    lpm_entries::<16>(&v6_ranges, 128),
-                )
-            });
-            let v4 = (flat_table(&v4_ranges, 32), lpm_entries::<4>(&v4_ranges, 32));
-            (
-                v4,
-                v6.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            )
-        });
         log::debug!(
             "compiled in {:?}: prefixes gathered {t_geo:?}, ranges {t_sweep:?}, rule sets {t_sets:?}",
             t0.elapsed()
@@ -544,8 +592,8 @@ impl Compiler {
             v6_chunks,
             v4_prefixes,
             v6_prefixes,
-            v4_ranges: Arc::new(v4_ranges),
-            v6_ranges: Arc::new(v6_ranges),
+            v4_ranges,
+            v6_ranges,
             stats,
         })
     }
@@ -1112,6 +1160,21 @@ pub struct TablePatch {
     pub writes: Vec<(u32, FlatChunk)>,
     /// Elements only the old bank reaches: free once no packet can still be walking it.
     pub garbage: Vec<u32>,
+    /// What the written elements held, and the elements taken from the free list: enough
+    /// to take the patch back ([`FlatTable::undo`]).
+    undo: Vec<(u32, FlatChunk)>,
+    taken: Vec<u32>,
+}
+
+impl FlatTable {
+    /// Takes back `patch` (its writes must not have reached the map, or must be
+    /// overwritten too).
+    pub fn undo(&mut self, patch: TablePatch) {
+        for (idx, chunk) in patch.undo.into_iter().rev() {
+            self.chunks[idx as usize] = chunk;
+        }
+        self.free.extend(patch.taken.into_iter().rev());
+    }
 }
 
 /// Builds, into the free elements of `table`, the parts of the tree that differ between
@@ -1207,10 +1270,17 @@ pub fn patch_table(
         writes.push((to_root + c as u32, chunk));
     }
     writes.retain(|(idx, chunk)| table.chunks[*idx as usize] != *chunk);
+    let mut undo = Vec::with_capacity(writes.len());
     for (idx, chunk) in &writes {
+        undo.push((*idx, table.chunks[*idx as usize]));
         table.chunks[*idx as usize] = *chunk;
     }
-    Some(TablePatch { writes, garbage })
+    Some(TablePatch {
+        writes,
+        garbage,
+        undo,
+        taken: at,
+    })
 }
 
 /// Last address of the block of `2^bits` addresses starting at `start` (aligned).

@@ -317,11 +317,10 @@ impl Loaded {
             ));
         }
         let (from, to) = (w.active, 1 - w.active);
-        let mut v4 = w.v4.clone();
-        let mut v6 = w.v6.clone();
         let room = || DataplaneError::NoRoom("the address tables are full".into());
+        let w = &mut self.written;
         let p4 = compile::patch_table(
-            &mut v4,
+            &mut w.v4,
             &w.v4_ranges,
             &compiled.v4_ranges,
             32,
@@ -329,15 +328,17 @@ impl Loaded {
             to * L1_CHUNKS,
         )
         .ok_or_else(room)?;
-        let p6 = compile::patch_table(
-            &mut v6,
+        let Some(p6) = compile::patch_table(
+            &mut w.v6,
             &w.v6_ranges,
             &compiled.v6_ranges,
             128,
             from * L1_CHUNKS,
             to * L1_CHUNKS,
-        )
-        .ok_or_else(room)?;
+        ) else {
+            w.v4.undo(p4);
+            return Err(room());
+        };
         let prepared = started.elapsed();
         // From here on the maps change: a failure leaves the copy unreliable.
         self.written.broken = true;
@@ -358,10 +359,8 @@ impl Loaded {
         wait_for_readers();
         let w = &mut self.written;
         w.active = to;
-        v4.free.extend(p4.garbage);
-        v6.free.extend(p6.garbage);
-        w.v4 = v4;
-        w.v6 = v6;
+        w.v4.free.extend(p4.garbage);
+        w.v6.free.extend(p6.garbage);
         w.v4_ranges = compiled.v4_ranges.clone();
         w.v6_ranges = compiled.v6_ranges.clone();
         w.broken = false;
@@ -484,8 +483,8 @@ impl Loaded {
             fill_lpm(e, "V6_TRIE", &c.v6_prefixes)?;
         } else {
             let w = &mut self.written;
-            w.v4 = FlatTable::new(c.v4_chunks.clone(), self.capacity.v4_chunks as usize);
-            w.v6 = FlatTable::new(c.v6_chunks.clone(), self.capacity.v6_chunks as usize);
+            w.v4 = FlatTable::new(c.v4_chunks.to_vec(), self.capacity.v4_chunks as usize);
+            w.v6 = FlatTable::new(c.v6_chunks.to_vec(), self.capacity.v6_chunks as usize);
             fill_flat(e, "V4_TABLE", &c.v4_chunks)?;
             fill_flat(e, "V6_TABLE", &c.v6_chunks)?;
         }
