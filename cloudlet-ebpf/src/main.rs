@@ -131,7 +131,7 @@ static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2, 0);
 
 /// Per-CPU room for the decision being built.
 #[map]
-static SCRATCH: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<rules::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The last decision, written only when [`TRACE`] is set.
 #[map]

@@ -24,22 +24,28 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(bank) else {
         return xdp_action::XDP_PASS;
     };
-    // The decision, built up as the packet goes; in a per-CPU map rather than on the
-    // stack, which the rule search needs.
+    // The decision, built up as the packet goes (see `Scratch`).
     let Some(d) = SCRATCH.get_ptr_mut(0) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
-    let d = unsafe { &mut *d };
-    *d = Decision {
+    let scratch = unsafe { &mut *d };
+    scratch.decision = Decision {
         rule: NO_RULE,
         ..Decision::default()
     };
     // Addresses, for a drop event (zero when no IP header was parsed).
-    let mut addrs = ([0u8; 16], [0u8; 16]);
+    scratch.src = [0; 16];
+    scratch.dst = [0; 16];
+    let Scratch {
+        decision: d,
+        src: addr_src,
+        dst: addr_dst,
+    } = scratch;
     let (act, arg) = match parse::parse(ctx) {
         Ok(pkt) => {
-            addrs = (pkt.src, pkt.dst);
+            *addr_src = pkt.src;
+            *addr_dst = pkt.dst;
             let (act, arg) = judge::<LPM>(&pkt, cfg, len, d);
             if act == action::RATE_LIMIT {
                 ratelimit::resolve(arg, &pkt, len)
@@ -69,8 +75,8 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
             e.l4_proto = d.l4_proto;
             e.src_port = d.src_port;
             e.dst_port = d.dst_port;
-            e.src = addrs.0;
-            e.dst = addrs.1;
+            e.src = *addr_src;
+            e.dst = *addr_dst;
         });
     }
     count(&STATS, stat::reason(d.reason), len);
@@ -190,6 +196,15 @@ fn judge<const LPM: bool>(
     d.reason = reason::RULE;
     count(&RULE_STATS, index, len);
     (entry.action, entry.arg)
+}
+
+/// What the program builds up per packet, kept in a per-CPU map rather than on the
+/// 512-byte stack, which the rule search needs.
+#[repr(C)]
+pub struct Scratch {
+    decision: Decision,
+    src: [u8; 16],
+    dst: [u8; 16],
 }
 
 /// Rule sets a packet is matched against: source class, destination class, and one per
