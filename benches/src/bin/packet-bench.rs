@@ -519,7 +519,7 @@ fn main() -> Result<()> {
     };
     let visible = get("update_one_rule_visible");
     println!(
-        "goal: a one-rule update visible to packets within 10 ms of being written: {visible:.2} ms {}",
+        "goal: a one-rule update visible to packets within 10 ms of the start of the update: {visible:.2} ms {}",
         if visible <= 10.0 { "met" } else { "NOT met" }
     );
     let swap = get("swap_world_10000_rules");
