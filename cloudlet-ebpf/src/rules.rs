@@ -34,9 +34,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         rule: NO_RULE,
         ..Decision::default()
     };
-    // Addresses, for a drop event (zero when no IP header was parsed).
-    scratch.src = [0; 16];
-    scratch.dst = [0; 16];
+    // Addresses, for a drop event: the parsed ones, or zero when no IP header was parsed.
     let Scratch {
         decision: d,
         src: addr_src,
@@ -54,6 +52,8 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
             }
         }
         Err(u) => {
+            *addr_src = [0; 16];
+            *addr_dst = [0; 16];
             d.reason = u.reason;
             d.vlan_tags = u.vlan_tags;
             d.vlan_outer = u.vlan_outer;

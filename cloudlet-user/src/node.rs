@@ -212,6 +212,8 @@ pub enum Update {
     /// inactive bank, then flipped to (no program load, tables patched, not rebuilt).
     InPlace {
         path: std::path::PathBuf,
+        /// Kept for loading it into a program of its own if it does not fit.
+        policy: policy::Policy,
         compiled: CompiledPolicy,
         compiler: Compiler,
         started: Instant,
@@ -233,6 +235,7 @@ impl Update {
             let compiled = compile_with(path, &policy, &mut compiler)?;
             return Ok(Self::InPlace {
                 path: path.to_path_buf(),
+                policy,
                 compiled,
                 compiler,
                 started,
@@ -352,33 +355,26 @@ impl Node {
     /// Puts a new policy in force: in place when it was compiled so and fits the running
     /// program's maps, else by loading and swapping in a program of its own.
     pub fn apply(&mut self, update: Update) -> Result<(), NodeError> {
-        let (path, compiled, compiler, started) = match update {
+        let (path, policy, compiled, compiler, started) = match update {
             Update::Full(prepared) => return self.swap(prepared),
             Update::InPlace {
                 path,
+                policy,
                 compiled,
                 compiler,
                 started,
-            } => (path, compiled, compiler, started),
+            } => (path, policy, compiled, compiler, started),
         };
         let old_bank = self.loaded.active_bank();
         // Sockets for `xsk` queues the running policy has none on, in the map both banks
         // share, before the new bank can send frames to them.
-        let interfaces: Vec<String> = self
-            .attachments
-            .iter()
-            .map(|a| a.interface.clone())
-            .collect();
-        let queues = compiled.xsk_queues.clone();
-        let opened = self.xsk.open(&interfaces, &queues).map_err(NodeError::from);
-        if let Err(e) = opened.and_then(|()| {
-            self.xsk
-                .register(&mut self.loaded, &interfaces, &queues)
-                .map_err(NodeError::from)
-        }) {
-            self.xsk.retain(&self.compiled.xsk_queues);
-            return Err(e);
-        }
+        open_xsk(
+            &mut self.xsk,
+            &self.attachments,
+            &mut self.loaded,
+            &compiled.xsk_queues,
+            &self.compiled.xsk_queues,
+        )?;
         // Drain events while their rule numbers still mean the old rules.
         self.events.poll(&self.compiled);
         match self.loaded.update(&compiled) {
@@ -417,7 +413,6 @@ impl Node {
                     "policy {}: {why}; loading it into a new program",
                     path.display()
                 );
-                let policy = policy::load(&path)?;
                 let prepared = Prepared::from_policy(&path, &policy, started)?;
                 self.swap(prepared)
             }
@@ -434,22 +429,14 @@ impl Node {
     pub fn swap(&mut self, mut prepared: Prepared) -> Result<(), NodeError> {
         let before = self.stats()?;
         // The new program gets the sockets of its `xsk` queues, opening those the running
-        // policy has none on; on failure the running policy keeps just its own.
-        let interfaces: Vec<String> = self
-            .attachments
-            .iter()
-            .map(|a| a.interface.clone())
-            .collect();
-        let queues = prepared.compiled.xsk_queues.clone();
-        let opened = self.xsk.open(&interfaces, &queues).map_err(NodeError::from);
-        if let Err(e) = opened.and_then(|()| {
-            self.xsk
-                .register(&mut prepared.loaded, &interfaces, &queues)
-                .map_err(NodeError::from)
-        }) {
-            self.xsk.retain(&self.compiled.xsk_queues);
-            return Err(e);
-        }
+        // policy has none on.
+        open_xsk(
+            &mut self.xsk,
+            &self.attachments,
+            &mut prepared.loaded,
+            &prepared.compiled.xsk_queues,
+            &self.compiled.xsk_queues,
+        )?;
         let mut old = std::mem::take(&mut self.attachments).into_iter();
         let mut moved = Vec::new();
         for a in old.by_ref() {
@@ -538,6 +525,27 @@ impl Node {
             }
         }
     }
+}
+
+/// Opens the AF_XDP sockets of `queues` on every attached interface and enters them into
+/// `loaded`'s maps. On failure only the sockets of `running` (the policy in force) stay.
+fn open_xsk(
+    xsk: &mut XskSockets,
+    attachments: &[Attachment],
+    loaded: &mut Loaded,
+    queues: &[u32],
+    running: &[u32],
+) -> Result<(), NodeError> {
+    let interfaces: Vec<String> = attachments.iter().map(|a| a.interface.clone()).collect();
+    let opened = xsk.open(&interfaces, queues).map_err(NodeError::from);
+    let registered = opened.and_then(|()| {
+        xsk.register(loaded, &interfaces, queues)
+            .map_err(NodeError::from)
+    });
+    if registered.is_err() {
+        xsk.retain(running);
+    }
+    registered
 }
 
 /// How an attach mode is named in logs and docs.

@@ -828,35 +828,94 @@ impl Drop for BpfFs {
     }
 }
 
+/// A cloudletd configuration whose links are pinned on a private bpffs, for restart tests:
+/// the daemon's folder (removed on drop) and admin socket.
+struct PinnedDaemon {
+    bin: PathBuf,
+    bpffs: BpfFs,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl PinnedDaemon {
+    /// Writes `policy` and a configuration attaching to `iface` into a folder named after
+    /// `tag`.
+    fn new(tag: &str, policy: &str, iface: &str) -> Self {
+        let bin = cloudletd_path();
+        assert!(
+            bin.exists(),
+            "{} missing (cargo xtask test builds it)",
+            bin.display()
+        );
+        let bpffs = BpfFs::new(&format!("{tag}-pins"));
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("cloudletd.sock");
+        std::fs::write(dir.join("policy.toml"), policy).unwrap();
+        std::fs::write(
+            dir.join("cloudlet.toml"),
+            format!(
+                "policy = \"policy.toml\"\ninterfaces = [\"{iface}\"]\nxdp_mode = \"native\"\npin_dir = {:?}\n[admin]\nsocket = {:?}\n",
+                bpffs.0.join("cloudlet").display().to_string(),
+                socket.display().to_string()
+            ),
+        )
+        .unwrap();
+        Self {
+            bin,
+            bpffs,
+            dir,
+            socket,
+        }
+    }
+
+    /// Starts cloudletd in `ns` with `extra` arguments and waits for its admin socket.
+    fn start(&self, ns: &NetNs, extra: &[&str]) -> Daemon {
+        let d = Daemon(
+            ns.command(&self.bin.display().to_string())
+                .args([
+                    "--config",
+                    &self.dir.join("cloudlet.toml").display().to_string(),
+                ])
+                .args(extra)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start cloudletd"),
+        );
+        wait_for(&self.socket);
+        d
+    }
+
+    /// Stops it with SIGTERM; it must exit successfully.
+    fn stop(mut d: Daemon) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
+        let status = d.0.wait().expect("wait");
+        assert!(status.success(), "cloudletd exit status {status}");
+    }
+
+    /// Whether the link of `iface` is pinned.
+    fn pinned(&self, iface: &str) -> bool {
+        self.bpffs.0.join("cloudlet/links").join(iface).exists()
+    }
+}
+
+impl Drop for PinnedDaemon {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// cloudletd stops and starts again while traffic flows: the pinned program keeps
 /// filtering with no daemon running, the new daemon takes it over, and
 /// `--detach-on-exit` finally detaches it.
 #[test]
 fn hitless_restart_keeps_filtering() {
-    let bin = cloudletd_path();
-    assert!(
-        bin.exists(),
-        "{} missing (cargo xtask test builds it)",
-        bin.display()
-    );
-    let bpffs = BpfFs::new("cloudlet-pins");
-    let dir = std::env::temp_dir().join(format!("cloudlet-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("cloudletd.sock");
-    std::fs::write(
-        dir.join("policy.toml"),
+    let d = PinnedDaemon::new(
+        "cloudlet-restart",
         "[[rules]]\nname = \"no-9\"\ndst_port = 9\naction = \"drop\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("cloudlet.toml"),
-        format!(
-            "policy = \"policy.toml\"\ninterfaces = [\"dut6\"]\nxdp_mode = \"native\"\npin_dir = {:?}\n[admin]\nsocket = {:?}\n",
-            bpffs.0.join("cloudlet").display().to_string(),
-            socket.display().to_string()
-        ),
-    )
-    .unwrap();
+        "dut6",
+    );
     let src = NetNs::new("cl-src");
     let dut = NetNs::new("cl-dut");
     veth_pair(&src, "src6", &dut, "dut6");
@@ -875,24 +934,6 @@ fn hitless_restart_keeps_filtering() {
             f.build()
         })
         .collect();
-    let start = |extra: &[&str]| {
-        let d = Daemon(
-            dut.command(&bin.display().to_string())
-                .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
-                .args(extra)
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start cloudletd"),
-        );
-        wait_for(&socket);
-        d
-    };
-    let stop = |mut d: Daemon| {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
-        let status = d.0.wait().expect("wait");
-        assert!(status.success(), "cloudletd exit status {status}");
-    };
     // (frames of port 8 that arrived, frames of port 9 that arrived) of a round of 50 each.
     let round = || {
         let raw: Vec<Vec<u8>> = (0..100).map(|i| frames[i % 2].clone()).collect();
@@ -904,32 +945,25 @@ fn hitless_restart_keeps_filtering() {
         )
     };
 
-    let first = start(&[]);
+    let first = d.start(&dut, &[]);
     assert_eq!(round(), (50, 0), "first daemon filters");
-    stop(first);
-    assert!(
-        bpffs.0.join("cloudlet/links/dut6").exists(),
-        "the link stays pinned"
-    );
+    PinnedDaemon::stop(first);
+    assert!(d.pinned("dut6"), "the link stays pinned");
     assert_eq!(
         round(),
         (50, 0),
         "no daemon running: the pinned program still filters"
     );
-    let second = start(&["--detach-on-exit"]);
+    let second = d.start(&dut, &["--detach-on-exit"]);
     assert_eq!(round(), (50, 0), "the second daemon took the program over");
     assert_eq!(
-        stats(&socket).rules[0].count.packets,
+        stats(&d.socket).rules[0].count.packets,
         50,
         "its counters run from the takeover"
     );
-    stop(second);
-    assert!(
-        !bpffs.0.join("cloudlet/links/dut6").exists(),
-        "--detach-on-exit removes the pin"
-    );
+    PinnedDaemon::stop(second);
+    assert!(!d.pinned("dut6"), "--detach-on-exit removes the pin");
     assert_eq!(round(), (50, 50), "detached: nothing is filtered");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// UDP frames to `port` from 192.0.2.1 to 192.0.2.2, to `dst_mac`, carrying markers
@@ -1121,76 +1155,38 @@ fn xsk_action_delivers_to_cloudletd_which_counts_and_forwards() {
 /// link over, and receives from then on.
 #[test]
 fn hitless_restart_reopens_xsk_sockets() {
-    let bin = cloudletd_path();
-    assert!(
-        bin.exists(),
-        "{} missing (cargo xtask test builds it)",
-        bin.display()
-    );
-    let bpffs = BpfFs::new("cloudlet-xsk-pins");
-    let dir = std::env::temp_dir().join(format!("cloudlet-xsk-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("cloudletd.sock");
-    std::fs::write(
-        dir.join("policy.toml"),
+    let d = PinnedDaemon::new(
+        "cloudlet-xsk-restart",
         "[[rules]]\nname = \"to-cloudletd\"\ndst_port = 4789\naction = { xsk = 0 }\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("cloudlet.toml"),
-        format!(
-            "policy = \"policy.toml\"\ninterfaces = [\"dut8\"]\nxdp_mode = \"native\"\npin_dir = {:?}\n[admin]\nsocket = {:?}\n",
-            bpffs.0.join("cloudlet").display().to_string(),
-            socket.display().to_string()
-        ),
-    )
-    .unwrap();
+        "dut8",
+    );
     let src = NetNs::new("cl-src");
     let dut = NetNs::new("cl-dut");
     veth_pair(&src, "src8", &dut, "dut8");
     let dst_mac = dut.mac("dut8");
     let frames = marked_udp(dst_mac, 4789, 0..10);
-    let start = |extra: &[&str]| {
-        let d = Daemon(
-            dut.command(&bin.display().to_string())
-                .args(["--config", &dir.join("cloudlet.toml").display().to_string()])
-                .args(extra)
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start cloudletd"),
-        );
-        wait_for(&socket);
-        d
-    };
-    let stop = |mut d: Daemon| {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.0.id() as i32, libc::SIGTERM) };
-        let status = d.0.wait().expect("wait");
-        assert!(status.success(), "cloudletd exit status {status}");
-    };
     // Frames that reached dut8's stack.
     let round = || exchange(&src, "src8", &dut, "dut8", &frames);
 
-    let first = start(&[]);
+    let first = d.start(&dut, &[]);
     assert!(round().is_empty(), "first daemon: frames go to its socket");
-    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 10);
+    let s = wait_for_xsk(&d.socket, |s| s.xsk[0].received.packets >= 10);
     assert_eq!(s.xsk[0].received.packets, 10);
-    stop(first);
+    PinnedDaemon::stop(first);
     assert!(
         round().is_empty(),
         "no daemon: the pinned program has no socket and drops, rather than pass"
     );
-    let second = start(&["--detach-on-exit"]);
+    let second = d.start(&dut, &["--detach-on-exit"]);
     assert!(round().is_empty(), "second daemon: frames go to its socket");
-    let s = wait_for_xsk(&socket, |s| s.xsk[0].received.packets >= 10);
+    let s = wait_for_xsk(&d.socket, |s| s.xsk[0].received.packets >= 10);
     assert_eq!(s.xsk[0].received.packets, 10, "{:?}", s.xsk);
     assert!(s.xsk[0].open);
     assert_eq!(s.xsk_undelivered.packets, 0, "its program had the socket");
-    stop(second);
+    PinnedDaemon::stop(second);
     assert_eq!(
         markers(&round()),
         (0..10).collect(),
         "detached: nothing is steered"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

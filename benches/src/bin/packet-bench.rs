@@ -429,38 +429,30 @@ fn main() -> Result<()> {
     for (name, value, unit) in &update {
         fig(name, *value, unit, None);
     }
-    fig("world_compile", load["world_compile_ms"], "ms", None);
-    fig(
-        "world_build_and_load",
-        load["world_build_and_load_ms"],
-        "ms",
-        None,
-    );
-    fig("world_load_lpm_only", load["world_load_lpm_ms"], "ms", None);
-    fig(
-        "world_ipv4_prefixes",
-        world.stats.v4_prefixes as f64,
-        "prefixes",
-        None,
-    );
-    fig(
-        "world_ipv6_prefixes",
-        world.stats.v6_prefixes as f64,
-        "prefixes",
-        None,
-    );
-    fig(
-        "world_ipv6_flat_chunks",
-        world.stats.v6_chunks as f64,
-        "chunks (1 KiB)",
-        None,
-    );
-    fig(
-        "world_ipv4_flat_chunks",
-        world.stats.v4_chunks as f64,
-        "chunks (1 KiB)",
-        None,
-    );
+    let st = &world.stats;
+    for (name, value, unit) in [
+        ("world_compile", load["world_compile_ms"], "ms"),
+        (
+            "world_build_and_load",
+            load["world_build_and_load_ms"],
+            "ms",
+        ),
+        ("world_load_lpm_only", load["world_load_lpm_ms"], "ms"),
+        ("world_ipv4_prefixes", st.v4_prefixes as f64, "prefixes"),
+        ("world_ipv6_prefixes", st.v6_prefixes as f64, "prefixes"),
+        (
+            "world_ipv6_flat_chunks",
+            st.v6_chunks as f64,
+            "chunks (1 KiB)",
+        ),
+        (
+            "world_ipv4_flat_chunks",
+            st.v4_chunks as f64,
+            "chunks (1 KiB)",
+        ),
+    ] {
+        fig(name, value, unit, None);
+    }
 
     println!(
         "BPF_PROG_TEST_RUN, {} IPv4 and {} IPv6 sources, {repeat} runs each, median of {rounds} rounds",

@@ -68,7 +68,7 @@ impl Union for Vec<u32> {
 
 /// Interned values: equal values get equal ids, id 0 is the empty value. Ids never change
 /// meaning while the interner lives.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Sets<K: Union> {
     ids: HashMap<K, u32>,
     sets: Vec<K>,
@@ -539,7 +539,7 @@ impl Compiler {
             }
         };
         let (v4_chunks, v4_prefixes, v6_chunks, v6_prefixes) = tables;
-        let it = &mut self.it;
+        let it = &self.it;
         let t_sweep = t0.elapsed();
 
         let words = policy.rules.len().div_ceil(64).max(1);
@@ -737,7 +737,7 @@ fn actions(policy: &Policy) -> Actions {
     }
 }
 
-/// A bitmap of `words` words with rule `r` set for every `r` in `rules` that `keep` keeps.
+/// A bitmap of `words` words with bit `r` set for every `r` in `rules`.
 fn bits_of(words: usize, rules: impl Iterator<Item = usize>) -> Vec<u64> {
     let mut set = vec![0u64; words];
     for r in rules {
@@ -771,7 +771,6 @@ fn class_sets(
     let zone_of = |r: &Rule, side: usize| if side == 0 { r.src_zone } else { r.dst_zone };
     let mut zone_base: [HashMap<u32, Vec<u64>>; 2] = [HashMap::new(), HashMap::new()];
     let mut out = Vec::with_capacity(it.classes.len());
-    let mut ids: HashMap<[Vec<u64>; 2], AddrClass> = HashMap::new();
     for &(z, l) in &it.classes {
         let zones = &it.zones.sets[z as usize];
         let pair: [Vec<u64>; 2] = std::array::from_fn(|side| {
@@ -796,16 +795,10 @@ fn class_sets(
             }
             set
         });
-        let class = match ids.get(&pair) {
-            Some(c) => *c,
-            None => {
-                let c = AddrClass {
-                    src_set: sets.id(pair[0].clone()),
-                    dst_set: sets.id(pair[1].clone()),
-                };
-                ids.insert(pair, c);
-                c
-            }
+        let [src, dst] = pair;
+        let class = AddrClass {
+            src_set: sets.id(src),
+            dst_set: sets.id(dst),
         };
         out.push(class);
     }
@@ -1120,19 +1113,33 @@ fn children(
 /// A flat table as the program's map holds it, with the elements not in use.
 #[derive(Clone, Debug)]
 pub struct FlatTable {
-    /// Every element of the map (a copy of what the kernel holds).
-    pub chunks: Vec<FlatChunk>,
+    /// The map's elements (a copy of what the kernel holds); those past the end are zero.
+    /// Shared with the compiled policy until the first patch.
+    pub chunks: Arc<Vec<FlatChunk>>,
+    /// Elements of the map.
+    capacity: usize,
     /// Elements free for new chunks.
     pub free: Vec<u32>,
 }
 
 impl FlatTable {
     /// The table of a freshly filled map of `capacity` elements holding `chunks`.
-    pub fn new(mut chunks: Vec<FlatChunk>, capacity: usize) -> Self {
+    pub fn new(chunks: Arc<Vec<FlatChunk>>, capacity: usize) -> Self {
         let used = chunks.len();
-        chunks.resize(capacity.max(used), [0; CHUNK_ENTRIES]);
-        let free = (used as u32..chunks.len() as u32).rev().collect();
-        Self { chunks, free }
+        let capacity = capacity.max(used);
+        let free = (used as u32..capacity as u32).rev().collect();
+        Self {
+            chunks,
+            capacity,
+            free,
+        }
+    }
+
+    /// The elements, writable: the copy is made (and grown to the map's size) here.
+    fn chunks_mut(&mut self) -> &mut Vec<FlatChunk> {
+        let chunks = Arc::make_mut(&mut self.chunks);
+        chunks.resize(self.capacity, [0; CHUNK_ENTRIES]);
+        chunks
     }
 
     /// The first-level entry `slot` of the bank rooted at `root`.
@@ -1170,8 +1177,9 @@ impl FlatTable {
     /// Takes back `patch` (its writes must not have reached the map, or must be
     /// overwritten too).
     pub fn undo(&mut self, patch: TablePatch) {
+        let chunks = self.chunks_mut();
         for (idx, chunk) in patch.undo.into_iter().rev() {
-            self.chunks[idx as usize] = chunk;
+            chunks[idx as usize] = chunk;
         }
         self.free.extend(patch.taken.into_iter().rev());
     }
@@ -1269,11 +1277,12 @@ pub fn patch_table(
         let chunk: FlatChunk = std::array::from_fn(|k| l1[c * CHUNK_ENTRIES + k]);
         writes.push((to_root + c as u32, chunk));
     }
-    writes.retain(|(idx, chunk)| table.chunks[*idx as usize] != *chunk);
+    let chunks = table.chunks_mut();
+    writes.retain(|(idx, chunk)| chunks[*idx as usize] != *chunk);
     let mut undo = Vec::with_capacity(writes.len());
     for (idx, chunk) in &writes {
-        undo.push((*idx, table.chunks[*idx as usize]));
-        table.chunks[*idx as usize] = *chunk;
+        undo.push((*idx, chunks[*idx as usize]));
+        chunks[*idx as usize] = *chunk;
     }
     Some(TablePatch {
         writes,

@@ -153,8 +153,8 @@ impl Capacity {
     /// Why `c` does not fit, if it does not.
     fn misfit(&self, c: &CompiledPolicy) -> Option<String> {
         let checks = [
+            // Rules within room means rule-set words within room too.
             ("rules", c.rules.len(), self.rules),
-            ("rule-set words", c.sets.words, self.words),
             ("address classes", c.classes.len(), self.classes),
             ("rule sets", c.sets.len(), self.sets),
         ];
@@ -243,7 +243,8 @@ impl Loaded {
             .map_max_entries("V6_TRIE", size(lpm, compiled.v6_prefixes.len()))
             .override_global("TRACE", &trace_flag, true)
             .load(crate::EBPF_OBJECT)?;
-        let empty = |n: u32| FlatTable::new(Vec::new(), if lpm { 0 } else { n as usize });
+        // Filled by `fill` for the flat tables; the LPM variant has none.
+        let empty = || FlatTable::new(std::sync::Arc::default(), 0);
         let mut loaded = Self {
             ebpf,
             kind,
@@ -252,8 +253,8 @@ impl Loaded {
             written: Written {
                 active: 0,
                 banks: Default::default(),
-                v4: empty(cap.v4_chunks),
-                v6: empty(cap.v6_chunks),
+                v4: empty(),
+                v6: empty(),
                 v4_ranges: compiled.v4_ranges.clone(),
                 v6_ranges: compiled.v6_ranges.clone(),
                 redirect_devices: compiled.redirect_devices.clone(),
@@ -483,8 +484,8 @@ impl Loaded {
             fill_lpm(e, "V6_TRIE", &c.v6_prefixes)?;
         } else {
             let w = &mut self.written;
-            w.v4 = FlatTable::new(c.v4_chunks.to_vec(), self.capacity.v4_chunks as usize);
-            w.v6 = FlatTable::new(c.v6_chunks.to_vec(), self.capacity.v6_chunks as usize);
+            w.v4 = FlatTable::new(c.v4_chunks.clone(), self.capacity.v4_chunks as usize);
+            w.v6 = FlatTable::new(c.v6_chunks.clone(), self.capacity.v6_chunks as usize);
             fill_flat(e, "V4_TABLE", &c.v4_chunks)?;
             fill_flat(e, "V6_TABLE", &c.v6_chunks)?;
         }

@@ -364,8 +364,8 @@ fn patched_table_serves_the_new_policy_and_leaves_the_old_bank_alone() {
     let parse = |t: &str| policy::parse(t, Path::new("t.toml")).unwrap();
     let mut compiler = Compiler::default();
     let a = compiler.compile(&parse(&zones("")), None).unwrap();
-    let mut table = FlatTable::new(a.v4_chunks.to_vec(), a.v4_chunks.len() + 64);
-    let before = table.chunks.clone();
+    let mut table = FlatTable::new(a.v4_chunks.clone(), a.v4_chunks.len() + 64);
+    let before = table.chunks.to_vec();
     let b_policy = parse(&zones(
         ", \"172.16.5.0/24\", \"10.1.2.0/24\", \"11.0.0.0/8\"",
     ));
@@ -402,8 +402,8 @@ fn patched_table_serves_the_new_policy_and_leaves_the_old_bank_alone() {
         assert_eq!(b.class_zones[class], *zones);
     }
     // No room: nothing happens.
-    let mut full = FlatTable::new(a.v4_chunks.to_vec(), a.v4_chunks.len());
-    let copy = full.chunks.clone();
+    let mut full = FlatTable::new(a.v4_chunks.clone(), a.v4_chunks.len());
+    let copy = full.chunks.to_vec();
     assert!(patch_table(&mut full, &a.v4_ranges, &b.v4_ranges, 32, 0, root as u32).is_none());
-    assert_eq!(full.chunks, copy);
+    assert_eq!(*full.chunks, copy);
 }
