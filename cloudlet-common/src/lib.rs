@@ -216,7 +216,9 @@ pub struct EventBudget {
     pub sent: u64,
 }
 
-/// One compiled rule, indexed by its position in the policy.
+/// One compiled rule, indexed by its slot: its bit in the rule sets. Rules are laid out
+/// in groups (rules constraining the same fields), each group in policy order and
+/// starting on a word of its own, so a slot's position is not the rule's priority.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleEntry {
@@ -224,6 +226,12 @@ pub struct RuleEntry {
     pub action: u32,
     /// Action argument (unused by pass and drop).
     pub arg: u32,
+    /// The rule's position in the policy (the lower, the earlier it wins), or [`NO_RULE`]
+    /// for an unused slot. Indexes `RULE_STATS`.
+    pub rule: u32,
+    /// The first word after the rule's group: once a rule of the group matched, the
+    /// group's later words hold only later rules.
+    pub group_end: u32,
 }
 
 /// What an address class means in one bank, the value of the `CLASSES` array.
@@ -372,7 +380,7 @@ mod pod {
 // Layout checks: a size change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 48);
-const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<RuleEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);

@@ -38,7 +38,8 @@ static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static CONFIG: Array<PolicyConfig> = Array::with_max_entries(BANKS, 0);
 
-/// Compiled rules, in policy order, from each bank's `rule_base`. Sized by the loader.
+/// Compiled rules by slot (their bit in the rule sets), from each bank's `rule_base`.
+/// Sized by the loader.
 #[map]
 static RULES: Array<RuleEntry> = Array::with_max_entries(1, 0);
 
@@ -120,7 +121,8 @@ static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1,
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-/// Counters per rule, indexed like `RULES`. Sized by the loader.
+/// Counters per rule, by position in the policy, from each bank's `rule_base`. Sized by
+/// the loader.
 #[map]
 static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 

@@ -1,5 +1,6 @@
 //! Rule evaluation and the verdict: look up both addresses and the other fields rules use,
-//! AND their rule sets (the lowest set bit is the first matching rule), act and count.
+//! AND their rule sets (in each group of rules, the lowest set bit is the group's first
+//! matching rule; the earliest of those wins), act and count.
 
 use aya_ebpf::{bindings::xdp_action, cty::c_void, helpers::bpf_loop, programs::XdpContext};
 use cloudlet_common::{
@@ -148,8 +149,11 @@ fn judge<const LPM: bool>(
         sets: [0; MAX_SETS],
         n: 2,
         words: cfg.words,
+        rule_base: cfg.rule_base,
         summary: [u64::MAX; SUMMARY_WORDS],
         rule: NO_RULE,
+        action: 0,
+        arg: 0,
     };
     scan.sets[0] = src.src_set;
     scan.sets[1] = dst.dst_set;
@@ -188,14 +192,10 @@ fn judge<const LPM: bool>(
     if rule == NO_RULE {
         return default_action;
     }
-    let index = cfg.rule_base.wrapping_add(rule);
-    let Some(entry) = RULES.get(index) else {
-        return default_action;
-    };
     d.rule = rule;
     d.reason = reason::RULE;
-    count(&RULE_STATS, index, len);
-    (entry.action, entry.arg)
+    count(&RULE_STATS, cfg.rule_base.wrapping_add(rule), len);
+    (scan.action, scan.arg)
 }
 
 /// What the program builds up per packet, kept in a per-CPU map rather than on the
@@ -220,10 +220,16 @@ struct Scan {
     n: u32,
     /// Words per set.
     words: u32,
-    /// AND of the sets' summaries; candidate words are cleared as they are tried.
+    /// Index of the bank's slot 0 in `RULES`.
+    rule_base: u32,
+    /// AND of the sets' summaries; candidate words are cleared as they are tried, and a
+    /// group's words once one of its rules matched.
     summary: [u64; SUMMARY_WORDS],
-    /// The first matching rule, or `NO_RULE`.
+    /// The earliest matching rule so far (position in the policy), or `NO_RULE`.
     rule: u32,
+    /// Its action and argument.
+    action: u32,
+    arg: u32,
 }
 
 impl Scan {
@@ -248,8 +254,8 @@ impl Scan {
         true
     }
 
-    /// Tries the next candidate word: false when the search is over (a rule found or no
-    /// candidate left), true to go on.
+    /// Tries the next candidate word: false when the search is over (no candidate
+    /// left), true to go on.
     #[inline(always)]
     fn step(&mut self) -> bool {
         // The lowest candidate, taken out of the summary. Constant indexes: this also runs
@@ -287,11 +293,34 @@ impl Scan {
             i += 1;
         }
         if acc != 0 {
-            self.rule = w * 64 + acc.trailing_zeros();
-            return false;
+            // The group's first match; its later words can only hold later rules.
+            let slot = w * 64 + acc.trailing_zeros();
+            let Some(entry) = RULES.get(self.rule_base.wrapping_add(slot)) else {
+                return false;
+            };
+            if entry.rule < self.rule {
+                self.rule = entry.rule;
+                self.action = entry.action;
+                self.arg = entry.arg;
+            }
+            let end = entry.group_end;
+            clear_below(&mut self.summary[0], end, 0);
+            clear_below(&mut self.summary[1], end, 64);
+            clear_below(&mut self.summary[2], end, 128);
+            clear_below(&mut self.summary[3], end, 192);
         }
         // Go on only if candidates are left.
         (self.summary[0] | self.summary[1] | self.summary[2] | self.summary[3]) != 0
+    }
+}
+
+/// Clears the bits of summary word `s`, which covers words `lo..lo + 64`, below word `end`.
+#[inline(always)]
+fn clear_below(s: &mut u64, end: u32, lo: u32) {
+    if end >= lo + 64 {
+        *s = 0;
+    } else if end > lo {
+        *s &= u64::MAX << (end - lo);
     }
 }
 

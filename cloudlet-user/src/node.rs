@@ -390,7 +390,7 @@ impl Node {
                 log::info!(
                     "policy {}: {} rules, {} address classes, {} rule sets; updated in place in {} ms (compile {} ms, patch {} us, write {} us for {} map elements, grace period {} us)",
                     path.display(),
-                    compiled.rules.len(),
+                    compiled.rule_count(),
                     compiled.stats.classes,
                     compiled.stats.rule_sets,
                     started.elapsed().as_millis(),
@@ -561,7 +561,7 @@ fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant
     log::info!(
         "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 and {} IPv6 table chunks; ready in {} ms (program load {} ms, map fill {} ms)",
         path.display(),
-        c.rules.len(),
+        c.rule_count(),
         c.zone_names.len(),
         c.stats.geo_networks,
         c.stats.v4_prefixes,

@@ -138,7 +138,7 @@ fn policy_check(file: &Path) -> anyhow::Result<ExitCode> {
             println!(
                 "{}: ok: {} rules, {} zones, {} GeoIP networks, {} IPv4 and {} IPv6 prefixes, {} address classes",
                 file.display(),
-                c.rules.len(),
+                c.rule_count(),
                 c.zone_names.len(),
                 c.stats.geo_networks,
                 c.stats.v4_prefixes,

@@ -5,8 +5,10 @@
 //! in all of them) and the rule prefix lists that contain it. Each class names two rule
 //! sets, the rules whose source and whose destination criteria it satisfies; every value of
 //! the other fields rules look at (protocol, ports, VLAN, TCP flags, IP version) names the
-//! set of rules it satisfies. The kernel ANDs a packet's sets and takes the lowest rule, so
-//! the per-packet cost does not scan the rule list. Zones live in user space only (for
+//! set of rules it satisfies. The kernel ANDs a packet's sets and takes the earliest rule,
+//! so the per-packet cost does not scan the rule list. Rules that constrain the same fields
+//! share a group of words (see [`Layout`]): a word then holds rules that fail or pass a
+//! packet for the same fields, and the summaries point at words that really match. Zones live in user space only (for
 //! `classify` and counters). Pure: no maps, no syscalls.
 //!
 //! A [`Compiler`] keeps what gives classes their meaning (zone sets, prefix lists, the
@@ -227,13 +229,119 @@ impl RuleSets {
     }
 }
 
+/// Where each rule's bit lies in the rule sets. Rules are grouped by the fields they
+/// constrain (source address, destination address, protocol, ports, VLAN, TCP flags, IP
+/// version); each group keeps policy order and starts on a word of its own, groups in
+/// the order of their first rules. A packet that fails a field fails every rule of a group
+/// that constrains it, so whole words drop out of the summaries' AND, where rules of
+/// mixed kinds in one word would each pass some field and keep the word a candidate.
+/// Policies of one word keep policy order. Groups are merged, smallest first, while their
+/// padding would take the rule sets past [`MAX_RULES`](cloudlet_common::MAX_RULES) bits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Each rule's slot (bit), by position in the policy.
+    pub slots: Vec<u32>,
+    /// Each rule's first word after its group.
+    pub group_end: Vec<u32>,
+    /// Words of every rule set.
+    pub words: usize,
+}
+
+impl Layout {
+    fn of(rules: &[Rule]) -> Self {
+        let n = rules.len();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        if n <= 64 {
+            groups.push((0..n).collect());
+        } else {
+            let mut by_sig: HashMap<u8, usize> = HashMap::new();
+            for (r, rule) in rules.iter().enumerate() {
+                let g = *by_sig.entry(signature(rule)).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+                groups[g].push(r);
+            }
+            let max_words = cloudlet_common::MAX_RULES / 64;
+            while groups.len() > 1
+                && groups.iter().map(|g| g.len().div_ceil(64)).sum::<usize>() > max_words
+            {
+                // Merge the two smallest groups, in policy order.
+                let mut by_len: Vec<usize> = (0..groups.len()).collect();
+                by_len.sort_by_key(|&g| groups[g].len());
+                let (a, b) = (by_len[0].min(by_len[1]), by_len[0].max(by_len[1]));
+                let taken = groups.remove(b);
+                groups[a].extend(taken);
+                groups[a].sort_unstable();
+            }
+        }
+        let mut slots = vec![0u32; n];
+        let mut group_end = vec![0u32; n];
+        let mut word = 0usize;
+        for g in &groups {
+            let end = word + g.len().div_ceil(64);
+            for (i, &r) in g.iter().enumerate() {
+                slots[r] = (word * 64 + i) as u32;
+                group_end[r] = end as u32;
+            }
+            word = end;
+        }
+        Self {
+            slots,
+            group_end,
+            words: word.max(1),
+        }
+    }
+
+    /// Sets rule `r`'s bit in `set`.
+    fn set(&self, set: &mut [u64], r: usize) {
+        let s = self.slots[r] as usize;
+        set[s / 64] |= 1 << (s % 64);
+    }
+
+    /// Clears rule `r`'s bit in `set`.
+    fn clear(&self, set: &mut [u64], r: usize) {
+        let s = self.slots[r] as usize;
+        set[s / 64] &= !(1 << (s % 64));
+    }
+
+    /// A bitmap with the bits of `rules` set.
+    fn bits_of(&self, rules: impl Iterator<Item = usize>) -> Vec<u64> {
+        let mut set = vec![0u64; self.words];
+        for r in rules {
+            self.set(&mut set, r);
+        }
+        set
+    }
+}
+
+/// Which fields `rule` constrains, one bit each.
+fn signature(rule: &Rule) -> u8 {
+    [
+        rule.src_prefix.is_some() || rule.src_zone.is_some(),
+        rule.dst_prefix.is_some() || rule.dst_zone.is_some(),
+        rule.proto.is_some(),
+        rule.src_port.is_some(),
+        rule.dst_port.is_some(),
+        rule.vlan.is_some(),
+        rule.tcp_flags.is_some(),
+        rule.ip_version.is_some(),
+    ]
+    .into_iter()
+    .enumerate()
+    .fold(0, |sig, (i, on)| sig | u8::from(on) << i)
+}
+
 /// Everything the XDP program needs for one policy, independent of where in the program's
 /// maps it goes (see `dataplane::Loaded`).
 #[derive(Clone, Debug)]
 pub struct CompiledPolicy {
     /// Settings; the bank offsets are filled in when it is written.
     pub config: PolicyConfig,
+    /// The `RULES` entries, by slot (`sets.words * 64` of them).
     pub rules: Vec<RuleEntry>,
+    /// Where each rule's bit lies.
+    pub layout: Layout,
     pub rule_names: Vec<String>,
     /// Each rule's action as written (`"redirect eth1"`), for counters.
     pub rule_actions: Vec<String>,
@@ -247,7 +355,7 @@ pub struct CompiledPolicy {
     /// Rate limits of `rate_limit` actions: a rule's argument indexes this list.
     pub rate_limits: Vec<RateLimit>,
     pub zone_names: Vec<String>,
-    /// The rule sets, each `sets.words` words.
+    /// The rule sets, each `sets.words` words, bits by slot (see [`Layout`]).
     pub sets: RuleSets,
     /// Each class's source and destination sets (ids in `sets`). Class 0 is "no zone, no
     /// list": addresses nothing names.
@@ -298,8 +406,19 @@ impl CompiledPolicy {
         ranges.get(i).map_or(0, |r| r.class)
     }
 
+    /// Number of rules.
+    pub fn rule_count(&self) -> usize {
+        self.config.rule_count as usize
+    }
+
+    /// Whether set `set` holds rule `r` (by position in the policy).
+    pub fn set_holds(&self, set: u32, r: usize) -> bool {
+        self.sets.contains(set, self.layout.slots[r] as usize)
+    }
+
     /// The first rule whose criteria hold for addresses of classes `src` and `dst` and
-    /// fields of these `FIELD_CLASS` indexes (as the kernel decides it).
+    /// fields of these `FIELD_CLASS` indexes (as the kernel decides it: the earliest rule
+    /// of any slot all the sets hold).
     pub fn first_rule(&self, src: u32, dst: u32, fields: &[u32]) -> Option<usize> {
         let mut sets = vec![
             self.classes.get(src as usize)?.src_set,
@@ -308,7 +427,12 @@ impl CompiledPolicy {
         if !self.field_class.is_empty() {
             sets.extend(fields.iter().map(|f| self.field_class[*f as usize]));
         }
-        (0..self.rules.len()).find(|r| sets.iter().all(|s| self.sets.contains(*s, *r)))
+        (0..self.rules.len())
+            .filter(|s| sets.iter().all(|set| self.sets.contains(*set, *s)))
+            .map(|s| self.rules[s].rule)
+            .filter(|r| *r != cloudlet_common::NO_RULE)
+            .min()
+            .map(|r| r as usize)
     }
 }
 
@@ -542,10 +666,11 @@ impl Compiler {
         let it = &self.it;
         let t_sweep = t0.elapsed();
 
-        let words = policy.rules.len().div_ceil(64).max(1);
+        let layout = Layout::of(&policy.rules);
+        let words = layout.words;
         let mut sets = RuleSets::new(words);
-        let classes = class_sets(policy, it, &rule_lists, &mut sets);
-        let field_class = field_tables(policy, &mut sets);
+        let classes = class_sets(policy, it, &rule_lists, &layout, &mut sets);
+        let field_class = field_tables(policy, &layout, &mut sets);
         let class_zones = it
             .classes
             .iter()
@@ -564,7 +689,7 @@ impl Compiler {
         stats.v6_chunks = v6_chunks.len();
         stats.classes = classes.len();
         stats.rule_sets = sets.len();
-        let actions = actions(policy);
+        let actions = actions(policy, &layout);
         Ok(CompiledPolicy {
             config: PolicyConfig {
                 default_action: policy.default_action.code(),
@@ -577,6 +702,7 @@ impl Compiler {
                 ..PolicyConfig::default()
             },
             rules: actions.rules,
+            layout,
             rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
             rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
             redirect_devices: actions.redirect_devices,
@@ -670,7 +796,7 @@ struct Actions {
     rate_limits: Vec<RateLimit>,
 }
 
-fn actions(policy: &Policy) -> Actions {
+fn actions(policy: &Policy, layout: &Layout) -> Actions {
     use crate::policy::Action;
     // Redirect targets by name, in first-use order; a rule's argument is the index.
     let mut redirect_devices: Vec<String> = Vec::new();
@@ -718,14 +844,21 @@ fn actions(policy: &Policy) -> Actions {
         _ => 0,
     };
     let default_arg = arg(&policy.default_action);
-    let rules = policy
-        .rules
-        .iter()
-        .map(|r| RuleEntry {
-            action: r.action.code(),
-            arg: arg(&r.action),
-        })
-        .collect();
+    let mut rules = vec![
+        RuleEntry {
+            rule: cloudlet_common::NO_RULE,
+            ..RuleEntry::default()
+        };
+        layout.words * 64
+    ];
+    for (r, rule) in policy.rules.iter().enumerate() {
+        rules[layout.slots[r] as usize] = RuleEntry {
+            action: rule.action.code(),
+            arg: arg(&rule.action),
+            rule: r as u32,
+            group_end: layout.group_end[r],
+        };
+    }
     xsk_queues.sort_unstable();
     Actions {
         rules,
@@ -737,15 +870,6 @@ fn actions(policy: &Policy) -> Actions {
     }
 }
 
-/// A bitmap of `words` words with bit `r` set for every `r` in `rules`.
-fn bits_of(words: usize, rules: impl Iterator<Item = usize>) -> Vec<u64> {
-    let mut set = vec![0u64; words];
-    for r in rules {
-        set[r / 64] |= 1 << (r % 64);
-    }
-    set
-}
-
 /// Each class's source and destination rule sets. A rule holds for a class's addresses
 /// when its zone criterion holds for the class's zones and, if it has a prefix list, the
 /// class lies in that list. Rules without a prefix list depend on the zones only, so
@@ -754,9 +878,9 @@ fn class_sets(
     policy: &Policy,
     it: &Interned,
     rule_lists: &[[Option<u32>; 2]],
+    layout: &Layout,
     sets: &mut RuleSets,
 ) -> Vec<AddrClass> {
-    let words = sets.words;
     let zone_ok =
         |m: Option<ZoneMatch>, zones: &ZoneSet| m.is_none_or(|m| has(zones, m.zone) != m.negate);
     // Rules of each prefix list, per side.
@@ -777,19 +901,16 @@ fn class_sets(
             let mut set = zone_base[side]
                 .entry(z)
                 .or_insert_with(|| {
-                    bits_of(
-                        words,
-                        policy.rules.iter().enumerate().filter_map(|(r, rule)| {
-                            (rule_lists[r][side].is_none() && zone_ok(zone_of(rule, side), zones))
-                                .then_some(r)
-                        }),
-                    )
+                    layout.bits_of(policy.rules.iter().enumerate().filter_map(|(r, rule)| {
+                        (rule_lists[r][side].is_none() && zone_ok(zone_of(rule, side), zones))
+                            .then_some(r)
+                    }))
                 })
                 .clone();
             for list in &it.lists.sets[l as usize] {
                 for &r in by_list[side].get(list).into_iter().flatten() {
                     if zone_ok(zone_of(&policy.rules[r], side), zones) {
-                        set[r / 64] |= 1 << (r % 64);
+                        layout.set(&mut set, r);
                     }
                 }
             }
@@ -830,18 +951,16 @@ fn fields_used(policy: &Policy) -> u32 {
 /// satisfies. Rules without a criterion on a field hold for all its values; ports and
 /// VLANs are swept from one range bound to the next, so the work follows the rules, not
 /// the 65,536 values.
-fn field_tables(policy: &Policy, sets: &mut RuleSets) -> Vec<u32> {
+fn field_tables(policy: &Policy, layout: &Layout, sets: &mut RuleSets) -> Vec<u32> {
     use cloudlet_common::field::*;
     if fields_used(policy) == 0 {
         return Vec::new();
     }
     let rules = &policy.rules;
-    let words = sets.words;
     let mut class = vec![0u32; ENTRIES as usize];
     // Rules without the criterion, plus those of `with` that accept.
     let of = |without: &dyn Fn(&Rule) -> bool, accepts: &dyn Fn(&Rule) -> bool| {
-        bits_of(
-            words,
+        layout.bits_of(
             rules
                 .iter()
                 .enumerate()
@@ -862,7 +981,7 @@ fn field_tables(policy: &Policy, sets: &mut RuleSets) -> Vec<u32> {
         (VLAN_BASE, 4_095, |r| r.vlan.as_ref()),
     ];
     for (base, max, pick) in ports {
-        for (lo, hi, set) in sweep_ranges(rules, pick, max, words) {
+        for (lo, hi, set) in sweep_ranges(rules, pick, max, layout) {
             let id = sets.id(set);
             class[(base + lo) as usize..=(base + hi) as usize].fill(id);
         }
@@ -898,19 +1017,19 @@ fn sweep_ranges(
     rules: &[Rule],
     pick: fn(&Rule) -> Option<&Match<u16>>,
     max: u32,
-    words: usize,
+    layout: &Layout,
 ) -> Vec<(u32, u32, Vec<u64>)> {
     // (value, rule, +1 entering a range / -1 leaving it)
     let mut events: Vec<(u32, usize, i32)> = Vec::new();
-    let mut set = vec![0u64; words];
+    let mut set = vec![0u64; layout.words];
     let mut negate = vec![false; rules.len()];
     for (r, rule) in rules.iter().enumerate() {
         match pick(rule) {
-            None => set[r / 64] |= 1 << (r % 64),
+            None => layout.set(&mut set, r),
             Some(m) => {
                 negate[r] = m.negate;
                 if m.negate {
-                    set[r / 64] |= 1 << (r % 64);
+                    layout.set(&mut set, r);
                 }
                 for range in &m.ranges {
                     events.push((u32::from(*range.start()), r, 1));
@@ -930,9 +1049,9 @@ fn sweep_ranges(
             cover[r] += d;
             let on = (cover[r] > 0) != negate[r];
             if on {
-                set[r / 64] |= 1 << (r % 64);
+                layout.set(&mut set, r);
             } else {
-                set[r / 64] &= !(1 << (r % 64));
+                layout.clear(&mut set, r);
             }
             e += 1;
         }

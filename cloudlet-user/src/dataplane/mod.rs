@@ -120,9 +120,9 @@ pub struct LoadTimings {
 /// grow, so later policies can be written into the same maps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Capacity {
-    /// Words of every rule set (64 rules each).
+    /// Words of every rule set (64 rule slots each).
     pub words: u32,
-    /// Rules.
+    /// Rule slots (`words * 64`).
     pub rules: u32,
     /// Address classes (ids shared by both banks).
     pub classes: u32,
@@ -137,7 +137,7 @@ impl Capacity {
     /// Room for `c` and for policies somewhat larger than it.
     pub fn for_policy(c: &CompiledPolicy) -> Self {
         let grow = |n: usize, extra: usize| (n + n / 4 + extra) as u32;
-        let words = (c.rules.len() + c.rules.len() / 8 + 64)
+        let words = (c.rules.len() + c.rule_count() / 8 + 64)
             .div_ceil(64)
             .min(MAX_RULES / 64) as u32;
         Self {
@@ -153,8 +153,8 @@ impl Capacity {
     /// Why `c` does not fit, if it does not.
     fn misfit(&self, c: &CompiledPolicy) -> Option<String> {
         let checks = [
-            // Rules within room means rule-set words within room too.
-            ("rules", c.rules.len(), self.rules),
+            // Slots within room means rule-set words within room too.
+            ("rule slots", c.rules.len(), self.rules),
             ("address classes", c.classes.len(), self.classes),
             ("rule sets", c.sets.len(), self.sets),
         ];
@@ -350,7 +350,7 @@ impl Loaded {
         zero_rule_stats(
             &mut self.ebpf,
             to * self.capacity.rules,
-            compiled.rules.len(),
+            compiled.rule_count(),
         )?;
         let config = self.bank_config(compiled, to);
         write_entries(&mut self.ebpf, "CONFIG", &[(to, config)])?;

@@ -235,7 +235,7 @@ fn class_zero_means_nothing_and_config_is_encoded() {
     assert!(
         c.classes
             .iter()
-            .all(|k| c.sets.contains(k.src_set, 0) && c.sets.contains(k.dst_set, 0))
+            .all(|k| c.set_holds(k.src_set, 0) && c.set_holds(k.dst_set, 0))
     );
     assert!(c.v4_prefixes.is_empty() && c.v6_prefixes.is_empty());
     assert_eq!(
@@ -304,7 +304,12 @@ fn thousands_of_rules_first_match_agrees_with_the_criteria() {
     }
     let p = policy::parse(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
     let c = compile(&p, None).unwrap();
-    assert_eq!(c.sets.words, rules.div_ceil(64));
+    // Four kinds of criteria: four groups, each padded to whole words.
+    assert!(
+        (rules.div_ceil(64)..=rules.div_ceil(64) + 4).contains(&c.sets.words),
+        "{} words",
+        c.sets.words
+    );
     for _ in 0..3_000 {
         let src = format!(
             "10.{}.{}.{}",
@@ -406,4 +411,48 @@ fn patched_table_serves_the_new_policy_and_leaves_the_old_bank_alone() {
     let copy = full.chunks.to_vec();
     assert!(patch_table(&mut full, &a.v4_ranges, &b.v4_ranges, 32, 0, root as u32).is_none());
     assert_eq!(*full.chunks, copy);
+}
+
+/// Rules are laid out in groups of the same constrained fields, policy order within a
+/// group, each group on words of its own; one-word policies keep policy order.
+#[test]
+fn layout_groups_rules_by_the_fields_they_constrain() {
+    let kinds = [
+        "src_prefix = [\"10.0.0.0/8\"]\n",
+        "proto = \"udp\"\ndst_port = 53\n",
+        "vlan = 7\n",
+    ];
+    let text = |n: usize| {
+        (0..n)
+            .map(|i| format!("[[rules]]\naction = \"drop\"\n{}", kinds[i % 3]))
+            .collect::<String>()
+    };
+    let p = policy::parse(&text(300), Path::new("t.toml")).unwrap();
+    let l = super::Layout::of(&p.rules);
+    assert_eq!(l.words, 3 * 100usize.div_ceil(64));
+    for (r, &slot) in l.slots.iter().enumerate() {
+        let kind = r % 3;
+        assert_eq!(slot as usize, kind * 128 + r / 3, "rule {r}");
+        assert_eq!(l.group_end[r] as usize, kind * 2 + 2, "rule {r}");
+    }
+    let p = policy::parse(&text(64), Path::new("t.toml")).unwrap();
+    let l = super::Layout::of(&p.rules);
+    assert_eq!(l.words, 1);
+    assert!(l.slots.iter().enumerate().all(|(r, s)| *s as usize == r));
+}
+
+/// Groups whose padding would go past the largest rule sets are merged, in policy order.
+#[test]
+fn layout_merges_groups_at_the_rule_limit() {
+    // 201 words of one kind and 56 of another, one word too many: one group.
+    let mut text = String::new();
+    for i in 0..cloudlet_common::MAX_RULES {
+        let kind = if i < 12_801 { "vlan = 7" } else { "proto = \"udp\"" };
+        text.push_str(&format!("[[rules]]\naction = \"drop\"\n{kind}\n"));
+    }
+    let p = policy::parse(&text, Path::new("t.toml")).unwrap();
+    let l = super::Layout::of(&p.rules);
+    assert_eq!(l.words, cloudlet_common::MAX_RULES / 64);
+    assert!(l.slots.iter().enumerate().all(|(r, s)| *s as usize == r));
+    assert!(l.group_end.iter().all(|e| *e as usize == l.words));
 }
