@@ -365,7 +365,6 @@ impl Node {
                 started,
             } => (path, policy, compiled, compiler, started),
         };
-        let old_bank = self.loaded.active_bank();
         // Sockets for `xsk` queues the running policy has none on, in the map both banks
         // share, before the new bank can send frames to them.
         open_xsk(
@@ -380,7 +379,7 @@ impl Node {
         match self.loaded.update(&compiled) {
             Ok(t) => {
                 // The old bank's rule counters are final now: keep them by name.
-                let old = self.loaded.stats_in_bank(&self.compiled, old_bank)?;
+                let old = self.loaded.retire(&self.compiled)?;
                 for r in old.rules {
                     match self.carried.rules.iter_mut().find(|c| c.name == r.name) {
                         Some(c) => c.count.add(r.count),

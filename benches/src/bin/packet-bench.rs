@@ -104,9 +104,10 @@ fn update_timings(
 ) -> Result<Vec<(String, f64, String)>> {
     use cloudlet::{dataplane::Compiler, policy};
     let world = std::fs::read_to_string(world_path)?;
-    // The probe's rule comes first: `probe` drops UDP to port 9 while the update makes it
-    // port 10.
-    let text = |port: u16| {
+    // The probe's rule comes first: it drops UDP to the ports given, and each update
+    // changes them, so the probe frame (port 10) is dropped after every other update and
+    // the bank written never holds the new rule already.
+    let text = |port: &str| {
         let mut t = world.clone();
         let at = t.find("[[rules]]").unwrap_or(t.len());
         t.insert_str(
@@ -118,8 +119,7 @@ fn update_timings(
         t.push_str(&mixed_rules(9_998, Mix::Clustered));
         t
     };
-    let a = write_policy(dir, "update-a.toml", &text(9));
-    let b = write_policy(dir, "update-b.toml", &text(10));
+    let a = write_policy(dir, "update-a.toml", &text("9"));
     let rounds = if quick { 2 } else { 5 };
     let mut swap = Vec::new();
     for _ in 0..rounds {
@@ -131,10 +131,10 @@ fn update_timings(
     }
     let mut compiler = Compiler::default();
     let pa = policy::load(&a)?;
-    let pb = policy::load(&b)?;
     let db = GeoDb::open(std::path::Path::new(GEOIP_DATABASE))?;
     let ca = compiler.compile(&pa, Some(&db))?;
     let mut loaded = Loaded::new(&ca, ProgramKind::Policy, false)?;
+    let mut in_force = ca;
     // Attached natively somewhere, so each BPF_PROG_TEST_RUN of the probe skips the XDP
     // dispatcher's synchronize_rcu() (see main).
     let ns = NetNs::new("cl-upd");
@@ -153,14 +153,17 @@ fn update_timings(
     let (mut compile, mut write, mut visible, mut elements) = (vec![], vec![], vec![], vec![]);
     let updates = if quick { 6 } else { 20 };
     for i in 0..updates {
-        // Alternate a -> b -> a: the probe frame's verdict flips each time.
-        let (policy, drops_probe) = if i % 2 == 0 {
-            (&pb, true)
+        // The probe frame's verdict flips each time.
+        let drops_probe = i % 2 == 0;
+        let ports = if drops_probe {
+            format!("\"10-{}\"", 10 + i)
         } else {
-            (&pa, false)
+            format!("{}", 2000 + i)
         };
+        let path = write_policy(dir, "update-b.toml", &text(&ports));
+        let policy = policy::load(&path)?;
         let t = Instant::now();
-        let c = compiler.compile(policy, None)?;
+        let c = compiler.compile(&policy, None)?;
         compile.push(t.elapsed().as_secs_f64() * 1e3);
         let want = if drops_probe { 1 } else { 2 }; // XDP_DROP, XDP_PASS
         let prog_fd = {
@@ -188,6 +191,9 @@ fn update_timings(
             Ok((timings?, seen))
         })?;
         let seen = seen.context("the probe never saw the update")?;
+        // As cloudletd does after an update: the old bank's counters, then zero them.
+        loaded.retire(&in_force)?;
+        in_force = c;
         write.push((timings.prepare + timings.write).as_secs_f64() * 1e3);
         visible.push(seen.as_secs_f64() * 1e3);
         elements.push(timings.elements as f64);

@@ -18,7 +18,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    hash::Hash,
+    hash::{BuildHasher as _, Hash},
     net::IpAddr,
     sync::Arc,
 };
@@ -30,7 +30,7 @@ use cloudlet_common::{
 
 use crate::{
     geoip::{GeoDb, GeoIpError},
-    policy::{MAX_ZONES, Match, Policy, Prefix, Rule, ZoneMatch},
+    policy::{MAX_ZONES, Match, Policy, Prefix, Rule, TcpFlags, ZoneMatch},
 };
 
 /// A set of zones, bit i = zone i.
@@ -166,20 +166,30 @@ pub struct CompileStats {
 
 /// The rule sets of a policy, interned: set 0 is the empty set. Each set is `words` words
 /// (bit r = rule r).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct RuleSets {
     pub words: usize,
     /// Set i is `bits[i * words .. (i + 1) * words]`.
     pub bits: Vec<u64>,
-    ids: HashMap<Vec<u64>, u32>,
+    /// Set ids by the hash of their words (which stay in `bits` only).
+    ids: hashbrown::HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl std::fmt::Debug for RuleSets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSets")
+            .field("words", &self.words)
+            .field("sets", &self.len())
+            .finish()
+    }
 }
 
 impl RuleSets {
     fn new(words: usize) -> Self {
         let mut s = Self {
             words,
-            bits: Vec::new(),
-            ids: HashMap::new(),
+            ..Self::default()
         };
         s.id(vec![0; words]);
         s
@@ -187,12 +197,22 @@ impl RuleSets {
 
     fn id(&mut self, set: Vec<u64>) -> u32 {
         debug_assert_eq!(set.len(), self.words);
-        if let Some(id) = self.ids.get(&set) {
+        let Self {
+            words,
+            bits,
+            ids,
+            hasher,
+        } = self;
+        let w = (*words).max(1);
+        let of = |id: u32| &bits[id as usize * w..(id as usize + 1) * w];
+        let hash = hasher.hash_one(&set[..]);
+        if let Some(id) = ids.find(hash, |&id| of(id) == &set[..]) {
             return *id;
         }
-        let id = self.len() as u32;
-        self.bits.extend_from_slice(&set);
-        self.ids.insert(set, id);
+        let id = (bits.len() / w) as u32;
+        bits.extend_from_slice(&set);
+        let of = |id: u32| &bits[id as usize * w..(id as usize + 1) * w];
+        ids.insert_unique(hash, id, |&id| hasher.hash_one(of(id)));
         id
     }
 
@@ -204,6 +224,11 @@ impl RuleSets {
     /// Whether there are no sets (never: set 0 always exists).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Word `w` of set `id`, zero past the set's words.
+    pub fn word(&self, id: u32, w: usize) -> u64 {
+        self.get(id).get(w).copied().unwrap_or(0)
     }
 
     /// The words of set `id`.
@@ -339,7 +364,7 @@ pub struct CompiledPolicy {
     /// Settings; the bank offsets are filled in when it is written.
     pub config: PolicyConfig,
     /// The `RULES` entries, by slot (`sets.words * 64` of them).
-    pub rules: Vec<RuleEntry>,
+    pub rules: Arc<Vec<RuleEntry>>,
     /// Where each rule's bit lies.
     pub layout: Layout,
     pub rule_names: Vec<String>,
@@ -356,7 +381,7 @@ pub struct CompiledPolicy {
     pub rate_limits: Vec<RateLimit>,
     pub zone_names: Vec<String>,
     /// The rule sets, each `sets.words` words, bits by slot (see [`Layout`]).
-    pub sets: RuleSets,
+    pub sets: Arc<RuleSets>,
     /// Each class's source and destination sets (ids in `sets`). Class 0 is "no zone, no
     /// list": addresses nothing names.
     pub classes: Vec<AddrClass>,
@@ -364,7 +389,7 @@ pub struct CompiledPolicy {
     pub class_zones: Vec<ZoneSet>,
     /// Field value to rule set (`cloudlet_common::field` layout); empty when no rule
     /// looks at a field other than addresses.
-    pub field_class: Vec<u32>,
+    pub field_class: Arc<Vec<u32>>,
     /// The flat IPv4 table as built for bank 0: the first level in elements
     /// `0..L1_CHUNKS`, bank 1's first level (zero) next, then the other chunks.
     pub v4_chunks: Arc<Vec<FlatChunk>>,
@@ -701,7 +726,7 @@ impl Compiler {
                 words: words as u32,
                 ..PolicyConfig::default()
             },
-            rules: actions.rules,
+            rules: Arc::new(actions.rules),
             layout,
             rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
             rule_actions: policy.rules.iter().map(|r| r.action.to_string()).collect(),
@@ -710,10 +735,10 @@ impl Compiler {
             xsk_queues: actions.xsk_queues,
             rate_limits: actions.rate_limits,
             zone_names: policy.zones.iter().map(|z| z.name.clone()).collect(),
-            sets,
+            sets: Arc::new(sets),
             classes,
             class_zones,
-            field_class,
+            field_class: Arc::new(field_class),
             v4_chunks,
             v6_chunks,
             v4_prefixes,
@@ -893,6 +918,27 @@ fn class_sets(
         }
     }
     let zone_of = |r: &Rule, side: usize| if side == 0 { r.src_zone } else { r.dst_zone };
+    // Rules without a prefix list: those without a zone criterion hold for every class;
+    // the others depend on the class's zones.
+    let no_list = |side: usize| {
+        policy
+            .rules
+            .iter()
+            .enumerate()
+            .filter(move |(r, _)| rule_lists[*r][side].is_none())
+    };
+    let any_zone: [Vec<u64>; 2] = std::array::from_fn(|side| {
+        layout.bits_of(
+            no_list(side)
+                .filter(|(_, rule)| zone_of(rule, side).is_none())
+                .map(|(r, _)| r),
+        )
+    });
+    let by_zone: [Vec<(usize, ZoneMatch)>; 2] = std::array::from_fn(|side| {
+        no_list(side)
+            .filter_map(|(r, rule)| Some((r, zone_of(rule, side)?)))
+            .collect()
+    });
     let mut zone_base: [HashMap<u32, Vec<u64>>; 2] = [HashMap::new(), HashMap::new()];
     let mut out = Vec::with_capacity(it.classes.len());
     for &(z, l) in &it.classes {
@@ -901,10 +947,13 @@ fn class_sets(
             let mut set = zone_base[side]
                 .entry(z)
                 .or_insert_with(|| {
-                    layout.bits_of(policy.rules.iter().enumerate().filter_map(|(r, rule)| {
-                        (rule_lists[r][side].is_none() && zone_ok(zone_of(rule, side), zones))
-                            .then_some(r)
-                    }))
+                    let mut set = any_zone[side].clone();
+                    for (r, m) in &by_zone[side] {
+                        if zone_ok(Some(*m), zones) {
+                            layout.set(&mut set, *r);
+                        }
+                    }
+                    set
                 })
                 .clone();
             for list in &it.lists.sets[l as usize] {
@@ -968,10 +1017,20 @@ fn field_tables(policy: &Policy, layout: &Layout, sets: &mut RuleSets) -> Vec<u3
                 .map(|(i, _)| i),
         )
     };
+    // Rules without the criterion, then each value's own.
+    let without_proto = of(&|r| r.proto.is_none(), &|_| false);
+    let with_proto: Vec<(usize, &Match<u8>)> = rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.proto.as_ref()?)))
+        .collect();
     for p in 0..=255u8 {
-        let set = of(&|r| r.proto.is_none(), &|r| {
-            r.proto.as_ref().is_some_and(|m| m.accepts(p))
-        });
+        let mut set = without_proto.clone();
+        for (r, m) in &with_proto {
+            if m.accepts(p) {
+                layout.set(&mut set, *r);
+            }
+        }
         class[(PROTO_BASE + u32::from(p)) as usize] = sets.id(set);
     }
     type Pick = fn(&Rule) -> Option<&Match<u16>>;
@@ -996,14 +1055,22 @@ fn field_tables(policy: &Policy, layout: &Layout, sets: &mut RuleSets) -> Vec<u3
         r.vlan.as_ref().is_some_and(|m| m.negate)
     });
     class[(VLAN_BASE + UNTAGGED) as usize] = sets.id(set);
+    let without_flags = of(&|r| r.tcp_flags.is_none(), &|_| false);
+    let with_flags: Vec<(usize, TcpFlags)> = rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.tcp_flags?)))
+        .collect();
     for f in 0..=255u8 {
-        let set = of(&|r| r.tcp_flags.is_none(), &|r| {
-            r.tcp_flags.is_some_and(|t| t.accepts(f))
-        });
+        let mut set = without_flags.clone();
+        for (r, t) in &with_flags {
+            if t.accepts(f) {
+                layout.set(&mut set, *r);
+            }
+        }
         class[(TCP_FLAGS_BASE + u32::from(f)) as usize] = sets.id(set);
     }
-    let set = of(&|r| r.tcp_flags.is_none(), &|_| false);
-    class[(TCP_FLAGS_BASE + NOT_TCP) as usize] = sets.id(set);
+    class[(TCP_FLAGS_BASE + NOT_TCP) as usize] = sets.id(without_flags);
     for (i, v) in [4u8, 6].into_iter().enumerate() {
         let set = of(&|r| r.ip_version.is_none(), &|r| r.ip_version == Some(v));
         class[(IP_VERSION_BASE + i as u32) as usize] = sets.id(set);
@@ -1322,7 +1389,9 @@ pub fn patch_table(
     // First-level slots whose addresses change class.
     let mut changed = BTreeSet::new();
     let (mut i, mut j, mut pos) = (0, 0, 0u128);
-    while i < old.len() && j < new.len() {
+    // The same ranges (the compiler reuses them when the prefixes did not change).
+    let same = std::ptr::eq(old, new);
+    while !same && i < old.len() && j < new.len() {
         let (a, b) = (&old[i], &new[j]);
         let end = a.end.min(b.end);
         if a.class != b.class {

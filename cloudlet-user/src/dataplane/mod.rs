@@ -8,7 +8,10 @@ pub mod metrics;
 pub mod stats;
 pub mod xsk;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,12 +19,12 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, Summary, field,
+    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, field,
     flat::L1_CHUNKS,
 };
 
 pub use compile::{CompileError, CompiledPolicy, Compiler, compile};
-use compile::{FlatTable, Range};
+use compile::{FlatTable, Range, RuleSets};
 
 /// Errors from loading, filling, attaching or reading the XDP program.
 #[derive(Debug, thiserror::Error)]
@@ -165,14 +168,14 @@ impl Capacity {
     }
 }
 
-/// What one bank of the maps holds, as written (for writing only what changes).
+/// What one bank of the maps holds, as written (for writing only what changes): the
+/// compiled structures themselves, shared with the policy, set ids local to the bank.
 #[derive(Default)]
 struct Bank {
-    summaries: Vec<Summary>,
-    words: Vec<u64>,
+    sets: Arc<RuleSets>,
     classes: Vec<AddrClass>,
-    field_class: Vec<u32>,
-    rules: Vec<RuleEntry>,
+    field_class: Arc<Vec<u32>>,
+    rules: Arc<Vec<RuleEntry>>,
 }
 
 /// The policy a program's maps hold, for writing the next one beside it.
@@ -182,13 +185,15 @@ struct Written {
     banks: [Bank; BANKS as usize],
     v4: FlatTable,
     v6: FlatTable,
-    v4_ranges: std::sync::Arc<Vec<Range>>,
-    v6_ranges: std::sync::Arc<Vec<Range>>,
+    v4_ranges: Arc<Vec<Range>>,
+    v6_ranges: Arc<Vec<Range>>,
     redirect_devices: Vec<String>,
     redirect_cpus: Vec<u32>,
     rate_limits: Vec<cloudlet_common::RateLimit>,
     /// Set when a write failed half-way: the copy may disagree with the maps.
     broken: bool,
+    /// Whether the inactive bank's rule counters are zero (see [`Loaded::retire`]).
+    spare_counters_zero: bool,
 }
 
 /// Time an update in place took.
@@ -244,7 +249,7 @@ impl Loaded {
             .override_global("TRACE", &trace_flag, true)
             .load(crate::EBPF_OBJECT)?;
         // Filled by `fill` for the flat tables; the LPM variant has none.
-        let empty = || FlatTable::new(std::sync::Arc::default(), 0);
+        let empty = || FlatTable::new(Arc::default(), 0);
         let mut loaded = Self {
             ebpf,
             kind,
@@ -261,6 +266,8 @@ impl Loaded {
                 redirect_cpus: compiled.redirect_cpus.clone(),
                 rate_limits: compiled.rate_limits.clone(),
                 broken: false,
+                // Fresh maps: both banks count from zero.
+                spare_counters_zero: true,
             },
         };
         let fill_started = Instant::now();
@@ -346,17 +353,22 @@ impl Loaded {
         let mut elements = p4.writes.len() + p6.writes.len();
         write_entries(&mut self.ebpf, "V4_TABLE", &p4.writes)?;
         write_entries(&mut self.ebpf, "V6_TABLE", &p6.writes)?;
-        elements += self.write_bank(compiled, to)?;
-        zero_rule_stats(
-            &mut self.ebpf,
-            to * self.capacity.rules,
-            compiled.rule_count(),
-        )?;
+        let retired = self.write_bank(compiled, to)?;
+        elements += retired.1;
+        if !self.written.spare_counters_zero {
+            zero_rule_stats(
+                &mut self.ebpf,
+                to * self.capacity.rules,
+                self.capacity.rules as usize,
+            )?;
+        }
         let config = self.bank_config(compiled, to);
         write_entries(&mut self.ebpf, "CONFIG", &[(to, config)])?;
         // The flip: one word.
         write_entries(&mut self.ebpf, "ACTIVE", &[(0u32, to)])?;
         let written = started.elapsed();
+        // What the bank held before goes only now, off the way to the flip.
+        drop(retired);
         wait_for_readers();
         let w = &mut self.written;
         w.active = to;
@@ -365,6 +377,7 @@ impl Loaded {
         w.v4_ranges = compiled.v4_ranges.clone();
         w.v6_ranges = compiled.v6_ranges.clone();
         w.broken = false;
+        w.spare_counters_zero = false;
         Ok(UpdateTimings {
             prepare: prepared,
             write: written - prepared,
@@ -386,50 +399,74 @@ impl Loaded {
     }
 
     /// Writes the rule sets, classes, field entries and rules of `c` into `bank`, only
-    /// where they differ from what the bank holds. Returns the elements written.
-    fn write_bank(&mut self, c: &CompiledPolicy, bank: u32) -> Result<usize, DataplaneError> {
+    /// where they differ from what the bank holds. Returns what the bank held before (to
+    /// drop when time allows) and the elements written.
+    fn write_bank(
+        &mut self,
+        c: &CompiledPolicy,
+        bank: u32,
+    ) -> Result<(Bank, usize), DataplaneError> {
         let cap = self.capacity;
         let set_base = bank * cap.sets;
         let stride = cap.words as usize;
+        let old = std::mem::take(&mut self.written.banks[bank as usize]);
+        // Sets, word by word, and the summaries of the sets that changed.
+        let (mut summaries, mut words) = (Vec::new(), Vec::new());
+        if !Arc::ptr_eq(&old.sets, &c.sets) {
+            let (new_sets, old_sets) = (&*c.sets, &*old.sets);
+            for i in 0..new_sets.len() as u32 {
+                let was = (i as usize) < old_sets.len();
+                if was && old_sets.get(i) == new_sets.get(i) {
+                    continue;
+                }
+                let global = set_base + i;
+                for w in 0..stride {
+                    let v = new_sets.word(i, w);
+                    if !was || v != old_sets.word(i, w) {
+                        words.push((global * cap.words + w as u32, v));
+                    }
+                }
+                let summary = new_sets.summary(i);
+                if !was || summary != old_sets.summary(i) {
+                    summaries.push((global, summary));
+                }
+            }
+        }
         let global = |id: u32| set_base + id;
-        let new = Bank {
-            summaries: (0..c.sets.len() as u32)
-                .map(|i| c.sets.summary(i))
-                .collect(),
-            words: (0..c.sets.len() as u32)
-                .flat_map(|i| {
-                    let mut v = c.sets.get(i).to_vec();
-                    v.resize(stride, 0);
-                    v
-                })
-                .collect(),
-            classes: c
-                .classes
+        let classes: Vec<AddrClass> = c
+            .classes
+            .iter()
+            .map(|k| AddrClass {
+                src_set: global(k.src_set),
+                dst_set: global(k.dst_set),
+            })
+            .collect();
+        let field_class: Vec<(u32, u32)> = if Arc::ptr_eq(&old.field_class, &c.field_class) {
+            Vec::new()
+        } else {
+            c.field_class
                 .iter()
-                .map(|k| AddrClass {
-                    src_set: global(k.src_set),
-                    dst_set: global(k.dst_set),
-                })
-                .collect(),
-            field_class: c.field_class.iter().map(|s| global(*s)).collect(),
+                .enumerate()
+                .filter(|(i, s)| old.field_class.get(*i) != Some(*s))
+                .map(|(i, s)| (bank * field::ENTRIES + i as u32, global(*s)))
+                .collect()
+        };
+        let e = &mut self.ebpf;
+        let mut n = summaries.len() + words.len() + field_class.len();
+        write_entries(e, "SET_SUMMARY", &summaries)?;
+        write_entries(e, "SET_WORDS", &words)?;
+        n += write_diff(e, "CLASSES", bank * cap.classes, &classes, &old.classes)?;
+        write_entries(e, "FIELD_CLASS", &field_class)?;
+        if !Arc::ptr_eq(&old.rules, &c.rules) {
+            n += write_diff(e, "RULES", bank * cap.rules, &c.rules, &old.rules)?;
+        }
+        self.written.banks[bank as usize] = Bank {
+            sets: c.sets.clone(),
+            classes,
+            field_class: c.field_class.clone(),
             rules: c.rules.clone(),
         };
-        let old = std::mem::take(&mut self.written.banks[bank as usize]);
-        let e = &mut self.ebpf;
-        let mut n = 0;
-        n += write_diff(e, "SET_SUMMARY", set_base, &new.summaries, &old.summaries)?;
-        n += write_diff(e, "SET_WORDS", set_base * cap.words, &new.words, &old.words)?;
-        n += write_diff(e, "CLASSES", bank * cap.classes, &new.classes, &old.classes)?;
-        n += write_diff(
-            e,
-            "FIELD_CLASS",
-            bank * field::ENTRIES,
-            &new.field_class,
-            &old.field_class,
-        )?;
-        n += write_diff(e, "RULES", bank * cap.rules, &new.rules, &old.rules)?;
-        self.written.banks[bank as usize] = new;
-        Ok(n)
+        Ok((old, n))
     }
 
     /// The loaded program.
@@ -589,6 +626,21 @@ impl Loaded {
         bank: u32,
     ) -> Result<stats::Stats, DataplaneError> {
         stats::read(&self.ebpf, compiled, bank * self.capacity.rules)
+    }
+
+    /// After an [`update`](Self::update): reads the rule counters of the bank it put out
+    /// of force, which held `compiled` and which no packet counts into any more, then
+    /// zeroes them, so that the next update need not do it on its way to the flip.
+    pub fn retire(&mut self, compiled: &CompiledPolicy) -> Result<stats::Stats, DataplaneError> {
+        let spare = 1 - self.written.active;
+        let stats = self.stats_in_bank(compiled, spare)?;
+        zero_rule_stats(
+            &mut self.ebpf,
+            spare * self.capacity.rules,
+            self.capacity.rules as usize,
+        )?;
+        self.written.spare_counters_zero = true;
+        Ok(stats)
     }
 }
 

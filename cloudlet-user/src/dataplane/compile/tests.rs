@@ -447,7 +447,11 @@ fn layout_merges_groups_at_the_rule_limit() {
     // 201 words of one kind and 56 of another, one word too many: one group.
     let mut text = String::new();
     for i in 0..cloudlet_common::MAX_RULES {
-        let kind = if i < 12_801 { "vlan = 7" } else { "proto = \"udp\"" };
+        let kind = if i < 12_801 {
+            "vlan = 7"
+        } else {
+            "proto = \"udp\""
+        };
         text.push_str(&format!("[[rules]]\naction = \"drop\"\n{kind}\n"));
     }
     let p = policy::parse(&text, Path::new("t.toml")).unwrap();
