@@ -1,5 +1,9 @@
 //! Shared pieces of Cloudlet's benchmarks: the policies they measure and the results file.
 
+pub mod live;
+pub mod loadgen;
+pub mod nft;
+
 use std::path::Path;
 
 use serde::Serialize;

@@ -110,6 +110,29 @@ pub mod xsk {
     }
 }
 
+/// The traffic generator of the packet benchmarks (`cloudlet_trafficgen`): run through
+/// `BPF_PROG_TEST_RUN` in live-frames mode, it writes the next of `GEN_HEADERS` over the
+/// start of each frame and sends it out with `XDP_TX`.
+pub mod trafficgen {
+    /// Bytes of each header: Ethernet, IPv6 and UDP (62) fit.
+    pub const HEADER_BYTES: usize = 64;
+}
+
+/// One frame start of the traffic generator, built in user space (checksums included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenHeader {
+    pub bytes: [u8; trafficgen::HEADER_BYTES],
+}
+
+impl Default for GenHeader {
+    fn default() -> Self {
+        Self {
+            bytes: [0; trafficgen::HEADER_BYTES],
+        }
+    }
+}
+
 /// A packet and byte counter (per CPU in the kernel, summed in user space).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -375,6 +398,7 @@ mod pod {
     unsafe impl aya::Pod for super::RateLimit {}
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::GenHeader {}
 }
 
 // Layout checks: a size change here must be a deliberate change on both sides.
@@ -385,6 +409,7 @@ const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<AddrClass>() == 8);
+const _: () = assert!(core::mem::size_of::<GenHeader>() == trafficgen::HEADER_BYTES);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);
 const _: () = assert!(
     SUMMARY_WORDS == 4,

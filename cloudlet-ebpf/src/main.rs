@@ -10,6 +10,7 @@ mod geofence;
 mod parse;
 mod ratelimit;
 mod rules;
+mod trafficgen;
 mod xsk;
 
 use aya_ebpf::{
@@ -159,6 +160,12 @@ pub fn cloudlet_parse(ctx: XdpContext) -> u32 {
         Ok(_) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_DROP,
     }
+}
+
+/// The packet benchmarks' traffic generator (see [`trafficgen`]).
+#[xdp]
+pub fn cloudlet_trafficgen(ctx: XdpContext) -> u32 {
+    trafficgen::run(&ctx)
 }
 
 /// Does nothing: the baseline cost of running an XDP program at all.

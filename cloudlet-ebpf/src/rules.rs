@@ -2,6 +2,8 @@
 //! AND their rule sets (in each group of rules, the lowest set bit is the group's first
 //! matching rule; the earliest of those wins), act and count.
 
+use core::{mem::MaybeUninit, ptr::addr_of_mut};
+
 use aya_ebpf::{bindings::xdp_action, cty::c_void, helpers::bpf_loop, programs::XdpContext};
 use cloudlet_common::{
     Counter, Decision, NO_RULE, PolicyConfig, SUMMARY_WORDS, action, decision_flags, field, reason,
@@ -31,10 +33,15 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
     let scratch = unsafe { &mut *d };
-    scratch.decision = Decision {
-        rule: NO_RULE,
-        ..Decision::default()
+    // SAFETY: a Decision is 16 u32 words.
+    unsafe {
+        fill(
+            &mut scratch.decision as *mut Decision as *mut u32,
+            size_of::<Decision>() / 4,
+            0,
+        )
     };
+    scratch.decision.rule = NO_RULE;
     // Addresses, for a drop event: the parsed ones, or zero when no IP header was parsed.
     let Scratch {
         decision: d,
@@ -53,8 +60,11 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
             }
         }
         Err(u) => {
-            *addr_src = [0; 16];
-            *addr_dst = [0; 16];
+            // SAFETY: 16 bytes each, 4-byte aligned in the map value.
+            unsafe {
+                fill(addr_src.as_mut_ptr() as *mut u32, 4, 0);
+                fill(addr_dst.as_mut_ptr() as *mut u32, 4, 0);
+            }
             d.reason = u.reason;
             d.vlan_tags = u.vlan_tags;
             d.vlan_outer = u.vlan_outer;
@@ -145,15 +155,23 @@ fn judge<const LPM: bool>(
     ) else {
         return default_action;
     };
-    let mut scan = Scan {
-        sets: [0; MAX_SETS],
-        n: 2,
-        words: cfg.words,
-        rule_base: cfg.rule_base,
-        summary: [u64::MAX; SUMMARY_WORDS],
-        rule: NO_RULE,
-        action: 0,
-        arg: 0,
+    let mut uninit = MaybeUninit::<Scan>::uninit();
+    let p = uninit.as_mut_ptr();
+    // SAFETY: every field is written before the reference is made.
+    let scan = unsafe {
+        fill(addr_of_mut!((*p).sets) as *mut u32, MAX_SETS, 0);
+        fill(
+            addr_of_mut!((*p).summary) as *mut u32,
+            SUMMARY_WORDS * 2,
+            u32::MAX,
+        );
+        addr_of_mut!((*p).n).write(2);
+        addr_of_mut!((*p).words).write(cfg.words);
+        addr_of_mut!((*p).rule_base).write(cfg.rule_base);
+        addr_of_mut!((*p).rule).write(NO_RULE);
+        addr_of_mut!((*p).action).write(0);
+        addr_of_mut!((*p).arg).write(0);
+        &mut *p
     };
     scan.sets[0] = src.src_set;
     scan.sets[1] = dst.dst_set;
@@ -183,7 +201,7 @@ fn judge<const LPM: bool>(
             bpf_loop(
                 (SUMMARY_WORDS * 64) as u32,
                 scan_step as *mut c_void,
-                &mut scan as *mut Scan as *mut c_void,
+                scan as *mut Scan as *mut c_void,
                 0,
             );
         }
@@ -196,6 +214,22 @@ fn judge<const LPM: bool>(
     d.reason = reason::RULE;
     count(&RULE_STATS, cfg.rule_base.wrapping_add(rule), len);
     (scan.action, scan.arg)
+}
+
+/// Writes `v` to the `n` words from `p`, one store each. LLVM would turn a run of stores
+/// (a struct or array initializer) into a call to compiler_builtins' `memset`, which for
+/// BPF is a loop over bytes: hundreds of instructions per packet.
+///
+/// # Safety
+/// `p` must be valid for writing `n` aligned `u32`s.
+#[inline(always)]
+unsafe fn fill(p: *mut u32, n: usize, v: u32) {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: within the caller's `n` words.
+        unsafe { p.add(i).write_volatile(v) };
+        i += 1;
+    }
 }
 
 /// What the program builds up per packet, kept in a per-CPU map rather than on the

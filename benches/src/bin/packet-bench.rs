@@ -21,18 +21,29 @@ use cloudlet_tests::netns::{NetNs, veth_pair};
 struct Opts {
     out: PathBuf,
     quick: bool,
+    /// Only this part: `test-run` or `live`.
+    only: Option<String>,
 }
 
 fn opts() -> Opts {
     let mut o = Opts {
         out: PathBuf::from("target/cloudlet-bench"),
         quick: false,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--out" => o.out = PathBuf::from(it.next().expect("--out needs a folder")),
+            "--only" => {
+                let part = it.next().expect("--only needs test-run or live");
+                assert!(
+                    part == "test-run" || part == "live",
+                    "--only takes test-run or live, not {part}"
+                );
+                o.only = Some(part);
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -269,6 +280,57 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let o = opts();
+    let mut figures = Vec::new();
+    let mut goals = Vec::new();
+    let runs = |part: &str| o.only.as_deref().is_none_or(|p| p == part);
+    let db = GeoDb::open(std::path::Path::new(GEOIP_DATABASE))?;
+    let (v4_sources, v6_sources) = sample_sources(&db)?;
+    if runs("test-run") {
+        test_run_section(&o, &v4_sources, &v6_sources, &mut figures, &mut goals)?;
+    }
+    if runs("live") {
+        live_section(&o, &db, &v4_sources, &v6_sources, &mut figures, &mut goals)?;
+    }
+    let mut summary = format!(
+        "{:<44} {:>12} {:<16} {:>8}  BASELINE\n",
+        "FIGURE", "VALUE", "UNIT", "RATIO"
+    );
+    for f in &figures {
+        let digits = if f.value.abs() < 10.0 { 3 } else { 1 };
+        summary.push_str(&format!(
+            "{:<44} {:>12.digits$} {:<16} {:>8}  {}\n",
+            f.name,
+            f.value,
+            f.unit,
+            f.ratio.map_or(String::new(), |r| format!("{r:.2}x")),
+            f.baseline.as_deref().unwrap_or("")
+        ));
+    }
+    for g in &goals {
+        summary.push_str(&format!("{g}\n"));
+    }
+    print!("{summary}");
+    std::fs::create_dir_all(&o.out)?;
+    let path = o.out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
+    std::fs::write(o.out.join("summary.txt"), &summary)?;
+    println!("wrote {} and summary.txt", path.display());
+    Ok(())
+}
+
+/// Met or not, as the goal lines say it.
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// BPF_PROG_TEST_RUN costs per packet, table loads and policy updates.
+fn test_run_section(
+    o: &Opts,
+    v4_sources: &[IpAddr],
+    v6_sources: &[IpAddr],
+    figures: &mut Vec<Figure>,
+    goals: &mut Vec<String>,
+) -> Result<()> {
     let dir = o.out.clone();
     let small_path = write_policy(&dir, "small-policy.toml", &small_policy());
     let world_path = write_policy(&dir, "world-policy.toml", &world_policy());
@@ -305,10 +367,8 @@ fn main() -> Result<()> {
     let world = world.expect("at least one round");
     let small = prepare_policy(&small_path)?;
 
-    let db = GeoDb::open(std::path::Path::new(GEOIP_DATABASE))?;
-    let (v4_sources, v6_sources) = sample_sources(&db)?;
-    let v4 = frames(&v4_sources, "10.10.1.1");
-    let v6 = frames(&v6_sources, "fd00:10::1");
+    let v4 = frames(v4_sources, "10.10.1.1");
+    let v6 = frames(v6_sources, "fd00:10::1");
     let update = update_timings(&world_path, &dir, o.quick)?;
 
     // Policies of 10 to 10,000 mixed rules, clustered and interleaved.
@@ -380,7 +440,6 @@ fn main() -> Result<()> {
     drop(ns);
     let ns: BTreeMap<String, f64> = samples.into_iter().map(|(k, v)| (k, median(v))).collect();
 
-    let mut figures = Vec::new();
     let mut fig = |name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>| {
         figures.push(Figure {
             name: name.to_string(),
@@ -460,40 +519,25 @@ fn main() -> Result<()> {
         fig(name, value, unit, None);
     }
 
-    println!(
-        "BPF_PROG_TEST_RUN, {} IPv4 and {} IPv6 sources, {repeat} runs each, median of {rounds} rounds",
+    goals.push(format!(
+        "BPF_PROG_TEST_RUN figures: {} IPv4 and {} IPv6 sources, {repeat} runs each, median of {rounds} rounds",
         v4.len(),
         v6.len()
-    );
-    println!(
-        "{:<34} {:>12} {:<16} {:>8}  BASELINE",
-        "FIGURE", "VALUE", "UNIT", "RATIO"
-    );
-    for f in &figures {
-        println!(
-            "{:<34} {:>12.1} {:<16} {:>8}  {}",
-            f.name,
-            f.value,
-            f.unit,
-            f.ratio.map_or(String::new(), |r| format!("{r:.2}x")),
-            f.baseline.as_deref().unwrap_or("")
-        );
-    }
+    ));
     let goal_ratio = figures
         .iter()
         .filter(|f| f.name.starts_with("test_run_world_flat"))
         .map(|f| f.ratio.unwrap_or(f64::NAN))
         .fold(0.0f64, f64::max);
     let goal_load = load["world_build_and_load_ms"];
-    println!(
-        "goal: world table <= 1.2x the small table per packet (flat tables): {:.2}x {}",
-        goal_ratio,
-        if goal_ratio <= 1.2 { "met" } else { "NOT met" }
-    );
-    println!(
+    goals.push(format!(
+        "goal: world table <= 1.2x the small table per packet (flat tables): {goal_ratio:.2}x {}",
+        met(goal_ratio <= 1.2)
+    ));
+    goals.push(format!(
         "goal: world table built and loaded in < 2000 ms: {goal_load:.0} ms {}",
-        if goal_load < 2000.0 { "met" } else { "NOT met" }
-    );
+        met(goal_load < 2000.0)
+    ));
     for mix in [Mix::Clustered, Mix::Interleaved] {
         let worst = figures
             .iter()
@@ -503,11 +547,11 @@ fn main() -> Result<()> {
             })
             .map(|f| f.ratio.unwrap_or(f64::NAN))
             .fold(0.0f64, f64::max);
-        println!(
+        goals.push(format!(
             "goal: 10,000 rules ({}) <= 1.5x 10 rules per packet: {worst:.2}x {}",
             mix_name(mix),
-            if worst <= 1.5 { "met" } else { "NOT met" }
-        );
+            met(worst <= 1.5)
+        ));
     }
     let get = |name: &str| {
         update
@@ -516,18 +560,138 @@ fn main() -> Result<()> {
             .map_or(f64::NAN, |u| u.1)
     };
     let visible = get("update_one_rule_visible");
-    println!(
+    goals.push(format!(
         "goal: a one-rule update visible to packets within 10 ms of the start of the update: {visible:.2} ms {}",
-        if visible <= 10.0 { "met" } else { "NOT met" }
-    );
+        met(visible <= 10.0)
+    ));
     let swap = get("swap_world_10000_rules");
-    println!(
+    goals.push(format!(
         "goal: full swap of the world table plus 10,000 rules within 2000 ms: {swap:.0} ms {}",
-        if swap <= 2000.0 { "met" } else { "NOT met" }
-    );
-    std::fs::create_dir_all(&o.out)?;
-    let path = o.out.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
-    println!("wrote {}", path.display());
+        met(swap <= 2000.0)
+    ));
+    Ok(())
+}
+
+/// Live traffic through a veth pair into each system under test (see
+/// `cloudlet_benches::live`), every scenario's systems alternated round by round.
+fn live_section(
+    o: &Opts,
+    db: &GeoDb,
+    v4_sources: &[IpAddr],
+    v6_sources: &[IpAddr],
+    figures: &mut Vec<Figure>,
+    goals: &mut Vec<String>,
+) -> Result<()> {
+    use cloudlet_benches::{
+        live::{Bed, System, scenarios},
+        loadgen::Generator,
+    };
+    let bed = Bed::new()?;
+    // IPv4 and IPv6 sources in turn.
+    let sources: Vec<IpAddr> = v4_sources
+        .iter()
+        .zip(v6_sources)
+        .flat_map(|(a, b)| [*a, *b])
+        .collect();
+    let pass = prepare_policy(&write_policy(&o.out, "small-policy.toml", &small_policy()))?;
+    let all = scenarios(&bed, db, &sources, &o.out)?;
+    let (rounds, count) = if o.quick {
+        (1, 1_000_000)
+    } else {
+        (3, 4_000_000)
+    };
+    for s in &all {
+        let mut samples: BTreeMap<&str, Vec<cloudlet_benches::live::Sample>> = BTreeMap::new();
+        let generator = Generator::new(&s.frames)?;
+        for _ in 0..rounds {
+            for system in s.systems() {
+                let sample = s
+                    .measure(&bed, &generator, system, count, &pass)
+                    .with_context(|| format!("{} on {}", s.name, system.name()))?;
+                samples.entry(system.name()).or_default().push(sample);
+            }
+        }
+        let median_of = |system: System, f: fn(&cloudlet_benches::live::Sample) -> f64| {
+            samples
+                .get(system.name())
+                .map(|v| median(v.iter().map(f).collect()))
+        };
+        let base = |what: &str| format!("live_{}_nftables_{what}", s.name);
+        let nft_handled = median_of(System::Nftables, |x| x.handled_pps);
+        let nft_dropped = median_of(System::Nftables, |x| x.dropped_pps);
+        let mut add = Vec::new();
+        for system in s.systems() {
+            let name = |what: &str| format!("live_{}_{}_{what}", s.name, system.name());
+            let get = |f: fn(&cloudlet_benches::live::Sample) -> f64| {
+                median_of(system, f).unwrap_or(f64::NAN)
+            };
+            let vs_nft = |v: Option<f64>, what: &str| {
+                (system != System::Nftables).then(|| (base(what), v.unwrap_or(f64::NAN)))
+            };
+            for (what, value, unit, baseline) in [
+                ("offered", get(|x| x.offered_pps) / 1e6, "Mpps", None),
+                (
+                    "handled",
+                    get(|x| x.handled_pps) / 1e6,
+                    "Mpps",
+                    vs_nft(nft_handled.map(|v| v / 1e6), "handled"),
+                ),
+                (
+                    "dropped",
+                    get(|x| x.dropped_pps) / 1e6,
+                    "Mpps",
+                    vs_nft(nft_dropped.map(|v| v / 1e6), "dropped"),
+                ),
+                ("passed", get(|x| x.passed_pps) / 1e6, "Mpps", None),
+                ("cpu", get(|x| x.cpu_ns_per_packet), "ns/packet", None),
+            ] {
+                add.push(Figure {
+                    name: name(what),
+                    value,
+                    unit: unit.into(),
+                    ratio: baseline.as_ref().map(|(_, b)| value / b),
+                    baseline: baseline.map(|(n, _)| n),
+                });
+            }
+        }
+        let ratio = |system: System, what: &str| {
+            add.iter()
+                .find(|f| f.name == format!("live_{}_{}_{what}", s.name, system.name()))
+                .and_then(|f| f.ratio)
+                .unwrap_or(f64::NAN)
+        };
+        match s.name {
+            "geofence_world" => {
+                let r = ratio(System::Cloudlet, "dropped");
+                goals.push(format!(
+                    "goal: geo-fence on the world table, drop rate >= 3x nftables: {r:.2}x {}",
+                    met(r >= 3.0)
+                ));
+            }
+            "rules_1000" => {
+                let r = ratio(System::Cloudlet, "handled");
+                goals.push(format!(
+                    "goal: 1,000 mixed rules >= 3x nftables: {r:.2}x {}",
+                    met(r >= 3.0)
+                ));
+            }
+            "exact" => {
+                let c = ratio(System::Cloudlet, "handled");
+                let x = ratio(System::XdpFilter, "handled");
+                goals.push(format!(
+                    "goal: ahead of xdp-filter on exact addresses and ports: {:.2}x xdp-filter {}",
+                    c / x,
+                    met(c > x)
+                ));
+            }
+            _ => {}
+        }
+        goals.push(format!("live {}: {}", s.name, s.about));
+        figures.extend(add);
+    }
+    goals.push(format!(
+        "live figures: {count} frames of {} bytes per run, median of {rounds} rounds, systems alternated",
+        cloudlet_benches::live::FRAME_LEN
+    ));
     Ok(())
 }
