@@ -175,16 +175,21 @@ fn judge<const LPM: bool>(
     };
     scan.sets[0] = src.src_set;
     scan.sets[1] = dst.dst_set;
-    // The other fields, when some rule looks at one: a policy of addresses and zones
-    // skips this block. A field no rule looks at maps every value to all the rules.
+    // The other fields, those some rule looks at: a policy of addresses and zones skips
+    // this block, and a field no rule looks at (its values all map to every rule) is
+    // left out of the search.
     if cfg.fields_used != 0 {
         let mut f = 0;
         while f < FIELDS {
-            let index = cfg.field_base.wrapping_add(field_index(1 << f, pkt));
-            let Some(set) = FIELD_CLASS.get(index) else {
-                return default_action;
+            scan.sets[2 + f as usize] = if cfg.fields_used & (1 << f) != 0 {
+                let index = cfg.field_base.wrapping_add(field_index(1 << f, pkt));
+                let Some(set) = FIELD_CLASS.get(index) else {
+                    return default_action;
+                };
+                *set
+            } else {
+                ALL_RULES
             };
-            scan.sets[2 + f as usize] = *set;
             f += 1;
         }
         scan.n = MAX_SETS as u32;
@@ -245,6 +250,9 @@ pub struct Scratch {
 /// field.
 const MAX_SETS: usize = 2 + FIELDS as usize;
 
+/// In `Scan::sets`, a field no rule looks at: skipped.
+const ALL_RULES: u32 = u32::MAX;
+
 /// The state of the search for the first rule in every one of a packet's sets.
 #[repr(C)]
 struct Scan {
@@ -274,6 +282,10 @@ impl Scan {
         while i < MAX_SETS {
             if i as u32 >= self.n {
                 break;
+            }
+            if self.sets[i] == ALL_RULES {
+                i += 1;
+                continue;
             }
             let Some(s) = SET_SUMMARY.get(self.sets[i]) else {
                 return false;
@@ -318,6 +330,10 @@ impl Scan {
         while i < MAX_SETS {
             if i as u32 >= self.n {
                 break;
+            }
+            if self.sets[i] == ALL_RULES {
+                i += 1;
+                continue;
             }
             let index = self.sets[i].wrapping_mul(self.words).wrapping_add(w);
             match SET_WORDS.get(index) {
