@@ -2,6 +2,7 @@
 //! ([`hybrid`]) on rustls' ring provider, and the rustls and quinn configurations that offer
 //! it according to a [`PqMode`]. Documented in `docs/quic.md`.
 
+pub mod front_door;
 pub mod hybrid;
 
 use std::sync::Arc;
