@@ -782,3 +782,380 @@ fn quic_required_server_refuses_classical_client() {
         endpoint.wait_idle().await;
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// The front door: HTTP/3 and HTTPS listeners serving /healthz.
+
+mod front_door {
+    use std::{
+        io::{BufRead as _, BufReader},
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use bytes::Buf as _;
+    use cloudlet::quic::front_door::{self, FrontDoor, FrontDoorConfig};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A folder under the system's temporary folder, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "cloudlet-quic-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(dir: &Path, pq: PqMode) -> FrontDoorConfig {
+        FrontDoorConfig {
+            listen: LOOPBACK,
+            pq,
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            self_signed: true,
+            names: vec!["localhost".to_string()],
+        }
+    }
+
+    /// Roots trusting the certificate at `cert`.
+    fn roots(cert: &Path) -> RootCertStore {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        roots
+    }
+
+    /// An aws-lc-rs client configuration: its default groups (the hybrid first) or `groups`.
+    fn client(
+        roots: RootCertStore,
+        groups: Option<Vec<&'static dyn SupportedKxGroup>>,
+        alpn: &[u8],
+    ) -> rustls::ClientConfig {
+        let mut config = rustls::ClientConfig::builder_with_provider(aws_provider(groups))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config
+    }
+
+    /// `GET path` over HTTP/3; returns the status and the body.
+    async fn get_h3(addr: SocketAddr, tls: rustls::ClientConfig, path: &str) -> (u16, String) {
+        let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+        endpoint.set_default_client_config(quic::quinn_client_config_from(tls).unwrap());
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .unwrap();
+        let drive = tokio::spawn(async move { driver.wait_idle().await });
+        let request = http::Request::get(format!("https://localhost{path}"))
+            .body(())
+            .unwrap();
+        let mut stream = send.send_request(request).await.unwrap();
+        stream.finish().await.unwrap();
+        let response = stream.recv_response().await.unwrap();
+        let mut body = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                body.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        drop(stream);
+        drop(send);
+        drive.abort();
+        endpoint.close(0u32.into(), b"done");
+        (response.status().as_u16(), String::from_utf8(body).unwrap())
+    }
+
+    /// `GET path` over HTTPS (HTTP/1.1); returns the response head and the body.
+    async fn get_https(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        path: &str,
+    ) -> std::io::Result<(String, String)> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let mut stream = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        Ok((head.to_string(), body.to_string()))
+    }
+
+    fn json(body: &str) -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+    }
+
+    /// Starts a front door on a free loopback port; returns its address and certificate.
+    fn start(dir: &Path, pq: PqMode) -> (SocketAddr, RootCertStore, tokio::task::JoinHandle<()>) {
+        let config = config(dir, pq);
+        let identity = front_door::load_or_generate(&config).unwrap();
+        assert!(identity.generated);
+        let door = FrontDoor::bind(&config, identity).unwrap();
+        let addr = door.local_addr();
+        assert_ne!(addr.port(), 0);
+        (addr, roots(&config.cert), tokio::spawn(door.serve()))
+    }
+
+    #[test]
+    fn healthz_over_h3_and_https_names_the_hybrid() {
+        let dir = TempDir::new("required");
+        runtime().block_on(async {
+            let (addr, roots, serving) = start(&dir.0, PqMode::Required);
+
+            let (status, body) =
+                get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/healthz").await;
+            assert_eq!(status, 200, "{body}");
+            let v = json(&body);
+            assert_eq!(v["status"], "ok");
+            assert_eq!(v["protocol"], "h3");
+            assert_eq!(v["pq"], "required");
+            assert_eq!(v["kx_group"], "X25519MLKEM768");
+            let (status, _) =
+                get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/nope").await;
+            assert_eq!(status, 404);
+
+            let (head, body) =
+                get_https(addr, client(roots.clone(), None, b"http/1.1"), "/healthz")
+                    .await
+                    .unwrap();
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            let alt_svc = format!("\r\nAlt-Svc: h3=\":{}\"", addr.port());
+            assert!(head.contains(&alt_svc), "{head}");
+            let v = json(&body);
+            assert_eq!(v["protocol"], "http/1.1");
+            assert_eq!(v["kx_group"], "X25519MLKEM768");
+
+            // A classical client is refused on both listeners.
+            let classical = || {
+                client(
+                    roots.clone(),
+                    Some(vec![aws_lc_rs::kx_group::X25519]),
+                    b"http/1.1",
+                )
+            };
+            let err = get_https(addr, classical(), "/healthz").await.unwrap_err();
+            assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+            let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+            let mut tls = classical();
+            tls.alpn_protocols = vec![quic::ALPN_H3.to_vec()];
+            endpoint.set_default_client_config(quic::quinn_client_config_from(tls).unwrap());
+            let err = endpoint
+                .connect(addr, "localhost")
+                .unwrap()
+                .await
+                .expect_err("a classical client must not connect");
+            assert!(
+                matches!(&err, quinn::ConnectionError::ConnectionClosed(c)
+                    if c.error_code == quinn::TransportErrorCode::crypto(40)),
+                "{err}"
+            );
+            serving.abort();
+        });
+    }
+
+    /// With `pq = "preferred"` each connection reports its own group.
+    #[test]
+    fn healthz_reports_each_connections_group() {
+        let dir = TempDir::new("preferred");
+        runtime().block_on(async {
+            let (addr, roots, serving) = start(&dir.0, PqMode::Preferred);
+            for (groups, expected) in [
+                (None, "X25519MLKEM768"),
+                (Some(vec![aws_lc_rs::kx_group::X25519]), "x25519"),
+            ] {
+                let (status, body) = get_h3(
+                    addr,
+                    client(roots.clone(), groups.clone(), quic::ALPN_H3),
+                    "/healthz",
+                )
+                .await;
+                assert_eq!(status, 200);
+                assert_eq!(json(&body)["kx_group"], expected, "h3");
+                let (_, body) =
+                    get_https(addr, client(roots.clone(), groups, b"http/1.1"), "/healthz")
+                        .await
+                        .unwrap();
+                assert_eq!(json(&body)["kx_group"], expected, "https");
+                assert_eq!(json(&body)["pq"], "preferred");
+            }
+            serving.abort();
+        });
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/front-door.toml");
+        let config = cloudlet::config::Config::load(&path).unwrap();
+        assert_eq!(config.policy, None);
+        assert!(config.interfaces.is_empty());
+        let fd = config.front_door.unwrap();
+        assert_eq!(fd.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(fd.pq, PqMode::Required);
+        assert!(fd.self_signed);
+    }
+
+    fn cloudletd() -> Command {
+        let bin = std::env::var_os("CLOUDLETD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cloudletd")
+            });
+        assert!(
+            bin.exists(),
+            "{} missing: build it with `cargo build -p cloudlet-user --bins` (cargo xtask test does)",
+            bin.display()
+        );
+        Command::new(bin)
+    }
+
+    /// Stops the daemon on drop, even when the test fails.
+    struct Daemon(Child);
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// cloudletd with only a front door (no policy, no interfaces, not root-only paths):
+    /// generates its certificate, logs the SPKI hash, answers on both listeners, and keeps
+    /// the certificate across a restart.
+    #[test]
+    fn cloudletd_runs_a_front_door_without_a_policy() {
+        let dir = TempDir::new("daemon");
+        let config = dir.0.join("cloudlet.toml");
+        std::fs::write(
+            &config,
+            "[admin]\nsocket = \"admin.sock\"\n\n\
+             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\npq = \"required\"\n\
+             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n",
+        )
+        .unwrap();
+        let mut hashes = Vec::new();
+        for round in 0..2 {
+            let mut child = cloudletd()
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let mut daemon = Daemon(child);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut log = Vec::new();
+            let (addr, hash) = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = rx
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
+                log.push(line.clone());
+                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
+                    let addr: SocketAddr = rest
+                        .split(':')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(":")
+                        .parse()
+                        .unwrap();
+                    let hash = rest.rsplit(' ').next().unwrap().to_string();
+                    break (addr, hash);
+                }
+            };
+            assert_eq!(
+                log.iter()
+                    .any(|l| l.contains("generated a self-signed certificate")),
+                round == 0,
+                "{log:?}"
+            );
+            let cert = dir.0.join("tls/cert.pem");
+            let der = {
+                use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                CertificateDer::from_pem_file(&cert).unwrap()
+            };
+            assert_eq!(hash, front_door::spki_sha256_base64(&der).unwrap());
+            hashes.push(hash);
+
+            let roots = roots(&cert);
+            runtime().block_on(async {
+                let (status, body) =
+                    get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/healthz").await;
+                assert_eq!(status, 200);
+                assert_eq!(json(&body)["kx_group"], "X25519MLKEM768");
+                let (head, body) =
+                    get_https(addr, client(roots.clone(), None, b"http/1.1"), "/healthz")
+                        .await
+                        .unwrap();
+                assert!(
+                    head.contains(&format!("Alt-Svc: h3=\":{}\"", addr.port())),
+                    "{head}"
+                );
+                assert_eq!(json(&body)["kx_group"], "X25519MLKEM768");
+            });
+
+            // The admin endpoint runs without a dataplane and says so.
+            let admin = dir.0.join("admin.sock");
+            assert!(cloudlet::admin::get(&admin, "/healthz").is_ok());
+            match cloudlet::admin::get(&admin, "/stats") {
+                Err(cloudlet::admin::AdminError::Status { status: 503, body }) => {
+                    assert!(body.contains("no dataplane"), "{body}")
+                }
+                other => panic!("expected 503 from /stats, got {other:?}"),
+            }
+
+            // SIGTERM: a clean exit.
+            // SAFETY: kill has no memory preconditions; the pid is our child's.
+            assert_eq!(
+                unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
+                0
+            );
+            let status = daemon.0.wait().unwrap();
+            assert!(status.success(), "{status}");
+        }
+        assert_eq!(
+            hashes[0], hashes[1],
+            "the certificate must survive a restart"
+        );
+    }
+}

@@ -160,6 +160,7 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
         }))));
     }
     let events_node = node.clone();
+    let has_dataplane = node.is_some();
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
         t if t == "/events" || t.starts_with("/events?") => {
             let Some(events_node) = &events_node else {
@@ -182,7 +183,10 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
         }
         "/stats" => Some(match read_stats() {
             Ok(s) => Response::json(200, serde_json::to_string(&s).unwrap_or_default()),
-            Err(e) => Response::json(500, serde_json::json!({ "error": e }).to_string()),
+            Err(e) => Response::json(
+                if has_dataplane { 500 } else { 503 },
+                serde_json::json!({ "error": e }).to_string(),
+            ),
         }),
         "/metrics" => {
             let mut body = String::new();
