@@ -1,12 +1,18 @@
 //! cloudletd's configuration file. Every section has a default, so a file naming just the
-//! policy starts a node. Documented in `docs/operations.md`.
+//! policy (or just a `[front_door]`) starts a node. Documented in `docs/operations.md`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::dataplane::AttachMode;
+use crate::{
+    dataplane::AttachMode,
+    quic::{PqMode, front_door::FrontDoorConfig},
+};
+
+/// Folder of a generated front door certificate and key when `cert` and `key` are not given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cloudlet";
 
 /// Default admin socket (HTTP over a Unix socket, reachable from any network namespace).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/cloudlet/cloudletd.sock";
@@ -14,9 +20,10 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/cloudlet/cloudletd.sock";
 /// The daemon's configuration, paths resolved against the file's folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// The policy file.
-    pub policy: PathBuf,
-    /// Interfaces to attach the XDP program to (none: load and count nothing).
+    /// The policy file. None: no dataplane (no program is loaded), only the listeners.
+    pub policy: Option<PathBuf>,
+    /// Interfaces to attach the XDP program to (none: load and count nothing). Needs a
+    /// policy.
     pub interfaces: Vec<String>,
     /// How to attach.
     pub xdp_mode: AttachMode,
@@ -30,6 +37,8 @@ pub struct Config {
     /// Where cloudletd sends the frames its AF_XDP sockets (`xsk` actions) receive. None:
     /// it counts them and lets them go.
     pub xsk_forward: Option<String>,
+    /// The HTTP/3 and HTTPS front door, if configured.
+    pub front_door: Option<FrontDoorConfig>,
 }
 
 /// Default pin folder.
@@ -38,7 +47,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/cloudlet";
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    policy: String,
+    /// Default: none (no dataplane); then `interfaces` must be empty and `[front_door]` given.
+    policy: Option<Spanned<String>>,
     #[serde(default)]
     interfaces: Vec<String>,
     #[serde(default)]
@@ -49,6 +59,26 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     xsk: RawXsk,
+    front_door: Option<Spanned<RawFrontDoor>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontDoor {
+    /// UDP (HTTP/3) and TCP (HTTPS) address.
+    listen: std::net::SocketAddr,
+    /// Default: [`PqMode::Preferred`].
+    #[serde(default)]
+    pq: PqMode,
+    /// Default: `DEFAULT_STATE_DIR/front-door-cert.pem`, only with `self_signed`.
+    cert: Option<String>,
+    /// Default: `DEFAULT_STATE_DIR/front-door-key.pem`, only with `self_signed`.
+    key: Option<String>,
+    /// Default: false (`cert` and `key` must exist).
+    #[serde(default)]
+    self_signed: bool,
+    /// Default: `localhost` and the listen address's IP (unless unspecified).
+    names: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -119,13 +149,69 @@ impl Config {
                 message: format!("`xsk.forward`: {:?} is not an interface name", f.get_ref()),
             });
         }
+        let invalid = |at: usize, message: String| {
+            let (line, column) = crate::policy::line_column(text, at);
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        };
+        if raw.policy.is_none() {
+            if !raw.interfaces.is_empty() {
+                return Err(invalid(0, "`interfaces` need a `policy`".to_string()));
+            }
+            if raw.front_door.is_none() {
+                return Err(invalid(
+                    0,
+                    "nothing to run: give a `policy`, a `[front_door]`, or both".to_string(),
+                ));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &str| {
             let p = PathBuf::from(p);
             if p.is_absolute() { p } else { base.join(p) }
         };
+        let front_door = match raw.front_door {
+            None => None,
+            Some(fd) => {
+                let at = fd.span().start;
+                let fd = fd.into_inner();
+                let (cert, key) = match (fd.cert, fd.key, fd.self_signed) {
+                    (Some(c), Some(k), _) => (resolve(&c), resolve(&k)),
+                    (None, None, true) => (
+                        Path::new(DEFAULT_STATE_DIR).join("front-door-cert.pem"),
+                        Path::new(DEFAULT_STATE_DIR).join("front-door-key.pem"),
+                    ),
+                    _ => {
+                        return Err(invalid(
+                            at,
+                            "`front_door`: give both `cert` and `key`, or `self_signed = true`"
+                                .to_string(),
+                        ));
+                    }
+                };
+                let names = fd.names.unwrap_or_else(|| {
+                    let mut names = vec!["localhost".to_string()];
+                    if !fd.listen.ip().is_unspecified() {
+                        names.push(fd.listen.ip().to_string());
+                    }
+                    names
+                });
+                Some(FrontDoorConfig {
+                    listen: fd.listen,
+                    pq: fd.pq,
+                    cert,
+                    key,
+                    self_signed: fd.self_signed,
+                    names,
+                })
+            }
+        };
         Ok(Self {
-            policy: resolve(&raw.policy),
+            policy: raw.policy.map(|p| resolve(p.get_ref())),
             interfaces: raw.interfaces,
             xdp_mode: raw.xdp_mode,
             admin_socket: raw
@@ -139,6 +225,7 @@ impl Config {
                 Some(dir) => Some(resolve(dir)),
             },
             xsk_forward: raw.xsk.forward.map(Spanned::into_inner),
+            front_door,
         })
     }
 }
@@ -154,7 +241,8 @@ mod tests {
             Path::new("/etc/cloudlet/cloudlet.toml"),
         )
         .unwrap();
-        assert_eq!(c.policy, PathBuf::from("/etc/cloudlet/p.toml"));
+        assert_eq!(c.policy, Some(PathBuf::from("/etc/cloudlet/p.toml")));
+        assert_eq!(c.front_door, None);
         assert_eq!(c.xdp_mode, AttachMode::Auto);
         assert!(c.interfaces.is_empty());
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
@@ -188,6 +276,80 @@ mod tests {
         assert_eq!(
             msg,
             "c.toml:3:11: `xsk.forward`: \"a/b\" is not an interface name"
+        );
+    }
+
+    #[test]
+    fn front_door() {
+        let c = Config::parse(
+            "[front_door]\nlisten = \"127.0.0.1:4433\"\nself_signed = true\npq = \"required\"\n",
+            Path::new("/etc/cloudlet/c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.policy, None);
+        let fd = c.front_door.unwrap();
+        assert_eq!(fd.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(fd.pq, PqMode::Required);
+        assert!(fd.self_signed);
+        assert_eq!(
+            fd.cert,
+            Path::new(DEFAULT_STATE_DIR).join("front-door-cert.pem")
+        );
+        assert_eq!(
+            fd.key,
+            Path::new(DEFAULT_STATE_DIR).join("front-door-key.pem")
+        );
+        assert_eq!(fd.names, ["localhost", "127.0.0.1"]);
+
+        let c = Config::parse(
+            "policy = \"p\"\n[front_door]\nlisten = \"[::]:443\"\ncert = \"tls/c.pem\"\nkey = \"tls/k.pem\"\n",
+            Path::new("/etc/cloudlet/c.toml"),
+        )
+        .unwrap();
+        let fd = c.front_door.unwrap();
+        assert_eq!(fd.pq, PqMode::Preferred);
+        assert!(!fd.self_signed);
+        assert_eq!(fd.cert, PathBuf::from("/etc/cloudlet/tls/c.pem"));
+        assert_eq!(fd.key, PathBuf::from("/etc/cloudlet/tls/k.pem"));
+        assert_eq!(fd.names, ["localhost"]);
+
+        let msg = Config::parse(
+            "policy = \"p\"\n[front_door]\nlisten = \"127.0.0.1:1\"\ncert = \"c.pem\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.starts_with("c.toml:2:1: `front_door`: give both"),
+            "{msg}"
+        );
+        let msg = Config::parse(
+            "[front_door]\nlisten = \"127.0.0.1:1\"\nself_signed = true\npq = \"sometimes\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.starts_with("c.toml:4:6: unknown variant `sometimes`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn policy_is_needed_for_interfaces_and_without_front_door() {
+        let msg = Config::parse(
+            "interfaces = [\"eth0\"]\n[front_door]\nlisten = \"127.0.0.1:1\"\nself_signed = true\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(msg, "c.toml:1:1: `interfaces` need a `policy`");
+        let msg = Config::parse("", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "c.toml:1:1: nothing to run: give a `policy`, a `[front_door]`, or both"
         );
     }
 

@@ -3,7 +3,8 @@
 //! One module per subsystem: [`policy`] (the policy file), [`geoip`] (the IP-to-country
 //! database), [`dataplane`] (compiling policies into the XDP program's maps, loading,
 //! attaching, classifying and counting), [`config`] (cloudletd's configuration),
-//! [`admin`] (the daemon's local HTTP endpoint), and [`frame`] (building test frames).
+//! [`admin`] (the daemon's local HTTP endpoint), [`quic`] (post-quantum TLS and QUIC
+//! configurations), and [`frame`] (building test frames).
 
 pub mod admin;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod frame;
 pub mod geoip;
 pub mod node;
 pub mod policy;
+pub mod quic;
 
 /// The XDP object built by build.rs (cloudlet-ebpf, bpfel).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cloudlet"));

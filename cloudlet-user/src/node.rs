@@ -20,6 +20,9 @@ use crate::{
 /// Errors from preparing or applying a policy.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The configuration names no policy, so there is no dataplane to start.
+    #[error("no policy configured")]
+    NoPolicy,
     /// The policy file is unreadable or invalid.
     #[error(transparent)]
     Policy(#[from] PolicyError),
@@ -284,9 +287,10 @@ impl Node {
     /// configured interface. Nothing stays attached if any step fails.
     pub fn start(config: &Config) -> Result<Self, NodeError> {
         let started = Instant::now();
-        let policy = policy::load(&config.policy)?;
+        let policy_path = config.policy.as_deref().ok_or(NodeError::NoPolicy)?;
+        let policy = policy::load(policy_path)?;
         let mut compiler = Compiler::default();
-        let compiled = compile_with(&config.policy, &policy, &mut compiler)?;
+        let compiled = compile_with(policy_path, &policy, &mut compiler)?;
         let mut loaded = Loaded::new(&compiled, ProgramKind::Policy, false)?;
         // Sockets before attaching: a program taken over from a previous daemon moves onto
         // this one with its sockets in place (the previous daemon's closed with it).
@@ -324,7 +328,7 @@ impl Node {
                 pinned: pin_path,
             });
         }
-        log_policy(&config.policy, &compiled, &loaded, started);
+        log_policy(policy_path, &compiled, &loaded, started);
         let mut events = EventLog::default();
         if let Some(ring) = loaded.take_events() {
             events.attach(ring);

@@ -709,13 +709,14 @@ fn swap_under_traffic(
     )
     .unwrap();
     let config = cloudlet::config::Config {
-        policy: a.clone(),
+        policy: Some(a.clone()),
         interfaces: vec![dut_if.into()],
         xdp_mode: AttachMode::Native,
         admin_socket: dir.join("unused.sock"),
         admin_listen: None,
         pin_dir: None,
         xsk_forward: None,
+        front_door: None,
     };
     let dst_mac = dut.mac(dut_if);
     let frames: Vec<Vec<u8>> = (10..14)

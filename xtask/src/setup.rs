@@ -28,9 +28,12 @@ pub struct SetupOptions {
 
 /// Debian packages the build and the privileged tests need. All exist in bookworm.
 /// `llvm-22-dev` brings `libLLVM.so.22.1`, which bpf-linker links dynamically, so no static
-/// compression libraries (`zlib1g-dev`, `libzstd-dev`) are needed.
+/// compression libraries (`zlib1g-dev`, `libzstd-dev`) are needed. `gcc` builds the C parts
+/// of ring (rustls' provider) and of aws-lc-sys (the tests' independent TLS peer); aws-lc-sys
+/// needs neither cmake nor Go on x86_64 Linux.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
+    "gcc",
     "bpftool",
     "nftables",
     "ethtool",

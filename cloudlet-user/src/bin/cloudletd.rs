@@ -1,7 +1,9 @@
 //! cloudletd: the Cloudlet node daemon.
 //!
 //! Loads the policy, attaches the XDP program to the configured interfaces, serves counters
-//! on the admin socket, reloads the policy on SIGHUP and detaches on SIGINT/SIGTERM.
+//! on the admin socket, runs the HTTP/3 and HTTPS front door if configured, reloads the
+//! policy on SIGHUP and detaches on SIGINT/SIGTERM. Without a policy it loads no program and
+//! runs only the front door and the admin endpoint.
 
 use std::{
     path::PathBuf,
@@ -16,6 +18,7 @@ use cloudlet::{
     dataplane::metrics::DataplaneCollector,
     error_chain,
     node::{Node, NodeError, Update, mode_name},
+    quic::front_door::{self, FrontDoor},
 };
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
@@ -36,6 +39,39 @@ struct Args {
     detach_on_exit: bool,
 }
 
+/// What the dataplane routes answer when no policy is configured.
+const NO_DATAPLANE: &str = "no dataplane: the configuration names no policy";
+
+/// Loads (or generates) the front door's certificate and binds its listeners; on failure,
+/// logs and returns the exit status.
+fn start_front_door(config: &front_door::FrontDoorConfig) -> Result<FrontDoor, ExitCode> {
+    let fail = |e: front_door::FrontDoorError| {
+        log::error!("front door: {}", error_chain(&e));
+        if e.is_config() {
+            ExitCode::from(EXIT_CONFIG)
+        } else {
+            ExitCode::FAILURE
+        }
+    };
+    let identity = front_door::load_or_generate(config).map_err(fail)?;
+    if identity.generated {
+        log::info!(
+            "front door: generated a self-signed certificate for {} in {} (key in {})",
+            config.names.join(", "),
+            config.cert.display(),
+            config.key.display()
+        );
+    }
+    let door = FrontDoor::bind(config, identity).map_err(fail)?;
+    let addr = door.local_addr();
+    log::info!(
+        "front door on {addr}: HTTP/3 (UDP) and HTTPS (TCP), pq {}, certificate SPKI sha256 {}",
+        config.pq,
+        door.spki_sha256()
+    );
+    Ok(door)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -46,7 +82,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let node = match Node::start(&config) {
+    let node = match config
+        .policy
+        .is_some()
+        .then(|| Node::start(&config))
+        .transpose()
+    {
         Ok(n) => n,
         Err(e) => {
             log::error!("{}", error_chain(&e));
@@ -66,11 +107,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let node = Arc::new(Mutex::new(node));
+    let node = node.map(|n| Arc::new(Mutex::new(n)));
     let code = runtime.block_on(run(config.clone(), node.clone()));
     let pin_dir = config.pin_dir.clone();
-    let (ifaces, pinned) = match node.lock() {
-        Ok(mut n) => {
+    let (ifaces, pinned) = match node.as_ref().map(|n| n.lock()) {
+        None => (Vec::new(), false),
+        Some(Ok(mut n)) => {
             // Without pins, closing the links detaches the program; with them it stays.
             if args.detach_on_exit {
                 n.unpin();
@@ -82,7 +124,7 @@ fn main() -> ExitCode {
                 .collect::<Vec<_>>();
             (ifaces, !args.detach_on_exit && pin_dir.is_some())
         }
-        Err(_) => (Vec::new(), false),
+        Some(Err(_)) => (Vec::new(), false),
     };
     drop(node);
     for iface in ifaces {
@@ -101,22 +143,32 @@ fn main() -> ExitCode {
     code
 }
 
-async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
+async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
     let stats_node = node.clone();
-    let read_stats = move || match stats_node.lock() {
-        Ok(n) => n.stats().map_err(|e| error_chain(&e)),
-        Err(_) => Err("node lock poisoned".to_string()),
+    let read_stats = move || match stats_node.as_ref().map(|n| n.lock()) {
+        Some(Ok(n)) => n.stats().map_err(|e| error_chain(&e)),
+        Some(Err(_)) => Err("node lock poisoned".to_string()),
+        None => Err(NO_DATAPLANE.to_string()),
     };
     let mut registry = Registry::default();
-    let metrics_read = read_stats.clone();
-    registry.register_collector(Box::new(DataplaneCollector::new(Arc::new(move || {
-        metrics_read()
-            .map_err(|e| log::warn!("reading counters for /metrics: {e}"))
-            .ok()
-    }))));
+    if node.is_some() {
+        let metrics_read = read_stats.clone();
+        registry.register_collector(Box::new(DataplaneCollector::new(Arc::new(move || {
+            metrics_read()
+                .map_err(|e| log::warn!("reading counters for /metrics: {e}"))
+                .ok()
+        }))));
+    }
     let events_node = node.clone();
+    let has_dataplane = node.is_some();
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
         t if t == "/events" || t.starts_with("/events?") => {
+            let Some(events_node) = &events_node else {
+                return Some(Response::json(
+                    503,
+                    serde_json::json!({ "error": NO_DATAPLANE }).to_string(),
+                ));
+            };
             let since = t
                 .split_once("?since=")
                 .and_then(|(_, n)| n.split('&').next())
@@ -131,7 +183,10 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
         }
         "/stats" => Some(match read_stats() {
             Ok(s) => Response::json(200, serde_json::to_string(&s).unwrap_or_default()),
-            Err(e) => Response::json(500, serde_json::json!({ "error": e }).to_string()),
+            Err(e) => Response::json(
+                if has_dataplane { 500 } else { 503 },
+                serde_json::json!({ "error": e }).to_string(),
+            ),
         }),
         "/metrics" => {
             let mut body = String::new();
@@ -172,23 +227,32 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
         }
     };
     let admin_task = tokio::spawn(admin::serve(listener, handler));
-    if let Ok(n) = node.lock() {
+    if let Some(Ok(n)) = node.as_ref().map(|n| n.lock()) {
         for a in n.attachments() {
             log::info!("filtering on {} ({})", a.interface, mode_name(a.mode));
         }
     }
     log::info!("admin endpoint on {}", config.admin_socket.display());
 
+    let front_door_task = match &config.front_door {
+        None => None,
+        Some(fd) => match start_front_door(fd) {
+            Ok(door) => Some(tokio::spawn(door.serve())),
+            Err(code) => return code,
+        },
+    };
+
     // Drop events: move them from the ring buffer into the history a few times a second.
-    let poll_node = node.clone();
-    let events_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-        loop {
-            tick.tick().await;
-            if let Ok(mut n) = poll_node.lock() {
-                n.poll_events();
+    let events_task = node.clone().map(|poll_node| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                if let Ok(mut n) = poll_node.lock() {
+                    n.poll_events();
+                }
             }
-        }
+        })
     });
     let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
@@ -203,9 +267,11 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
             _ = int.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break; }
             _ = hup.recv() => {
-                log::info!("SIGHUP: reloading {}", config.policy.display());
-                let node = node.clone();
-                let path = config.policy.clone();
+                let (Some(node), Some(path)) = (node.clone(), config.policy.clone()) else {
+                    log::info!("SIGHUP: no policy configured, nothing to reload");
+                    continue;
+                };
+                log::info!("SIGHUP: reloading {}", path.display());
                 let result = tokio::task::spawn_blocking(move || {
                     // Compile (and load, if it needs a program of its own) without the
                     // lock: counters stay readable meanwhile.
@@ -235,7 +301,12 @@ async fn run(config: Config, node: Arc<Mutex<Node>>) -> ExitCode {
         }
     }
     admin_task.abort();
-    events_task.abort();
+    if let Some(t) = events_task {
+        t.abort();
+    }
+    if let Some(t) = front_door_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&config.admin_socket);
     ExitCode::SUCCESS
 }

@@ -1,0 +1,1161 @@
+//! The hybrid X25519MLKEM768 key exchange of `cloudlet::quic` against an independent
+//! implementation, rustls' aws-lc-rs provider: key exchanges driven directly, full TLS 1.3
+//! handshakes in memory, and QUIC connections over loopback; malformed and tampered shares;
+//! `pq = "required"` against a classical-only peer.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use cloudlet::quic::{
+    self, PqMode, X25519MLKEM768,
+    hybrid::{
+        CLIENT_SHARE_LEN, MLKEM768_CIPHERTEXT_LEN, MLKEM768_ENCAPSULATION_KEY_LEN, SERVER_SHARE_LEN,
+    },
+};
+use rustls::{
+    AlertDescription, ClientConnection, Connection, Error, HandshakeKind, NamedGroup,
+    PeerIncompatible, PeerMisbehaved, RootCertStore, ServerConnection,
+    crypto::{
+        ActiveKeyExchange, CompletedKeyExchange, CryptoProvider, SharedSecret, SupportedKxGroup,
+        aws_lc_rs,
+    },
+    pki_types::ServerName,
+};
+
+/// aws-lc-rs' own X25519MLKEM768.
+static AWS_HYBRID: &dyn SupportedKxGroup = aws_lc_rs::kx_group::X25519MLKEM768;
+
+// ---------------------------------------------------------------------------------------------
+// Key exchanges driven directly.
+
+#[test]
+fn our_client_share_with_aws_lc_server() {
+    for _ in 0..8 {
+        let ours = X25519MLKEM768.start().unwrap();
+        assert_eq!(ours.pub_key().len(), CLIENT_SHARE_LEN);
+        let theirs = AWS_HYBRID.start_and_complete(ours.pub_key()).unwrap();
+        assert_eq!(theirs.group, NamedGroup::X25519MLKEM768);
+        assert_eq!(theirs.pub_key.len(), SERVER_SHARE_LEN);
+        let secret = ours.complete(&theirs.pub_key).unwrap();
+        assert_eq!(secret.secret_bytes(), theirs.secret.secret_bytes());
+        assert_eq!(secret.secret_bytes().len(), 64);
+    }
+}
+
+#[test]
+fn aws_lc_client_share_with_our_server() {
+    for _ in 0..8 {
+        let theirs = AWS_HYBRID.start().unwrap();
+        let ours = X25519MLKEM768.start_and_complete(theirs.pub_key()).unwrap();
+        assert_eq!(ours.group, NamedGroup::X25519MLKEM768);
+        let secret = theirs.complete(&ours.pub_key).unwrap();
+        assert_eq!(secret.secret_bytes(), ours.secret.secret_bytes());
+    }
+}
+
+#[test]
+fn hybrid_component_matches_aws_lc_x25519() {
+    let ours = X25519MLKEM768.start().unwrap();
+    let (group, share) = ours.hybrid_component().unwrap();
+    assert_eq!(group, NamedGroup::X25519);
+    let theirs = aws_lc_rs::kx_group::X25519
+        .start_and_complete(share)
+        .unwrap();
+    let secret = ours.complete_hybrid_component(&theirs.pub_key).unwrap();
+    assert_eq!(secret.secret_bytes(), theirs.secret.secret_bytes());
+}
+
+fn is_invalid_key_share<T>(r: &Result<T, Error>) -> bool {
+    matches!(
+        r,
+        Err(Error::PeerMisbehaved(PeerMisbehaved::InvalidKeyShare))
+    )
+}
+
+/// A client share whose first ML-KEM coefficient is 4095, above q = 3329.
+fn share_with_coefficient_not_below_q(mut share: Vec<u8>) -> Vec<u8> {
+    share[0] = 0xff;
+    share[1] |= 0x0f;
+    share
+}
+
+/// Malformed client shares: ours and aws-lc-rs refuse every one, with the same error.
+#[test]
+fn malformed_client_shares_are_refused_like_aws_lc() {
+    let good = X25519MLKEM768.start().unwrap().pub_key().to_vec();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("one byte short", good[..CLIENT_SHARE_LEN - 1].to_vec()),
+        ("one byte long", [&good[..], &[0]].concat()),
+        (
+            "X25519 only",
+            good[MLKEM768_ENCAPSULATION_KEY_LEN..].to_vec(),
+        ),
+        (
+            "ML-KEM only",
+            good[..MLKEM768_ENCAPSULATION_KEY_LEN].to_vec(),
+        ),
+        (
+            "coefficient >= q",
+            share_with_coefficient_not_below_q(good.clone()),
+        ),
+    ];
+    let mut zero_point = good.clone();
+    zero_point[MLKEM768_ENCAPSULATION_KEY_LEN..].fill(0);
+    cases.push(("all-zero X25519 point", zero_point));
+    for (name, share) in cases {
+        let ours = X25519MLKEM768.start_and_complete(&share);
+        assert!(
+            is_invalid_key_share(&ours),
+            "{name}: ours gave {:?}",
+            ours.err()
+        );
+        let theirs = AWS_HYBRID.start_and_complete(&share);
+        assert!(theirs.is_err(), "{name}: aws-lc-rs accepted it");
+    }
+}
+
+/// Malformed server shares: ours refuses every one.
+#[test]
+fn malformed_server_shares_are_refused() {
+    let good = {
+        let client = AWS_HYBRID.start().unwrap();
+        AWS_HYBRID
+            .start_and_complete(client.pub_key())
+            .unwrap()
+            .pub_key
+    };
+    let mut zero_point = good.clone();
+    zero_point[MLKEM768_CIPHERTEXT_LEN..].fill(0);
+    for (name, share) in [
+        ("empty", Vec::new()),
+        ("one byte short", good[..SERVER_SHARE_LEN - 1].to_vec()),
+        ("one byte long", [&good[..], &[0]].concat()),
+        ("a client-sized share", vec![1; CLIENT_SHARE_LEN]),
+        ("all-zero X25519 point", zero_point),
+    ] {
+        let ours = X25519MLKEM768.start().unwrap().complete(&share);
+        assert!(
+            is_invalid_key_share(&ours),
+            "{name}: ours gave {:?}",
+            ours.err()
+        );
+    }
+    // Bare X25519 through the hybrid component: an all-zero result is refused too.
+    let ours = X25519MLKEM768
+        .start()
+        .unwrap()
+        .complete_hybrid_component(&[0; 32]);
+    assert!(is_invalid_key_share(&ours));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Full TLS 1.3 handshakes in memory.
+
+struct Identity {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    roots: RootCertStore,
+}
+
+fn identity() -> Identity {
+    let id = quic::self_signed(&["localhost", "127.0.0.1"]).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(id.cert.clone()).unwrap();
+    Identity {
+        chain: vec![id.cert],
+        key: id.key,
+        roots,
+    }
+}
+
+/// aws-lc-rs' provider; `groups` replaces its default groups (X25519MLKEM768 first, with
+/// the `prefer-post-quantum` feature) when given.
+fn aws_provider(groups: Option<Vec<&'static dyn SupportedKxGroup>>) -> Arc<CryptoProvider> {
+    let mut provider = aws_lc_rs::default_provider();
+    if let Some(groups) = groups {
+        provider.kx_groups = groups;
+    }
+    Arc::new(provider)
+}
+
+fn aws_server(
+    id: &Identity,
+    groups: Option<Vec<&'static dyn SupportedKxGroup>>,
+) -> rustls::ServerConfig {
+    let mut config = rustls::ServerConfig::builder_with_provider(aws_provider(groups))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    config
+}
+
+fn aws_client(
+    id: &Identity,
+    groups: Option<Vec<&'static dyn SupportedKxGroup>>,
+) -> rustls::ClientConfig {
+    let mut config = rustls::ClientConfig::builder_with_provider(aws_provider(groups))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(id.roots.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    config
+}
+
+fn our_server(id: &Identity, mode: PqMode) -> rustls::ServerConfig {
+    quic::server_config(mode, id.chain.clone(), id.key.clone_key(), &[quic::ALPN_H3]).unwrap()
+}
+
+fn our_client(id: &Identity, mode: PqMode) -> rustls::ClientConfig {
+    quic::client_config(mode, id.roots.clone(), &[quic::ALPN_H3]).unwrap()
+}
+
+/// How a handshake in memory ended.
+#[derive(Debug)]
+struct Outcome {
+    client: ClientConnection,
+    server: ServerConnection,
+    client_error: Option<Error>,
+    server_error: Option<Error>,
+}
+
+/// Moves the TLS bytes `from` has to send into `to`, passing them through `tamper` first.
+fn transfer(
+    from: &mut Connection,
+    to: &mut Connection,
+    tamper: &mut dyn FnMut(&mut Vec<u8>),
+) -> Result<bool, Error> {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).unwrap();
+    }
+    if buf.is_empty() {
+        return Ok(false);
+    }
+    tamper(&mut buf);
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).unwrap();
+        to.process_new_packets()?;
+    }
+    Ok(true)
+}
+
+/// Runs a handshake between `client` and `server` configurations in memory, then sends a
+/// line each way if it succeeded. `tamper_client` and `tamper_server` may change each
+/// flight of the client's and the server's bytes on the way.
+fn handshake_tampered(
+    client: rustls::ClientConfig,
+    server: rustls::ServerConfig,
+    tamper_client: &mut dyn FnMut(&mut Vec<u8>),
+    tamper_server: &mut dyn FnMut(&mut Vec<u8>),
+) -> Outcome {
+    let mut c = Connection::Client(
+        ClientConnection::new(Arc::new(client), ServerName::try_from("localhost").unwrap())
+            .unwrap(),
+    );
+    let mut s = Connection::Server(ServerConnection::new(Arc::new(server)).unwrap());
+    let (mut client_error, mut server_error) = (None, None);
+    for _ in 0..16 {
+        let mut moved = false;
+        match transfer(&mut c, &mut s, tamper_client) {
+            Ok(m) => moved |= m,
+            Err(e) => {
+                server_error = Some(e);
+                // Deliver the server's alert.
+                let _ = transfer(&mut s, &mut c, tamper_server).map_err(|e| client_error = Some(e));
+                break;
+            }
+        }
+        match transfer(&mut s, &mut c, tamper_server) {
+            Ok(m) => moved |= m,
+            Err(e) => {
+                client_error = Some(e);
+                let _ = transfer(&mut c, &mut s, tamper_client).map_err(|e| server_error = Some(e));
+                break;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    let (Connection::Client(mut client), Connection::Server(mut server)) = (c, s) else {
+        unreachable!("built as client and server above")
+    };
+    if client_error.is_none() && server_error.is_none() {
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        exchange_data(&mut client, &mut server);
+    }
+    Outcome {
+        client,
+        server,
+        client_error,
+        server_error,
+    }
+}
+
+fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Outcome {
+    handshake_tampered(client, server, &mut |_| {}, &mut |_| {})
+}
+
+/// Sends application data both ways over an established connection pair.
+fn exchange_data(client: &mut ClientConnection, server: &mut ServerConnection) {
+    use std::io::{Read as _, Write as _};
+    client
+        .writer()
+        .write_all(b"ping from the client\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    client.write_tls(&mut buf).unwrap();
+    server.read_tls(&mut &buf[..]).unwrap();
+    server.process_new_packets().unwrap();
+    let mut got = [0u8; 21];
+    server.reader().read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping from the client\n");
+
+    server
+        .writer()
+        .write_all(b"pong from the server\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut buf).unwrap();
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    client.reader().read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"pong from the server\n");
+}
+
+fn groups(o: &Outcome) -> (Option<NamedGroup>, Option<NamedGroup>) {
+    (
+        o.client.negotiated_key_exchange_group().map(|g| g.name()),
+        o.server.negotiated_key_exchange_group().map(|g| g.name()),
+    )
+}
+
+const HYBRID: Option<NamedGroup> = Some(NamedGroup::X25519MLKEM768);
+const CLASSICAL: Option<NamedGroup> = Some(NamedGroup::X25519);
+
+#[test]
+fn our_client_with_aws_lc_server_negotiates_the_hybrid() {
+    let id = identity();
+    for mode in [PqMode::Required, PqMode::Preferred] {
+        let o = handshake(our_client(&id, mode), aws_server(&id, None));
+        assert!(
+            o.client_error.is_none() && o.server_error.is_none(),
+            "{mode}: {o:?}"
+        );
+        assert_eq!(groups(&o), (HYBRID, HYBRID), "{mode}");
+        assert_eq!(o.client.handshake_kind(), Some(HandshakeKind::Full));
+    }
+}
+
+#[test]
+fn aws_lc_client_with_our_server_negotiates_the_hybrid() {
+    let id = identity();
+    for mode in [PqMode::Required, PqMode::Preferred] {
+        let o = handshake(aws_client(&id, None), our_server(&id, mode));
+        assert!(
+            o.client_error.is_none() && o.server_error.is_none(),
+            "{mode}: {o:?}"
+        );
+        assert_eq!(groups(&o), (HYBRID, HYBRID), "{mode}");
+        assert_eq!(o.server.handshake_kind(), Some(HandshakeKind::Full));
+    }
+}
+
+/// A preferring client meets a classical server: the X25519 share it offers beside the
+/// hybrid (the same key) is taken at once, without a HelloRetryRequest.
+#[test]
+fn preferred_client_with_classical_server_uses_the_hybrid_component() {
+    let id = identity();
+    let o = handshake(
+        our_client(&id, PqMode::Preferred),
+        aws_server(&id, Some(vec![aws_lc_rs::kx_group::X25519])),
+    );
+    assert!(
+        o.client_error.is_none() && o.server_error.is_none(),
+        "{o:?}"
+    );
+    assert_eq!(groups(&o), (CLASSICAL, CLASSICAL));
+    assert_eq!(o.client.handshake_kind(), Some(HandshakeKind::Full));
+
+    // A server preferring X25519 but allowing the hybrid still takes the client's first
+    // choice: rustls servers follow the client's order.
+    let o = handshake(
+        our_client(&id, PqMode::Preferred),
+        aws_server(&id, Some(vec![aws_lc_rs::kx_group::X25519, AWS_HYBRID])),
+    );
+    assert_eq!(groups(&o), (HYBRID, HYBRID));
+}
+
+/// A classical-only client cannot reach a `pq = "required"` server: it receives a
+/// handshake_failure alert, and nothing panics.
+#[test]
+fn required_server_refuses_classical_client() {
+    let id = identity();
+    for client in [
+        aws_client(&id, Some(vec![aws_lc_rs::kx_group::X25519])),
+        aws_client(
+            &id,
+            Some(vec![
+                aws_lc_rs::kx_group::X25519,
+                aws_lc_rs::kx_group::SECP256R1,
+                aws_lc_rs::kx_group::SECP384R1,
+            ]),
+        ),
+        our_client(&id, PqMode::Off),
+    ] {
+        let o = handshake(client, our_server(&id, PqMode::Required));
+        assert!(
+            matches!(
+                o.server_error,
+                Some(Error::PeerIncompatible(
+                    PeerIncompatible::NoKxGroupsInCommon
+                ))
+            ),
+            "{o:?}"
+        );
+        assert!(
+            matches!(
+                o.client_error,
+                Some(Error::AlertReceived(AlertDescription::HandshakeFailure))
+            ),
+            "{o:?}"
+        );
+        assert!(o.client.is_handshaking());
+    }
+}
+
+/// Finds the key share entry of `group` with a `len`-byte key in a TLS record stream and
+/// returns the key's offset.
+fn find_share(bytes: &[u8], group: NamedGroup, len: usize) -> Option<usize> {
+    let code = u16::from(group).to_be_bytes();
+    let len16 = u16::try_from(len).ok()?.to_be_bytes();
+    let needle = [code[0], code[1], len16[0], len16[1]];
+    bytes
+        .windows(4)
+        .position(|w| w == needle)
+        .map(|p| p + 4)
+        .filter(|p| p + len <= bytes.len())
+}
+
+/// A ClientHello whose ML-KEM encapsulation key fails the modulus check: our server refuses
+/// it with illegal_parameter.
+#[test]
+fn tampered_client_hello_share_gets_illegal_parameter() {
+    let id = identity();
+    for client in [our_client(&id, PqMode::Required), aws_client(&id, None)] {
+        let mut tampered = false;
+        let o = handshake_tampered(
+            client,
+            our_server(&id, PqMode::Required),
+            &mut |flight| {
+                if let (false, Some(at)) = (
+                    tampered,
+                    find_share(flight, NamedGroup::X25519MLKEM768, CLIENT_SHARE_LEN),
+                ) {
+                    flight[at] = 0xff;
+                    flight[at + 1] |= 0x0f;
+                    tampered = true;
+                }
+            },
+            &mut |_| {},
+        );
+        assert!(tampered, "no hybrid share found in the ClientHello");
+        assert!(
+            matches!(
+                o.server_error,
+                Some(Error::PeerMisbehaved(PeerMisbehaved::InvalidKeyShare))
+            ),
+            "{o:?}"
+        );
+        assert!(
+            matches!(
+                o.client_error,
+                Some(Error::AlertReceived(AlertDescription::IllegalParameter))
+            ),
+            "{o:?}"
+        );
+    }
+}
+
+/// A ServerHello whose X25519 point is all zeros: our client refuses it with
+/// illegal_parameter.
+#[test]
+fn tampered_server_hello_share_gets_illegal_parameter() {
+    let id = identity();
+    let mut tampered = false;
+    let o = handshake_tampered(
+        our_client(&id, PqMode::Required),
+        aws_server(&id, None),
+        &mut |_| {},
+        &mut |flight| {
+            if let (false, Some(at)) = (
+                tampered,
+                find_share(flight, NamedGroup::X25519MLKEM768, SERVER_SHARE_LEN),
+            ) {
+                flight[at + MLKEM768_CIPHERTEXT_LEN..at + SERVER_SHARE_LEN].fill(0);
+                tampered = true;
+            }
+        },
+    );
+    assert!(tampered, "no hybrid share found in the ServerHello");
+    assert!(
+        matches!(
+            o.client_error,
+            Some(Error::PeerMisbehaved(PeerMisbehaved::InvalidKeyShare))
+        ),
+        "{o:?}"
+    );
+    assert!(
+        matches!(
+            o.server_error,
+            Some(Error::AlertReceived(AlertDescription::IllegalParameter))
+        ),
+        "{o:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// QUIC over loopback.
+
+/// Wraps a key exchange group to record which group each key exchange actually completed.
+#[derive(Debug)]
+struct Recorded {
+    inner: &'static dyn SupportedKxGroup,
+    log: Arc<Mutex<Vec<NamedGroup>>>,
+}
+
+impl Recorded {
+    /// `groups`, each wrapped, and the log they share.
+    fn wrap(
+        groups: &[&'static dyn SupportedKxGroup],
+    ) -> (
+        Vec<&'static dyn SupportedKxGroup>,
+        Arc<Mutex<Vec<NamedGroup>>>,
+    ) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let wrapped = groups
+            .iter()
+            .map(|&inner| {
+                // Providers hold `&'static` groups; a few leaked per test are fine.
+                &*Box::leak(Box::new(Recorded {
+                    inner,
+                    log: log.clone(),
+                })) as &'static dyn SupportedKxGroup
+            })
+            .collect();
+        (wrapped, log)
+    }
+}
+
+impl SupportedKxGroup for Recorded {
+    fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, Error> {
+        Ok(Box::new(RecordedActive {
+            inner: self.inner.start()?,
+            log: self.log.clone(),
+        }))
+    }
+
+    fn start_and_complete(&self, peer: &[u8]) -> Result<CompletedKeyExchange, Error> {
+        let done = self.inner.start_and_complete(peer)?;
+        self.log.lock().unwrap().push(done.group);
+        Ok(done)
+    }
+
+    fn name(&self) -> NamedGroup {
+        self.inner.name()
+    }
+
+    fn usable_for_version(&self, version: rustls::ProtocolVersion) -> bool {
+        self.inner.usable_for_version(version)
+    }
+
+    fn ffdhe_group(&self) -> Option<rustls::ffdhe_groups::FfdheGroup<'static>> {
+        None
+    }
+}
+
+struct RecordedActive {
+    inner: Box<dyn ActiveKeyExchange>,
+    log: Arc<Mutex<Vec<NamedGroup>>>,
+}
+
+impl ActiveKeyExchange for RecordedActive {
+    fn complete(self: Box<Self>, peer: &[u8]) -> Result<SharedSecret, Error> {
+        let group = self.inner.group();
+        let secret = self.inner.complete(peer)?;
+        self.log.lock().unwrap().push(group);
+        Ok(secret)
+    }
+
+    fn hybrid_component(&self) -> Option<(NamedGroup, &[u8])> {
+        self.inner.hybrid_component()
+    }
+
+    fn complete_hybrid_component(self: Box<Self>, peer: &[u8]) -> Result<SharedSecret, Error> {
+        let group = self.inner.hybrid_component().map(|(g, _)| g);
+        let secret = self.inner.complete_hybrid_component(peer)?;
+        self.log.lock().unwrap().extend(group);
+        Ok(secret)
+    }
+
+    fn pub_key(&self) -> &[u8] {
+        self.inner.pub_key()
+    }
+
+    fn group(&self) -> NamedGroup {
+        self.inner.group()
+    }
+
+    fn ffdhe_group(&self) -> Option<rustls::ffdhe_groups::FfdheGroup<'static>> {
+        None
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+const LOOPBACK: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+
+/// Serves one connection on `server`: echoes one bidirectional stream back, upper-cased.
+async fn echo_once(server: quinn::Endpoint) -> Result<(), quinn::ConnectionError> {
+    let incoming = server.accept().await.expect("endpoint open");
+    let conn = incoming.await?;
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let data = recv.read_to_end(1 << 16).await.expect("request read");
+    send.write_all(&data.to_ascii_uppercase())
+        .await
+        .expect("reply written");
+    send.finish().expect("stream open");
+    // Wait for the client to close once it has read the reply.
+    let _ = conn.closed().await;
+    Ok(())
+}
+
+/// One side of a QUIC test connection: whose provider, with which groups.
+enum Side {
+    /// `cloudlet::quic` in this mode.
+    Ours(PqMode),
+    /// aws-lc-rs' provider, with its default groups or these.
+    AwsLc(Option<Vec<&'static dyn SupportedKxGroup>>),
+}
+
+impl Side {
+    /// The side's provider with its groups wrapped to record what they complete.
+    fn recorded_provider(self) -> (Arc<CryptoProvider>, Arc<Mutex<Vec<NamedGroup>>>) {
+        let mut provider = match self {
+            Side::Ours(mode) => quic::crypto_provider(mode),
+            Side::AwsLc(groups) => (*aws_provider(groups)).clone(),
+        };
+        let (groups, log) = Recorded::wrap(&provider.kx_groups);
+        provider.kx_groups = groups;
+        (Arc::new(provider), log)
+    }
+}
+
+/// Connects a `client` to a `server` over QUIC on loopback, echoes a message, and returns
+/// the groups each side's key exchanges completed.
+fn quic_echo(id: &Identity, client: Side, server: Side) -> (Vec<NamedGroup>, Vec<NamedGroup>) {
+    let (client_provider, client_log) = client.recorded_provider();
+    let (server_provider, server_log) = server.recorded_provider();
+    let mut client = rustls::ClientConfig::builder_with_provider(client_provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(id.roots.clone())
+        .with_no_client_auth();
+    client.alpn_protocols = vec![quic::ALPN_H3.to_vec()];
+    let mut server = rustls::ServerConfig::builder_with_provider(server_provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .unwrap();
+    server.alpn_protocols = vec![quic::ALPN_H3.to_vec()];
+    runtime().block_on(async move {
+        let server =
+            quinn::Endpoint::server(quic::quinn_server_config_from(server).unwrap(), LOOPBACK)
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(echo_once(server.clone()));
+        let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+        endpoint.set_default_client_config(quic::quinn_client_config_from(client).unwrap());
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"post-quantum hello").await.unwrap();
+        send.finish().unwrap();
+        let reply = recv.read_to_end(1 << 16).await.unwrap();
+        assert_eq!(reply, b"POST-QUANTUM HELLO");
+        conn.close(0u32.into(), b"done");
+        serving.await.unwrap().unwrap();
+        endpoint.wait_idle().await;
+    });
+    let client = client_log.lock().unwrap().clone();
+    let server = server_log.lock().unwrap().clone();
+    (client, server)
+}
+
+#[test]
+fn quic_our_client_with_aws_lc_server() {
+    let id = identity();
+    for mode in [PqMode::Required, PqMode::Preferred] {
+        let (client, server) = quic_echo(&id, Side::Ours(mode), Side::AwsLc(None));
+        assert_eq!(client, [NamedGroup::X25519MLKEM768], "{mode}");
+        assert_eq!(server, [NamedGroup::X25519MLKEM768], "{mode}");
+    }
+}
+
+#[test]
+fn quic_aws_lc_client_with_our_server() {
+    let id = identity();
+    for mode in [PqMode::Required, PqMode::Preferred] {
+        let (client, server) = quic_echo(&id, Side::AwsLc(None), Side::Ours(mode));
+        assert_eq!(client, [NamedGroup::X25519MLKEM768], "{mode}");
+        assert_eq!(server, [NamedGroup::X25519MLKEM768], "{mode}");
+    }
+}
+
+#[test]
+fn quic_preferred_client_with_classical_server() {
+    let id = identity();
+    let (client, server) = quic_echo(&id, Side::Ours(PqMode::Preferred), Side::Ours(PqMode::Off));
+    assert_eq!(client, [NamedGroup::X25519]);
+    assert_eq!(server, [NamedGroup::X25519]);
+}
+
+/// Over QUIC, a classical-only client's connection to a `pq = "required"` server is closed
+/// with the TLS handshake_failure alert as QUIC's CRYPTO_ERROR (0x100 + 40).
+#[test]
+fn quic_required_server_refuses_classical_client() {
+    let id = identity();
+    runtime().block_on(async {
+        let server = quinn::Endpoint::server(
+            quic::quinn_server_config(PqMode::Required, id.chain.clone(), id.key.clone_key())
+                .unwrap(),
+            LOOPBACK,
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(echo_once(server.clone()));
+        let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+        endpoint.set_default_client_config(
+            quic::quinn_client_config_from(aws_client(
+                &id,
+                Some(vec![aws_lc_rs::kx_group::X25519]),
+            ))
+            .unwrap(),
+        );
+        let err = endpoint
+            .connect(addr, "localhost")
+            .unwrap()
+            .await
+            .expect_err("a classical client must not connect");
+        match &err {
+            quinn::ConnectionError::ConnectionClosed(close) => assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::crypto(u8::from(AlertDescription::HandshakeFailure)),
+                "{err}"
+            ),
+            other => panic!("expected a CRYPTO_ERROR close, got {other}"),
+        }
+        let served = serving.await.unwrap();
+        assert!(
+            served.is_err(),
+            "the server must not complete the handshake"
+        );
+        server.close(0u32.into(), b"");
+        endpoint.wait_idle().await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The front door: HTTP/3 and HTTPS listeners serving /healthz.
+
+mod front_door {
+    use std::{
+        io::{BufRead as _, BufReader},
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use bytes::Buf as _;
+    use cloudlet::quic::front_door::{self, FrontDoor, FrontDoorConfig};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A folder under the system's temporary folder, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "cloudlet-quic-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(dir: &Path, pq: PqMode) -> FrontDoorConfig {
+        FrontDoorConfig {
+            listen: LOOPBACK,
+            pq,
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            self_signed: true,
+            names: vec!["localhost".to_string()],
+        }
+    }
+
+    /// Roots trusting the certificate at `cert`.
+    fn roots(cert: &Path) -> RootCertStore {
+        use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        roots
+    }
+
+    /// An aws-lc-rs client configuration: its default groups (the hybrid first) or `groups`.
+    fn client(
+        roots: RootCertStore,
+        groups: Option<Vec<&'static dyn SupportedKxGroup>>,
+        alpn: &[u8],
+    ) -> rustls::ClientConfig {
+        let mut config = rustls::ClientConfig::builder_with_provider(aws_provider(groups))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config
+    }
+
+    /// `GET path` over HTTP/3; returns the status and the body.
+    async fn get_h3(addr: SocketAddr, tls: rustls::ClientConfig, path: &str) -> (u16, String) {
+        let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+        endpoint.set_default_client_config(quic::quinn_client_config_from(tls).unwrap());
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .unwrap();
+        let drive = tokio::spawn(async move { driver.wait_idle().await });
+        let request = http::Request::get(format!("https://localhost{path}"))
+            .body(())
+            .unwrap();
+        let mut stream = send.send_request(request).await.unwrap();
+        stream.finish().await.unwrap();
+        let response = stream.recv_response().await.unwrap();
+        let mut body = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                body.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        drop(stream);
+        drop(send);
+        drive.abort();
+        endpoint.close(0u32.into(), b"done");
+        (response.status().as_u16(), String::from_utf8(body).unwrap())
+    }
+
+    /// `GET path` over HTTPS (HTTP/1.1); returns the response head and the body.
+    async fn get_https(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        path: &str,
+    ) -> std::io::Result<(String, String)> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let mut stream = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        Ok((head.to_string(), body.to_string()))
+    }
+
+    fn json(body: &str) -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+    }
+
+    /// Starts a front door on a free loopback port; returns its address and certificate.
+    fn start(dir: &Path, pq: PqMode) -> (SocketAddr, RootCertStore, tokio::task::JoinHandle<()>) {
+        let config = config(dir, pq);
+        let identity = front_door::load_or_generate(&config).unwrap();
+        assert!(identity.generated);
+        let door = FrontDoor::bind(&config, identity).unwrap();
+        let addr = door.local_addr();
+        assert_ne!(addr.port(), 0);
+        (addr, roots(&config.cert), tokio::spawn(door.serve()))
+    }
+
+    #[test]
+    fn healthz_over_h3_and_https_names_the_hybrid() {
+        let dir = TempDir::new("required");
+        runtime().block_on(async {
+            let (addr, roots, serving) = start(&dir.0, PqMode::Required);
+
+            let (status, body) =
+                get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/healthz").await;
+            assert_eq!(status, 200, "{body}");
+            let v = json(&body);
+            assert_eq!(v["status"], "ok");
+            assert_eq!(v["protocol"], "h3");
+            assert_eq!(v["pq"], "required");
+            assert_eq!(v["kx_group"], "X25519MLKEM768");
+            let (status, _) =
+                get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/nope").await;
+            assert_eq!(status, 404);
+
+            let (head, body) =
+                get_https(addr, client(roots.clone(), None, b"http/1.1"), "/healthz")
+                    .await
+                    .unwrap();
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            let alt_svc = format!("\r\nAlt-Svc: h3=\":{}\"", addr.port());
+            assert!(head.contains(&alt_svc), "{head}");
+            let v = json(&body);
+            assert_eq!(v["protocol"], "http/1.1");
+            assert_eq!(v["kx_group"], "X25519MLKEM768");
+
+            // A classical client is refused on both listeners.
+            let classical = || {
+                client(
+                    roots.clone(),
+                    Some(vec![aws_lc_rs::kx_group::X25519]),
+                    b"http/1.1",
+                )
+            };
+            let err = get_https(addr, classical(), "/healthz").await.unwrap_err();
+            assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+            let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+            let mut tls = classical();
+            tls.alpn_protocols = vec![quic::ALPN_H3.to_vec()];
+            endpoint.set_default_client_config(quic::quinn_client_config_from(tls).unwrap());
+            let err = endpoint
+                .connect(addr, "localhost")
+                .unwrap()
+                .await
+                .expect_err("a classical client must not connect");
+            assert!(
+                matches!(&err, quinn::ConnectionError::ConnectionClosed(c)
+                    if c.error_code == quinn::TransportErrorCode::crypto(40)),
+                "{err}"
+            );
+            serving.abort();
+        });
+    }
+
+    /// With `pq = "preferred"` each connection reports its own group.
+    #[test]
+    fn healthz_reports_each_connections_group() {
+        let dir = TempDir::new("preferred");
+        runtime().block_on(async {
+            let (addr, roots, serving) = start(&dir.0, PqMode::Preferred);
+            for (groups, expected) in [
+                (None, "X25519MLKEM768"),
+                (Some(vec![aws_lc_rs::kx_group::X25519]), "x25519"),
+            ] {
+                let (status, body) = get_h3(
+                    addr,
+                    client(roots.clone(), groups.clone(), quic::ALPN_H3),
+                    "/healthz",
+                )
+                .await;
+                assert_eq!(status, 200);
+                assert_eq!(json(&body)["kx_group"], expected, "h3");
+                let (_, body) =
+                    get_https(addr, client(roots.clone(), groups, b"http/1.1"), "/healthz")
+                        .await
+                        .unwrap();
+                assert_eq!(json(&body)["kx_group"], expected, "https");
+                assert_eq!(json(&body)["pq"], "preferred");
+            }
+            serving.abort();
+        });
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/front-door.toml");
+        let config = cloudlet::config::Config::load(&path).unwrap();
+        assert_eq!(config.policy, None);
+        assert!(config.interfaces.is_empty());
+        let fd = config.front_door.unwrap();
+        assert_eq!(fd.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(fd.pq, PqMode::Required);
+        assert!(fd.self_signed);
+    }
+
+    fn cloudletd() -> Command {
+        let bin = std::env::var_os("CLOUDLETD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cloudletd")
+            });
+        assert!(
+            bin.exists(),
+            "{} missing: build it with `cargo build -p cloudlet-user --bins` (cargo xtask test does)",
+            bin.display()
+        );
+        Command::new(bin)
+    }
+
+    /// Stops the daemon on drop, even when the test fails.
+    struct Daemon(Child);
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// cloudletd with only a front door (no policy, no interfaces, not root-only paths):
+    /// generates its certificate, logs the SPKI hash, answers on both listeners, and keeps
+    /// the certificate across a restart.
+    #[test]
+    fn cloudletd_runs_a_front_door_without_a_policy() {
+        let dir = TempDir::new("daemon");
+        let config = dir.0.join("cloudlet.toml");
+        std::fs::write(
+            &config,
+            "[admin]\nsocket = \"admin.sock\"\n\n\
+             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\npq = \"required\"\n\
+             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n",
+        )
+        .unwrap();
+        let mut hashes = Vec::new();
+        for round in 0..2 {
+            let mut child = cloudletd()
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let mut daemon = Daemon(child);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut log = Vec::new();
+            let (addr, hash) = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = rx
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
+                log.push(line.clone());
+                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
+                    let addr: SocketAddr = rest
+                        .split(':')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(":")
+                        .parse()
+                        .unwrap();
+                    let hash = rest.rsplit(' ').next().unwrap().to_string();
+                    break (addr, hash);
+                }
+            };
+            assert_eq!(
+                log.iter()
+                    .any(|l| l.contains("generated a self-signed certificate")),
+                round == 0,
+                "{log:?}"
+            );
+            let cert = dir.0.join("tls/cert.pem");
+            let der = {
+                use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                CertificateDer::from_pem_file(&cert).unwrap()
+            };
+            assert_eq!(hash, front_door::spki_sha256_base64(&der).unwrap());
+            hashes.push(hash);
+
+            let roots = roots(&cert);
+            runtime().block_on(async {
+                let (status, body) =
+                    get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/healthz").await;
+                assert_eq!(status, 200);
+                assert_eq!(json(&body)["kx_group"], "X25519MLKEM768");
+                let (head, body) =
+                    get_https(addr, client(roots.clone(), None, b"http/1.1"), "/healthz")
+                        .await
+                        .unwrap();
+                assert!(
+                    head.contains(&format!("Alt-Svc: h3=\":{}\"", addr.port())),
+                    "{head}"
+                );
+                assert_eq!(json(&body)["kx_group"], "X25519MLKEM768");
+            });
+
+            // The admin endpoint runs without a dataplane and says so.
+            let admin = dir.0.join("admin.sock");
+            assert!(cloudlet::admin::get(&admin, "/healthz").is_ok());
+            match cloudlet::admin::get(&admin, "/stats") {
+                Err(cloudlet::admin::AdminError::Status { status: 503, body }) => {
+                    assert!(body.contains("no dataplane"), "{body}")
+                }
+                other => panic!("expected 503 from /stats, got {other:?}"),
+            }
+
+            // SIGTERM: a clean exit.
+            // SAFETY: kill has no memory preconditions; the pid is our child's.
+            assert_eq!(
+                unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
+                0
+            );
+            let status = daemon.0.wait().unwrap();
+            assert!(status.success(), "{status}");
+        }
+        assert_eq!(
+            hashes[0], hashes[1],
+            "the certificate must survive a restart"
+        );
+    }
+}
