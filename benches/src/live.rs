@@ -68,6 +68,9 @@ pub struct Sample {
     pub dropped_pps: f64,
     /// CPU time of the receiving side per frame handled.
     pub cpu_ns_per_packet: f64,
+    /// For the systems that are an XDP program: its own cost per frame through
+    /// `BPF_PROG_TEST_RUN` on the same frames, without the path around it.
+    pub program_ns_per_packet: Option<f64>,
 }
 
 impl Bed {
@@ -224,7 +227,18 @@ impl Bed {
             passed_pps: delivered as f64 / secs,
             dropped_pps: (received - delivered) as f64 / secs,
             cpu_ns_per_packet: (after.napi_ns - before.napi_ns) as f64 / received.max(1) as f64,
+            program_ns_per_packet: None,
         })
+    }
+
+    /// The id of the XDP program attached to `s0`.
+    fn attached_program(&self) -> Result<u32> {
+        let out = self.sut.exec(&["ip", "-j", "link", "show", "dev", SUT_IF]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v[0]["xdp"]["prog"]["id"]
+            .as_u64()
+            .map(|id| id as u32)
+            .context("no XDP program attached to s0")
     }
 
     /// Runs a command in the SUT namespace without a new mount namespace (xdp-filter keeps
@@ -322,6 +336,75 @@ impl Scenario {
     /// Sets `system` up on `bed`, runs `count` frames through it, and takes it down again
     /// (also when the run fails).
     pub fn measure(
+        &self,
+        bed: &Bed,
+        generator: &Generator,
+        system: System,
+        count: u32,
+        pass: &CompiledPolicy,
+    ) -> Result<Sample> {
+        let mut sample = self.measure_live(bed, generator, system, count, pass)?;
+        sample.program_ns_per_packet = match system {
+            System::Cloudlet | System::XdpFilter | System::XdpPass => {
+                Some(self.program_cost(bed, system, pass)?)
+            }
+            _ => None,
+        };
+        Ok(sample)
+    }
+
+    /// Attaches `system` (an XDP program) again and runs its program on the scenario's
+    /// frames through `BPF_PROG_TEST_RUN`: ns per frame.
+    fn program_cost(&self, bed: &Bed, system: System, pass: &CompiledPolicy) -> Result<f64> {
+        const REPEAT: u32 = 200;
+        let run = |bed: &Bed| -> Result<f64> {
+            let fd = crate::loadgen::program_by_id(bed.attached_program()?)?;
+            crate::loadgen::program_ns_per_packet(
+                std::os::fd::AsFd::as_fd(&fd),
+                &self.frames,
+                REPEAT,
+            )
+        };
+        match system {
+            System::XdpFilter => {
+                let cmds = self.xdp_filter.as_ref().context("no xdp-filter form")?;
+                bed.nsenter(
+                    &[
+                        "xdp-filter",
+                        "load",
+                        SUT_IF,
+                        "-m",
+                        "native",
+                        "-f",
+                        "udp,ipv4,ipv6",
+                    ],
+                    "",
+                )?;
+                let r = (|| {
+                    for c in cmds {
+                        let mut args = vec!["xdp-filter"];
+                        args.extend(c.iter().map(String::as_str));
+                        bed.nsenter(&args, "")?;
+                    }
+                    run(bed)
+                })();
+                bed.nsenter(&["xdp-filter", "unload", SUT_IF], "")?;
+                r
+            }
+            _ => {
+                let (c, kind) = if system == System::Cloudlet {
+                    (&self.cloudlet, ProgramKind::Policy)
+                } else {
+                    (pass, ProgramKind::Noop)
+                };
+                let mut loaded = Loaded::new(c, kind, false)?;
+                let _link = bed.attach(&mut loaded)?;
+                run(bed)
+            }
+        }
+    }
+
+    fn measure_live(
         &self,
         bed: &Bed,
         generator: &Generator,

@@ -76,37 +76,6 @@ impl Generator {
     /// Sends `count` frames out of interface `ifindex`, which must be in the calling
     /// thread's network namespace. Returns the time the kernel took.
     pub fn send(&self, ifindex: u32, count: u32) -> Result<Duration> {
-        #[repr(C)]
-        #[derive(Default)]
-        struct XdpMd {
-            data: u32,
-            data_end: u32,
-            data_meta: u32,
-            ingress_ifindex: u32,
-            rx_queue_index: u32,
-            egress_ifindex: u32,
-        }
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestAttr {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-            ctx_size_in: u32,
-            ctx_size_out: u32,
-            ctx_in: u64,
-            ctx_out: u64,
-            flags: u32,
-            cpu: u32,
-            batch_size: u32,
-            _pad: u32,
-        }
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
         let frame = vec![0u8; self.frame_len];
         let ctx = XdpMd {
             data_end: self.frame_len as u32,
@@ -126,18 +95,108 @@ impl Generator {
         let started = Instant::now();
         // SAFETY: attr points to the frame and the context, which outlive the call; no
         // output buffers.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestAttr,
-                std::mem::size_of::<TestAttr>() as u32,
-            )
-        };
-        if ret != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("BPF_PROG_TEST_RUN in live-frames mode");
-        }
+        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
+            .context("BPF_PROG_TEST_RUN in live-frames mode")?;
         Ok(started.elapsed())
     }
+}
+
+/// `struct xdp_md`, the context of an XDP test run.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// The `test` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct TestAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+
+/// The bpf(2) system call with `attr`.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what command `cmd` does with it.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: the caller's promise.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret)
+}
+
+/// A file descriptor of the loaded program with id `id` (a program another tool loaded).
+pub fn program_by_id(id: u32) -> Result<OwnedFd> {
+    #[repr(C)]
+    struct GetFd {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = GetFd {
+        prog_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: no pointers in the attribute.
+    let fd = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }
+        .with_context(|| format!("no program with id {id}"))?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Mean ns per frame of XDP program `prog` over `frames`, each run `repeat` times by
+/// `BPF_PROG_TEST_RUN` (not live: the frames go nowhere).
+pub fn program_ns_per_packet(
+    prog: std::os::fd::BorrowedFd<'_>,
+    frames: &[Vec<u8>],
+    repeat: u32,
+) -> Result<f64> {
+    let mut total = 0u64;
+    for f in frames {
+        let mut attr = TestAttr {
+            prog_fd: prog.as_raw_fd() as u32,
+            data_size_in: f.len() as u32,
+            data_in: f.as_ptr() as u64,
+            repeat,
+            ..Default::default()
+        };
+        // SAFETY: attr points to the frame, which outlives the call; no output buffers.
+        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.context("BPF_PROG_TEST_RUN")?;
+        total += u64::from(attr.duration);
+    }
+    Ok(total as f64 / frames.len().max(1) as f64)
 }
