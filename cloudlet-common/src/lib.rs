@@ -168,7 +168,9 @@ pub struct PolicyConfig {
     pub field_base: u32,
     /// First-level element of this bank in the flat tables (`flat::L1_CHUNKS * bank`).
     pub table_root: u32,
-    pub _pad: u32,
+    /// Words of the sets this bank's rules occupy (at most `words`): with one, the program
+    /// ANDs word 0 of each set and skips the summaries.
+    pub rule_words: u32,
 }
 
 /// A token bucket, as the generic cell rate algorithm keeps it: a packet conforms when its

@@ -194,12 +194,15 @@ fn judge<const LPM: bool>(
         }
         scan.n = MAX_SETS as u32;
     }
-    if !scan.summarize() {
+    if cfg.rule_words == 1 {
+        // Rules of one word: no summary to consult.
+        scan.summary = [1, 0, 0, 0];
+        scan.step();
+    } else if !scan.summarize() {
         return default_action;
-    }
-    // The first candidate word here; the others, rarely needed, in a bounded loop the
-    // verifier checks once.
-    if scan.step() {
+    } else if scan.step() {
+        // The first candidate word above; the others, rarely needed, in a bounded loop
+        // the verifier checks once.
         // SAFETY: `scan_step` is a bpf_loop callback taking a `Scan` as its context, and
         // `scan` outlives the call.
         unsafe {

@@ -724,6 +724,7 @@ impl Compiler {
                 fields_used: fields_used(policy),
                 default_arg: actions.default_arg,
                 words: words as u32,
+                rule_words: words as u32,
                 ..PolicyConfig::default()
             },
             rules: Arc::new(actions.rules),
