@@ -478,16 +478,21 @@ impl Scenario {
     }
 }
 
-/// Frame length of every scenario: the shortest that carries IPv6 and UDP.
+/// Default frame length: the shortest that carries IPv6 and UDP.
 pub const FRAME_LEN: usize = 64;
 
-/// The scenarios, on sources spread over the world (`sources`).
+/// The scenarios, on sources spread over the world (`sources`), frames of `frame_len`
+/// bytes (at least [`FRAME_LEN`], at most 1,514).
 pub fn scenarios(
     bed: &Bed,
     db: &cloudlet::geoip::GeoDb,
     sources: &[IpAddr],
     dir: &std::path::Path,
+    frame_len: usize,
 ) -> Result<Vec<Scenario>> {
+    if !(FRAME_LEN..=1514).contains(&frame_len) {
+        bail!("frame length {frame_len}: from {FRAME_LEN} to 1514 bytes");
+    }
     use cloudlet::{node::prepare_policy, policy};
 
     use crate::{Mix, nft, rules_policy, world_policy, write_policy};
@@ -495,7 +500,7 @@ pub fn scenarios(
         sources
             .iter()
             .enumerate()
-            .map(|(i, s)| bed.frame(*s, dport(i), FRAME_LEN))
+            .map(|(i, s)| bed.frame(*s, dport(i), frame_len))
             .collect()
     };
     let load = |name: &str, text: &str| -> Result<(policy::Policy, CompiledPolicy)> {
@@ -525,10 +530,10 @@ pub fn scenarios(
     let (eu_sources, others): (Vec<IpAddr>, Vec<IpAddr>) = sources.iter().partition(|s| in_eu(s));
     let mut geo_frames = Vec::new();
     for (i, src) in others.iter().enumerate() {
-        geo_frames.push(bed.frame(*src, 443, FRAME_LEN));
+        geo_frames.push(bed.frame(*src, 443, frame_len));
         if i % 15 == 14 {
             let eu = eu_sources[i / 15 % eu_sources.len().max(1)];
-            geo_frames.push(bed.frame(eu, 443, FRAME_LEN));
+            geo_frames.push(bed.frame(eu, 443, frame_len));
         }
     }
     let zones = nft::zone_prefixes(&p, Some(db))?;

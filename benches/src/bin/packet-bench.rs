@@ -23,6 +23,8 @@ struct Opts {
     quick: bool,
     /// Only this part: `test-run` or `live`.
     only: Option<String>,
+    /// Length of the live benchmark's frames.
+    frame_len: usize,
 }
 
 fn opts() -> Opts {
@@ -30,12 +32,19 @@ fn opts() -> Opts {
         out: PathBuf::from("target/cloudlet-bench"),
         quick: false,
         only: None,
+        frame_len: cloudlet_benches::live::FRAME_LEN,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--out" => o.out = PathBuf::from(it.next().expect("--out needs a folder")),
+            "--frame-len" => {
+                o.frame_len = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--frame-len needs a length in bytes");
+            }
             "--only" => {
                 let part = it.next().expect("--only needs test-run or live");
                 assert!(
@@ -594,7 +603,7 @@ fn live_section(
         .flat_map(|(a, b)| [*a, *b])
         .collect();
     let pass = prepare_policy(&write_policy(&o.out, "small-policy.toml", &small_policy()))?;
-    let all = scenarios(&bed, db, &sources, &o.out)?;
+    let all = scenarios(&bed, db, &sources, &o.out, o.frame_len)?;
     let (rounds, count) = if o.quick {
         (1, 1_000_000)
     } else {
@@ -687,6 +696,18 @@ fn live_section(
                     met(r >= 3.0)
                 ));
             }
+            "rate_limit" => {
+                let passed = |system: System| {
+                    add.iter()
+                        .find(|f| f.name == format!("live_{}_{}_passed", s.name, system.name()))
+                        .map_or(f64::NAN, |f| f.value * 1e6)
+                };
+                goals.push(format!(
+                    "rate limit of 100,000 packets/s: Cloudlet passed {:.0}/s, nftables {:.0}/s",
+                    passed(System::Cloudlet),
+                    passed(System::Nftables)
+                ));
+            }
             "rules_1000" => {
                 let r = ratio(System::Cloudlet, "handled");
                 goals.push(format!(
@@ -712,7 +733,7 @@ fn live_section(
     }
     goals.push(format!(
         "live figures: {count} frames of {} bytes per run, median of {rounds} rounds, systems alternated",
-        cloudlet_benches::live::FRAME_LEN
+        o.frame_len
     ));
     Ok(())
 }
