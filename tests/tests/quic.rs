@@ -1051,6 +1051,59 @@ mod front_door {
         });
     }
 
+    /// HTTP/2 on the TCP listener (ALPN `h2`, chosen over `http/1.1`): two requests on one
+    /// connection with the hybrid.
+    #[test]
+    fn healthz_over_h2() {
+        use http_body_util::BodyExt as _;
+        let dir = TempDir::new("h2");
+        runtime().block_on(async {
+            let metrics = FrontDoorMetrics::default();
+            let mut registry = Registry::default();
+            metrics.register(&mut registry);
+            let (addr, roots, serving) = start_with(&dir.0, PqMode::Required, Vec::new(), metrics);
+            let mut tls = client(roots, None, b"h2");
+            tls.alpn_protocols.push(b"http/1.1".to_vec());
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let (mut send, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .unwrap();
+            let driver = tokio::spawn(connection);
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let request =
+                    http::Request::get(format!("https://localhost:{}/healthz", addr.port()))
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                let response = send.send_request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                assert_eq!(response.version(), http::Version::HTTP_2);
+                assert_eq!(
+                    response.headers()[http::header::ALT_SVC],
+                    format!("h3=\":{}\"; ma=86400", addr.port()).as_str()
+                );
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                let v = json(std::str::from_utf8(&body).unwrap());
+                assert_eq!(v["protocol"], "h2");
+                assert_eq!(v["kx_group"], "X25519MLKEM768");
+                ids.push(v["connection"].as_u64().unwrap());
+            }
+            assert_eq!(ids[0], ids[1], "both requests on one HTTP/2 connection");
+            assert_eq!(sample(&registry, &hybrid_handshakes("h2")), Some(1.0));
+            drop(send);
+            driver.abort();
+            serving.abort();
+        });
+    }
+
     #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/front-door.toml");
@@ -1087,6 +1140,93 @@ mod front_door {
         }
     }
 
+    /// A running cloudletd and its log.
+    struct Running {
+        daemon: Daemon,
+        /// The front door's address.
+        addr: SocketAddr,
+        /// The logged SPKI hash of its certificate.
+        hash: String,
+        lines: std::sync::mpsc::Receiver<String>,
+        log: Vec<String>,
+    }
+
+    impl Running {
+        /// Starts cloudletd with `config` and waits for its front door line.
+        fn start(config: &Path) -> Self {
+            let mut child = cloudletd()
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let daemon = Daemon(child);
+            let (tx, lines) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut log = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = lines
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
+                log.push(line.clone());
+                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
+                    let addr: SocketAddr = rest
+                        .split(':')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(":")
+                        .parse()
+                        .unwrap();
+                    let hash = rest.rsplit(' ').next().unwrap().to_string();
+                    return Self {
+                        daemon,
+                        addr,
+                        hash,
+                        lines,
+                        log,
+                    };
+                }
+            }
+        }
+
+        /// Waits (10 s at most) for access-log lines starting with each of `protocols`;
+        /// returns every access-log line seen.
+        fn access_lines(&mut self, protocols: &[&str]) -> Vec<String> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut access: Vec<String> = Vec::new();
+            while !protocols.iter().all(|p| {
+                access.iter().any(|l| {
+                    l.split_once("cloudlet::access] ")
+                        .is_some_and(|(_, rest)| rest.starts_with(p))
+                })
+            }) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                    panic!(
+                        "no access-log lines for {protocols:?}; log:\n{}",
+                        self.log.join("\n")
+                    )
+                });
+                self.log.push(line.clone());
+                if line.contains("cloudlet::access]") {
+                    access.push(line);
+                }
+            }
+            access
+        }
+    }
+
     /// cloudletd with only a front door (no policy, no interfaces, not root-only paths):
     /// generates its certificate, logs the SPKI hash, answers on both listeners, and keeps
     /// the certificate across a restart.
@@ -1103,49 +1243,15 @@ mod front_door {
         .unwrap();
         let mut hashes = Vec::new();
         for round in 0..2 {
-            let mut child = cloudletd()
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stderr = child.stderr.take().unwrap();
-            let mut daemon = Daemon(child);
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut log = Vec::new();
-            let (addr, hash) = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let line = rx
-                    .recv_timeout(left)
-                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
-                log.push(line.clone());
-                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
-                    let addr: SocketAddr = rest
-                        .split(':')
-                        .take(2)
-                        .collect::<Vec<_>>()
-                        .join(":")
-                        .parse()
-                        .unwrap();
-                    let hash = rest.rsplit(' ').next().unwrap().to_string();
-                    break (addr, hash);
-                }
-            };
+            let mut run = Running::start(&config);
+            let (addr, hash) = (run.addr, run.hash.clone());
             assert_eq!(
-                log.iter()
+                run.log
+                    .iter()
                     .any(|l| l.contains("generated a self-signed certificate")),
                 round == 0,
-                "{log:?}"
+                "{:?}",
+                run.log
             );
             let cert = dir.0.join("tls/cert.pem");
             let der = {
@@ -1174,26 +1280,7 @@ mod front_door {
             });
 
             // One access-log line per connection, with its group.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut access = Vec::new();
-            while !["h3 ", "http/1.1 "].iter().all(|p| {
-                access.iter().any(|l: &String| {
-                    l.split_once("cloudlet::access] ")
-                        .is_some_and(|(_, rest)| rest.starts_with(p))
-                })
-            }) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                    panic!(
-                        "no access-log lines for h3 and http/1.1; log:\n{}",
-                        log.join("\n")
-                    )
-                });
-                log.push(line.clone());
-                if line.contains("cloudlet::access]") {
-                    access.push(line);
-                }
-            }
+            let access = run.access_lines(&["h3 ", "http/1.1 "]);
             for line in &access {
                 assert!(line.contains(" group=X25519MLKEM768 "), "{line}");
                 assert!(line.contains(" requests=1 "), "{line}");
@@ -1217,10 +1304,10 @@ mod front_door {
             // SIGTERM: a clean exit.
             // SAFETY: kill has no memory preconditions; the pid is our child's.
             assert_eq!(
-                unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
+                unsafe { libc::kill(run.daemon.0.id() as i32, libc::SIGTERM) },
                 0
             );
-            let status = daemon.0.wait().unwrap();
+            let status = run.daemon.0.wait().unwrap();
             assert!(status.success(), "{status}");
         }
         assert_eq!(
@@ -1526,5 +1613,113 @@ mod front_door {
             }
             serving.abort();
         });
+    }
+
+    /// A browser process group, killed on drop (Chromium starts helper processes).
+    struct Browser(Child);
+
+    impl Drop for Browser {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory preconditions; the group is the one our child leads.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Chromium, an independent HTTP/3 client, fetches `/healthz` from cloudletd's front
+    /// door over QUIC (forced for the origin, certificate pinned by its SPKI hash): the page
+    /// it dumps, the access log and the metrics all say HTTP/3 with X25519MLKEM768.
+    #[test]
+    fn chromium_fetches_healthz_over_h3_with_the_hybrid() {
+        use std::os::unix::process::CommandExt as _;
+        let dir = TempDir::new("chromium");
+        let config = dir.0.join("cloudlet.toml");
+        std::fs::write(
+            &config,
+            "[admin]\nsocket = \"admin.sock\"\n\n\
+             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\npq = \"required\"\n\
+             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\nnames = [\"localhost\", \"127.0.0.1\"]\n",
+        )
+        .unwrap();
+        let mut run = Running::start(&config);
+        let origin = format!("127.0.0.1:{}", run.addr.port());
+        let chromium = std::env::var_os("CHROMIUM").unwrap_or_else(|| "chromium".into());
+        let spawned = Command::new(&chromium)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--enable-quic",
+            ])
+            .arg(format!("--user-data-dir={}", dir.0.join("profile").display()))
+            .arg(format!("--origin-to-force-quic-on={origin}"))
+            .arg(format!("--ignore-certificate-errors-spki-list={}", run.hash))
+            .arg("--dump-dom")
+            .arg(format!("https://{origin}/healthz"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (`cargo xtask setup` installs Debian's chromium; CHROMIUM names another)",
+                    Path::new(&chromium).display()
+                )
+            });
+        let mut browser = Browser(spawned);
+        let mut stdout = browser.0.stdout.take().unwrap();
+        let mut stderr = browser.0.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+            s
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = browser.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromium did not finish within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        drop(browser);
+        let (dom, stderr) = (out.join().unwrap(), err.join().unwrap());
+        assert!(status.success(), "chromium: {status}\n{stderr}");
+
+        // The page Chromium received: the front door's own record of the connection.
+        let page = dom
+            .split_once("<pre")
+            .and_then(|(_, rest)| rest.split_once('>'))
+            .and_then(|(_, rest)| rest.split_once("</pre>"))
+            .map(|(json, _)| json)
+            .unwrap_or_else(|| panic!("no JSON in the dumped page:\n{dom}\n{stderr}"));
+        let v = json(page);
+        assert_eq!(v["protocol"], "h3", "{page}");
+        assert_eq!(v["kx_group"], "X25519MLKEM768", "{page}");
+
+        let access = run.access_lines(&["h3 "]);
+        assert!(
+            access
+                .iter()
+                .any(|l| l.contains("] h3 127.0.0.1:") && l.contains(" group=X25519MLKEM768 ")),
+            "{access:?}"
+        );
+        let metrics = cloudlet::admin::get(&dir.0.join("admin.sock"), "/metrics").unwrap();
+        let series = format!("{} ", hybrid_handshakes("h3"));
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+        assert!(
+            !metrics.contains(&hybrid_handshakes("http/1.1")),
+            "Chromium was forced onto QUIC, yet a TCP connection was made:\n{metrics}"
+        );
     }
 }
