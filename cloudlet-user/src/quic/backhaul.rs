@@ -361,7 +361,7 @@ struct H3Connection {
 enum Pool {
     H3 {
         tls: quinn::ClientConfig,
-        conn: tokio::sync::Mutex<Option<H3Connection>>,
+        conn: Box<tokio::sync::Mutex<Option<H3Connection>>>,
     },
     Https {
         tls: tokio_rustls::TlsConnector,
@@ -443,7 +443,7 @@ impl Route {
                 client.transport_config(Arc::new(transport));
                 Pool::H3 {
                     tls: client,
-                    conn: tokio::sync::Mutex::new(None),
+                    conn: Box::new(tokio::sync::Mutex::new(None)),
                 }
             }
             Scheme::Https => Pool::Https {
