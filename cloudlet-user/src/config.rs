@@ -8,7 +8,11 @@ use toml::Spanned;
 
 use crate::{
     dataplane::AttachMode,
-    quic::{PqMode, front_door::FrontDoorConfig},
+    quic::{
+        PqMode,
+        backhaul::{self, BackhaulConfig, Origin, OriginTrust},
+        front_door::FrontDoorConfig,
+    },
 };
 
 /// Folder of a generated front door certificate and key when `cert` and `key` are not given.
@@ -79,6 +83,33 @@ struct RawFrontDoor {
     self_signed: bool,
     /// Default: `localhost` and the listen address's IP (unless unspecified).
     names: Option<Vec<String>>,
+    /// Default: none (nothing is proxied).
+    #[serde(default)]
+    backhaul: Vec<Spanned<RawBackhaul>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackhaul {
+    /// Path prefix, starting with `/`.
+    prefix: String,
+    /// `h3://host:port` or `https://host:port`.
+    origin: String,
+    /// CA file (PEM); exactly one of `ca` and `spki_sha256`.
+    ca: Option<String>,
+    /// Base64 SHA-256 of the origin certificate's SubjectPublicKeyInfo.
+    spki_sha256: Option<String>,
+    /// Default: the origin's host.
+    server_name: Option<String>,
+    /// Default: false (the path is sent as received).
+    #[serde(default)]
+    strip_prefix: bool,
+    /// Default: the front door's `pq`.
+    pq: Option<PqMode>,
+    /// Default: [`backhaul::DEFAULT_CONNECT_TIMEOUT`].
+    connect_timeout_ms: Option<u64>,
+    /// Default: [`backhaul::DEFAULT_REQUEST_TIMEOUT`].
+    request_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +231,45 @@ impl Config {
                     }
                     names
                 });
+                let mut routes = Vec::with_capacity(fd.backhaul.len());
+                for b in fd.backhaul {
+                    let at = b.span().start;
+                    let b = b.into_inner();
+                    let fail = |m: String| invalid(at, format!("`front_door.backhaul`: {m}"));
+                    if !b.prefix.starts_with('/') {
+                        return Err(fail(format!("prefix {:?} must start with `/`", b.prefix)));
+                    }
+                    let origin = Origin::parse(&b.origin).map_err(fail)?;
+                    let trust = match (b.ca, b.spki_sha256) {
+                        (Some(ca), None) => OriginTrust::Ca(resolve(&ca)),
+                        (None, Some(pin)) => OriginTrust::Spki(pin),
+                        _ => {
+                            return Err(fail(format!(
+                                "{}: give exactly one of `ca` and `spki_sha256`",
+                                b.prefix
+                            )));
+                        }
+                    };
+                    let ms = |v: Option<u64>, default: std::time::Duration| {
+                        v.map_or(default, std::time::Duration::from_millis)
+                    };
+                    routes.push(BackhaulConfig {
+                        prefix: b.prefix,
+                        origin,
+                        trust,
+                        server_name: b.server_name,
+                        strip_prefix: b.strip_prefix,
+                        pq: b.pq.unwrap_or(fd.pq),
+                        connect_timeout: ms(
+                            b.connect_timeout_ms,
+                            backhaul::DEFAULT_CONNECT_TIMEOUT,
+                        ),
+                        request_timeout: ms(
+                            b.request_timeout_ms,
+                            backhaul::DEFAULT_REQUEST_TIMEOUT,
+                        ),
+                    });
+                }
                 Some(FrontDoorConfig {
                     listen: fd.listen,
                     pq: fd.pq,
@@ -207,6 +277,7 @@ impl Config {
                     key,
                     self_signed: fd.self_signed,
                     names,
+                    backhaul: routes,
                 })
             }
         };
@@ -333,6 +404,68 @@ mod tests {
             msg.starts_with("c.toml:4:6: unknown variant `sometimes`"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn backhaul_routes() {
+        let c = Config::parse(
+            "[front_door]\nlisten = \"127.0.0.1:1\"\nself_signed = true\npq = \"required\"\n\
+             [[front_door.backhaul]]\nprefix = \"/api/\"\norigin = \"h3://10.0.0.2:4433\"\n\
+             ca = \"ca.pem\"\nconnect_timeout_ms = 250\n\
+             [[front_door.backhaul]]\nprefix = \"/web/\"\norigin = \"https://origin.example\"\n\
+             spki_sha256 = \"AAAA\"\nstrip_prefix = true\npq = \"off\"\nserver_name = \"o\"\n",
+            Path::new("/etc/cloudlet/c.toml"),
+        )
+        .unwrap();
+        let routes = c.front_door.unwrap().backhaul;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].prefix, "/api/");
+        assert_eq!(routes[0].origin.to_string(), "h3://10.0.0.2:4433");
+        assert_eq!(
+            routes[0].trust,
+            OriginTrust::Ca(PathBuf::from("/etc/cloudlet/ca.pem"))
+        );
+        assert_eq!(routes[0].pq, PqMode::Required);
+        assert_eq!(
+            routes[0].connect_timeout,
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(routes[0].request_timeout, backhaul::DEFAULT_REQUEST_TIMEOUT);
+        assert!(!routes[0].strip_prefix);
+        assert_eq!(routes[1].origin.port, 443);
+        assert_eq!(routes[1].trust, OriginTrust::Spki("AAAA".to_string()));
+        assert_eq!(routes[1].pq, PqMode::Off);
+        assert_eq!(routes[1].server_name.as_deref(), Some("o"));
+        assert!(routes[1].strip_prefix);
+
+        for (body, expected) in [
+            (
+                "prefix = \"api\"\norigin = \"h3://a:1\"\nca = \"c\"\n",
+                "c.toml:4:1: `front_door.backhaul`: prefix \"api\" must start with `/`",
+            ),
+            (
+                "prefix = \"/a/\"\norigin = \"http://a:1\"\nca = \"c\"\n",
+                "c.toml:4:1: `front_door.backhaul`: origin \"http://a:1\": expected",
+            ),
+            (
+                "prefix = \"/a/\"\norigin = \"h3://a:1\"\n",
+                "c.toml:4:1: `front_door.backhaul`: /a/: give exactly one of `ca` and `spki_sha256`",
+            ),
+            (
+                "prefix = \"/a/\"\norigin = \"h3://a:1\"\nca = \"c\"\ntimeout = 1\n",
+                "c.toml:8:1: unknown field `timeout`",
+            ),
+        ] {
+            let msg = Config::parse(
+                &format!(
+                    "[front_door]\nlisten = \"127.0.0.1:1\"\nself_signed = true\n[[front_door.backhaul]]\n{body}"
+                ),
+                Path::new("c.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(msg.starts_with(expected), "{msg}");
+        }
     }
 
     #[test]

@@ -795,7 +795,12 @@ mod front_door {
     };
 
     use bytes::Buf as _;
-    use cloudlet::quic::front_door::{self, FrontDoor, FrontDoorConfig};
+    use cloudlet::quic::{
+        backhaul::{BackhaulConfig, Origin, OriginTrust},
+        front_door::{self, FrontDoor, FrontDoorConfig},
+        metrics::FrontDoorMetrics,
+    };
+    use prometheus_client::registry::Registry;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
@@ -830,6 +835,7 @@ mod front_door {
             key: dir.join("key.pem"),
             self_signed: true,
             names: vec!["localhost".to_string()],
+            backhaul: Vec::new(),
         }
     }
 
@@ -860,6 +866,18 @@ mod front_door {
 
     /// `GET path` over HTTP/3; returns the status and the body.
     async fn get_h3(addr: SocketAddr, tls: rustls::ClientConfig, path: &str) -> (u16, String) {
+        request_h3(addr, tls, http::Method::GET, path, &[]).await
+    }
+
+    /// `method path` with `body` over HTTP/3 on a new connection; returns the status and
+    /// the body.
+    async fn request_h3(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        method: http::Method,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, String) {
         let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
         endpoint.set_default_client_config(quic::quinn_client_config_from(tls).unwrap());
         let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
@@ -867,10 +885,18 @@ mod front_door {
             .await
             .unwrap();
         let drive = tokio::spawn(async move { driver.wait_idle().await });
-        let request = http::Request::get(format!("https://localhost{path}"))
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("https://localhost{path}"))
             .body(())
             .unwrap();
         let mut stream = send.send_request(request).await.unwrap();
+        if !body.is_empty() {
+            stream
+                .send_data(bytes::Bytes::copy_from_slice(body))
+                .await
+                .unwrap();
+        }
         stream.finish().await.unwrap();
         let response = stream.recv_response().await.unwrap();
         let mut body = Vec::new();
@@ -918,10 +944,21 @@ mod front_door {
 
     /// Starts a front door on a free loopback port; returns its address and certificate.
     fn start(dir: &Path, pq: PqMode) -> (SocketAddr, RootCertStore, tokio::task::JoinHandle<()>) {
-        let config = config(dir, pq);
+        start_with(dir, pq, Vec::new(), FrontDoorMetrics::default())
+    }
+
+    /// Starts a front door with backhaul routes, counting into `metrics`.
+    fn start_with(
+        dir: &Path,
+        pq: PqMode,
+        backhaul: Vec<BackhaulConfig>,
+        metrics: FrontDoorMetrics,
+    ) -> (SocketAddr, RootCertStore, tokio::task::JoinHandle<()>) {
+        let mut config = config(dir, pq);
+        config.backhaul = backhaul;
         let identity = front_door::load_or_generate(&config).unwrap();
         assert!(identity.generated);
-        let door = FrontDoor::bind(&config, identity).unwrap();
+        let door = FrontDoor::bind(&config, identity, metrics).unwrap();
         let addr = door.local_addr();
         assert_ne!(addr.port(), 0);
         (addr, roots(&config.cert), tokio::spawn(door.serve()))
@@ -950,8 +987,9 @@ mod front_door {
                     .await
                     .unwrap();
             assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-            let alt_svc = format!("\r\nAlt-Svc: h3=\":{}\"", addr.port());
-            assert!(head.contains(&alt_svc), "{head}");
+            // Header names are case-insensitive (hyper writes them in lower case).
+            let alt_svc = format!("\r\nalt-svc: h3=\":{}\"", addr.port());
+            assert!(head.to_ascii_lowercase().contains(&alt_svc), "{head}");
             let v = json(&body);
             assert_eq!(v["protocol"], "http/1.1");
             assert_eq!(v["kx_group"], "X25519MLKEM768");
@@ -1013,6 +1051,59 @@ mod front_door {
         });
     }
 
+    /// HTTP/2 on the TCP listener (ALPN `h2`, chosen over `http/1.1`): two requests on one
+    /// connection with the hybrid.
+    #[test]
+    fn healthz_over_h2() {
+        use http_body_util::BodyExt as _;
+        let dir = TempDir::new("h2");
+        runtime().block_on(async {
+            let metrics = FrontDoorMetrics::default();
+            let mut registry = Registry::default();
+            metrics.register(&mut registry);
+            let (addr, roots, serving) = start_with(&dir.0, PqMode::Required, Vec::new(), metrics);
+            let mut tls = client(roots, None, b"h2");
+            tls.alpn_protocols.push(b"http/1.1".to_vec());
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let (mut send, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .unwrap();
+            let driver = tokio::spawn(connection);
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let request =
+                    http::Request::get(format!("https://localhost:{}/healthz", addr.port()))
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                let response = send.send_request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                assert_eq!(response.version(), http::Version::HTTP_2);
+                assert_eq!(
+                    response.headers()[http::header::ALT_SVC],
+                    format!("h3=\":{}\"; ma=86400", addr.port()).as_str()
+                );
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                let v = json(std::str::from_utf8(&body).unwrap());
+                assert_eq!(v["protocol"], "h2");
+                assert_eq!(v["kx_group"], "X25519MLKEM768");
+                ids.push(v["connection"].as_u64().unwrap());
+            }
+            assert_eq!(ids[0], ids[1], "both requests on one HTTP/2 connection");
+            assert_eq!(sample(&registry, &hybrid_handshakes("h2")), Some(1.0));
+            drop(send);
+            driver.abort();
+            serving.abort();
+        });
+    }
+
     #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/front-door.toml");
@@ -1049,6 +1140,93 @@ mod front_door {
         }
     }
 
+    /// A running cloudletd and its log.
+    struct Running {
+        daemon: Daemon,
+        /// The front door's address.
+        addr: SocketAddr,
+        /// The logged SPKI hash of its certificate.
+        hash: String,
+        lines: std::sync::mpsc::Receiver<String>,
+        log: Vec<String>,
+    }
+
+    impl Running {
+        /// Starts cloudletd with `config` and waits for its front door line.
+        fn start(config: &Path) -> Self {
+            let mut child = cloudletd()
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stderr = child.stderr.take().unwrap();
+            let daemon = Daemon(child);
+            let (tx, lines) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut log = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = lines
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
+                log.push(line.clone());
+                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
+                    let addr: SocketAddr = rest
+                        .split(':')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(":")
+                        .parse()
+                        .unwrap();
+                    let hash = rest.rsplit(' ').next().unwrap().to_string();
+                    return Self {
+                        daemon,
+                        addr,
+                        hash,
+                        lines,
+                        log,
+                    };
+                }
+            }
+        }
+
+        /// Waits (10 s at most) for access-log lines starting with each of `protocols`;
+        /// returns every access-log line seen.
+        fn access_lines(&mut self, protocols: &[&str]) -> Vec<String> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut access: Vec<String> = Vec::new();
+            while !protocols.iter().all(|p| {
+                access.iter().any(|l| {
+                    l.split_once("cloudlet::access] ")
+                        .is_some_and(|(_, rest)| rest.starts_with(p))
+                })
+            }) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                    panic!(
+                        "no access-log lines for {protocols:?}; log:\n{}",
+                        self.log.join("\n")
+                    )
+                });
+                self.log.push(line.clone());
+                if line.contains("cloudlet::access]") {
+                    access.push(line);
+                }
+            }
+            access
+        }
+    }
+
     /// cloudletd with only a front door (no policy, no interfaces, not root-only paths):
     /// generates its certificate, logs the SPKI hash, answers on both listeners, and keeps
     /// the certificate across a restart.
@@ -1065,49 +1243,15 @@ mod front_door {
         .unwrap();
         let mut hashes = Vec::new();
         for round in 0..2 {
-            let mut child = cloudletd()
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stderr = child.stderr.take().unwrap();
-            let mut daemon = Daemon(child);
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut log = Vec::new();
-            let (addr, hash) = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let line = rx
-                    .recv_timeout(left)
-                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
-                log.push(line.clone());
-                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
-                    let addr: SocketAddr = rest
-                        .split(':')
-                        .take(2)
-                        .collect::<Vec<_>>()
-                        .join(":")
-                        .parse()
-                        .unwrap();
-                    let hash = rest.rsplit(' ').next().unwrap().to_string();
-                    break (addr, hash);
-                }
-            };
+            let mut run = Running::start(&config);
+            let (addr, hash) = (run.addr, run.hash.clone());
             assert_eq!(
-                log.iter()
+                run.log
+                    .iter()
                     .any(|l| l.contains("generated a self-signed certificate")),
                 round == 0,
-                "{log:?}"
+                "{:?}",
+                run.log
             );
             let cert = dir.0.join("tls/cert.pem");
             let der = {
@@ -1128,14 +1272,27 @@ mod front_door {
                         .await
                         .unwrap();
                 assert!(
-                    head.contains(&format!("Alt-Svc: h3=\":{}\"", addr.port())),
+                    head.to_ascii_lowercase()
+                        .contains(&format!("alt-svc: h3=\":{}\"", addr.port())),
                     "{head}"
                 );
                 assert_eq!(json(&body)["kx_group"], "X25519MLKEM768");
             });
 
+            // One access-log line per connection, with its group.
+            let access = run.access_lines(&["h3 ", "http/1.1 "]);
+            for line in &access {
+                assert!(line.contains(" group=X25519MLKEM768 "), "{line}");
+                assert!(line.contains(" requests=1 "), "{line}");
+            }
+
             // The admin endpoint runs without a dataplane and says so.
             let admin = dir.0.join("admin.sock");
+            let metrics = cloudlet::admin::get(&admin, "/metrics").unwrap();
+            for protocol in ["h3", "http/1.1"] {
+                let series = format!("{} 1", hybrid_handshakes(protocol));
+                assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+            }
             assert!(cloudlet::admin::get(&admin, "/healthz").is_ok());
             match cloudlet::admin::get(&admin, "/stats") {
                 Err(cloudlet::admin::AdminError::Status { status: 503, body }) => {
@@ -1147,15 +1304,422 @@ mod front_door {
             // SIGTERM: a clean exit.
             // SAFETY: kill has no memory preconditions; the pid is our child's.
             assert_eq!(
-                unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
+                unsafe { libc::kill(run.daemon.0.id() as i32, libc::SIGTERM) },
                 0
             );
-            let status = daemon.0.wait().unwrap();
+            let status = run.daemon.0.wait().unwrap();
             assert!(status.success(), "{status}");
         }
         assert_eq!(
             hashes[0], hashes[1],
             "the certificate must survive a restart"
+        );
+    }
+
+    /// The value of `series` (name and labels as encoded) in `registry`.
+    fn sample(registry: &Registry, series: &str) -> Option<f64> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn hybrid_handshakes(protocol: &str) -> String {
+        format!(
+            "cloudlet_front_door_handshakes_total{{protocol=\"{protocol}\",group=\"X25519MLKEM768\"}}"
+        )
+    }
+
+    /// A plain HTTP/3 origin (`pq = "required"`): `/echo` answers 201 with the request's
+    /// method, path, body and `x-forwarded-for`; `/stall` never answers.
+    fn test_origin() -> (
+        SocketAddr,
+        rustls::pki_types::CertificateDer<'static>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let id = quic::self_signed(&["localhost"]).unwrap();
+        let config =
+            quic::quinn_server_config(PqMode::Required, vec![id.cert.clone()], id.key).unwrap();
+        let endpoint = quinn::Endpoint::server(config, LOOPBACK).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok(mut h3) = h3::server::Connection::<_, bytes::Bytes>::new(
+                        h3_quinn::Connection::new(conn),
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    while let Ok(Some(resolver)) = h3.accept().await {
+                        tokio::spawn(async move {
+                            let (request, mut stream) = resolver.resolve_request().await.unwrap();
+                            if request.uri().path() == "/stall" {
+                                std::future::pending::<()>().await;
+                            }
+                            let mut body = Vec::new();
+                            while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+                                while chunk.has_remaining() {
+                                    let part = chunk.chunk();
+                                    body.extend_from_slice(part);
+                                    let n = part.len();
+                                    chunk.advance(n);
+                                }
+                            }
+                            let answer = serde_json::json!({
+                                "method": request.method().as_str(),
+                                "path": request.uri().path(),
+                                "body": String::from_utf8_lossy(&body),
+                                "forwarded_for": request
+                                    .headers()
+                                    .get("x-forwarded-for")
+                                    .and_then(|v| v.to_str().ok()),
+                            });
+                            let response = http::Response::builder().status(201).body(()).unwrap();
+                            stream.send_response(response).await.unwrap();
+                            stream
+                                .send_data(bytes::Bytes::from(answer.to_string()))
+                                .await
+                                .unwrap();
+                            stream.finish().await.unwrap();
+                        });
+                    }
+                });
+            }
+        });
+        (addr, id.cert, task)
+    }
+
+    /// A backhaul route with the prefix stripped and 5-second timeouts.
+    fn route(prefix: &str, origin: String, trust: OriginTrust) -> BackhaulConfig {
+        BackhaulConfig {
+            prefix: prefix.to_string(),
+            origin: Origin::parse(&origin).unwrap(),
+            trust,
+            server_name: Some("localhost".to_string()),
+            strip_prefix: true,
+            pq: PqMode::Required,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Front door A backhauls to front door B (over HTTP/3 and HTTPS) and to a plain test
+    /// origin: B's own record shows the hybrid on A's connection and one connection for
+    /// several requests; a dead origin gives 502 and a stalled one 504 in time.
+    #[test]
+    fn backhaul_through_two_front_doors() {
+        let (dir_a, dir_b) = (TempDir::new("backhaul-a"), TempDir::new("backhaul-b"));
+        runtime().block_on(async {
+            let metrics_b = FrontDoorMetrics::default();
+            let mut registry_b = Registry::default();
+            metrics_b.register(&mut registry_b);
+            let (b, _, serving_b) = start_with(&dir_b.0, PqMode::Required, Vec::new(), metrics_b);
+            let (origin, origin_cert, serving_origin) = test_origin();
+            let b_ca = OriginTrust::Ca(dir_b.0.join("cert.pem"));
+            let dead_udp = std::net::UdpSocket::bind(LOOPBACK)
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let dead_tcp = std::net::TcpListener::bind(LOOPBACK)
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let mut to_origin = route(
+                "/origin/",
+                format!("h3://{origin}"),
+                OriginTrust::Spki(front_door::spki_sha256_base64(&origin_cert).unwrap()),
+            );
+            to_origin.request_timeout = Duration::from_millis(700);
+            let mut dead = route("/dead/", format!("h3://{dead_udp}"), b_ca.clone());
+            dead.connect_timeout = Duration::from_millis(600);
+            let routes = vec![
+                route("/b/", format!("h3://{b}"), b_ca.clone()),
+                route("/b-tcp/", format!("https://{b}"), b_ca.clone()),
+                to_origin,
+                dead,
+                route("/dead-tcp/", format!("https://{dead_tcp}"), b_ca),
+            ];
+            let metrics_a = FrontDoorMetrics::default();
+            let mut registry_a = Registry::default();
+            metrics_a.register(&mut registry_a);
+            let (a, roots_a, serving_a) = start_with(&dir_a.0, PqMode::Required, routes, metrics_a);
+            let client = || client(roots_a.clone(), None, quic::ALPN_H3);
+
+            // Two clients of A: both requests reach B over A's one hybrid connection.
+            for (prefix, protocol) in [("/b/", "h3"), ("/b-tcp/", "http/1.1")] {
+                let mut connections = Vec::new();
+                for _ in 0..2 {
+                    let (status, body) = get_h3(a, client(), &format!("{prefix}healthz")).await;
+                    assert_eq!(status, 200, "{prefix}: {body}");
+                    let v = json(&body);
+                    assert_eq!(v["protocol"], protocol, "{body}");
+                    assert_eq!(v["kx_group"], "X25519MLKEM768", "{body}");
+                    assert_eq!(v["pq"], "required", "{body}");
+                    connections.push(v["connection"].as_u64().unwrap());
+                }
+                assert_eq!(
+                    connections[0], connections[1],
+                    "{prefix}: A must reuse its connection to B"
+                );
+            }
+            assert_eq!(sample(&registry_b, &hybrid_handshakes("h3")), Some(1.0));
+            assert_eq!(sample(&registry_b, &hybrid_handshakes("http/1.1")), Some(1.0));
+            assert_eq!(sample(&registry_a, &hybrid_handshakes("h3")), Some(4.0));
+            for scheme in ["h3", "https"] {
+                let series = format!(
+                    "cloudlet_front_door_origin_connections_total{{origin=\"{scheme}://{b}\",group=\"X25519MLKEM768\"}}"
+                );
+                assert_eq!(sample(&registry_a, &series), Some(1.0), "{series}");
+            }
+
+            // Method, body, the client's address and the origin's status pass through.
+            let (status, body) =
+                request_h3(a, client(), http::Method::POST, "/origin/echo", b"ping").await;
+            assert_eq!(status, 201, "{body}");
+            let v = json(&body);
+            assert_eq!(v["method"], "POST");
+            assert_eq!(v["path"], "/echo");
+            assert_eq!(v["body"], "ping");
+            assert_eq!(v["forwarded_for"], "127.0.0.1");
+
+            // A stalled origin: 504 once the request timeout has passed.
+            let started = Instant::now();
+            let (status, body) = get_h3(a, client(), "/origin/stall").await;
+            let took = started.elapsed();
+            assert_eq!(status, 504, "{body}");
+            let error = json(&body)["error"].as_str().unwrap().to_string();
+            assert!(error.contains("did not answer within 700 ms"), "{error}");
+            assert!(
+                took >= Duration::from_millis(700) && took < Duration::from_millis(2500),
+                "{took:?}"
+            );
+
+            // Dead origins: 502, over QUIC within the connect timeout, over TCP at once.
+            for (path, connect_timeout) in [
+                ("/dead/x", Duration::from_millis(600)),
+                ("/dead-tcp/x", Duration::from_secs(5)),
+            ] {
+                let started = Instant::now();
+                let (status, body) = get_h3(a, client(), path).await;
+                let took = started.elapsed();
+                assert_eq!(status, 502, "{path}: {body}");
+                let error = json(&body)["error"].as_str().unwrap().to_string();
+                assert!(error.starts_with("cannot connect to "), "{error}");
+                assert!(
+                    took < connect_timeout + Duration::from_millis(1500),
+                    "{path}: {took:?}"
+                );
+            }
+
+            // The origin's connection outlived the stalled request.
+            let (status, _) = get_h3(a, client(), "/origin/echo").await;
+            assert_eq!(status, 201);
+            let series = format!(
+                "cloudlet_front_door_origin_connections_total{{origin=\"h3://{origin}\",group=\"X25519MLKEM768\"}}"
+            );
+            assert_eq!(sample(&registry_a, &series), Some(1.0), "{series}");
+            for (prefix, status, count) in [
+                ("/b/", 200, 2.0),
+                ("/origin/", 201, 2.0),
+                ("/origin/", 504, 1.0),
+                ("/dead/", 502, 1.0),
+                ("/dead-tcp/", 502, 1.0),
+            ] {
+                let series = format!(
+                    "cloudlet_front_door_backhaul_requests_total{{prefix=\"{prefix}\",status=\"{status}\"}}"
+                );
+                assert_eq!(sample(&registry_a, &series), Some(count), "{series}");
+            }
+            serving_a.abort();
+            serving_b.abort();
+            serving_origin.abort();
+        });
+    }
+
+    /// Handshakes by group, failures by reason, open connections and bytes move.
+    #[test]
+    fn metrics_count_handshakes_failures_and_bytes() {
+        let dir = TempDir::new("metrics");
+        runtime().block_on(async {
+            let metrics = FrontDoorMetrics::default();
+            let mut registry = Registry::default();
+            metrics.register(&mut registry);
+            let (addr, roots, serving) = start_with(&dir.0, PqMode::Required, Vec::new(), metrics);
+            assert_eq!(sample(&registry, &hybrid_handshakes("h3")), None);
+
+            let (status, _) =
+                get_h3(addr, client(roots.clone(), None, quic::ALPN_H3), "/healthz").await;
+            assert_eq!(status, 200);
+            let (head, _) = get_https(addr, client(roots.clone(), None, b"http/1.1"), "/healthz")
+                .await
+                .unwrap();
+            assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+
+            let classical = |alpn: &[u8]| {
+                client(
+                    roots.clone(),
+                    Some(vec![aws_lc_rs::kx_group::X25519]),
+                    alpn,
+                )
+            };
+            get_https(addr, classical(b"http/1.1"), "/healthz")
+                .await
+                .unwrap_err();
+            let mut endpoint = quinn::Endpoint::client(LOOPBACK).unwrap();
+            endpoint.set_default_client_config(
+                quic::quinn_client_config_from(classical(quic::ALPN_H3)).unwrap(),
+            );
+            endpoint
+                .connect(addr, "localhost")
+                .unwrap()
+                .await
+                .expect_err("a classical client must not connect");
+
+            // Connections are counted as closed once the server has seen them end.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let open = |t: &str| {
+                sample(
+                    &registry,
+                    &format!("cloudlet_front_door_active_connections{{transport=\"{t}\"}}"),
+                )
+            };
+            while open("quic") != Some(0.0) || open("tls") != Some(0.0) {
+                assert!(
+                    Instant::now() < deadline,
+                    "connections still open: quic {:?}, tls {:?}",
+                    open("quic"),
+                    open("tls")
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(sample(&registry, &hybrid_handshakes("h3")), Some(1.0));
+            assert_eq!(sample(&registry, &hybrid_handshakes("http/1.1")), Some(1.0));
+            for transport in ["quic", "tls"] {
+                let series = format!(
+                    "cloudlet_front_door_handshake_failures_total{{transport=\"{transport}\",reason=\"no_shared_group\"}}"
+                );
+                assert_eq!(sample(&registry, &series), Some(1.0), "{series}");
+                for direction in ["received", "sent"] {
+                    let series = format!(
+                        "cloudlet_front_door_{direction}_bytes_total{{transport=\"{transport}\"}}"
+                    );
+                    // At least a ClientHello with a 1216-byte key share, or a certificate.
+                    let bytes = sample(&registry, &series).unwrap_or(0.0);
+                    assert!(bytes > 1000.0, "{series} = {bytes}");
+                }
+            }
+            serving.abort();
+        });
+    }
+
+    /// A browser process group, killed on drop (Chromium starts helper processes).
+    struct Browser(Child);
+
+    impl Drop for Browser {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory preconditions; the group is the one our child leads.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Chromium, an independent HTTP/3 client, fetches `/healthz` from cloudletd's front
+    /// door over QUIC (forced for the origin, certificate pinned by its SPKI hash): the page
+    /// it dumps, the access log and the metrics all say HTTP/3 with X25519MLKEM768.
+    #[test]
+    fn chromium_fetches_healthz_over_h3_with_the_hybrid() {
+        use std::os::unix::process::CommandExt as _;
+        let dir = TempDir::new("chromium");
+        let config = dir.0.join("cloudlet.toml");
+        std::fs::write(
+            &config,
+            "[admin]\nsocket = \"admin.sock\"\n\n\
+             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\npq = \"required\"\n\
+             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\nnames = [\"localhost\", \"127.0.0.1\"]\n",
+        )
+        .unwrap();
+        let mut run = Running::start(&config);
+        let origin = format!("127.0.0.1:{}", run.addr.port());
+        let chromium = std::env::var_os("CHROMIUM").unwrap_or_else(|| "chromium".into());
+        let spawned = Command::new(&chromium)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--enable-quic",
+            ])
+            .arg(format!("--user-data-dir={}", dir.0.join("profile").display()))
+            .arg(format!("--origin-to-force-quic-on={origin}"))
+            .arg(format!("--ignore-certificate-errors-spki-list={}", run.hash))
+            .arg("--dump-dom")
+            .arg(format!("https://{origin}/healthz"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (`cargo xtask setup` installs Debian's chromium; CHROMIUM names another)",
+                    Path::new(&chromium).display()
+                )
+            });
+        let mut browser = Browser(spawned);
+        let mut stdout = browser.0.stdout.take().unwrap();
+        let mut stderr = browser.0.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+            s
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = browser.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromium did not finish within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        drop(browser);
+        let (dom, stderr) = (out.join().unwrap(), err.join().unwrap());
+        assert!(status.success(), "chromium: {status}\n{stderr}");
+
+        // The page Chromium received: the front door's own record of the connection.
+        let page = dom
+            .split_once("<pre")
+            .and_then(|(_, rest)| rest.split_once('>'))
+            .and_then(|(_, rest)| rest.split_once("</pre>"))
+            .map(|(json, _)| json)
+            .unwrap_or_else(|| panic!("no JSON in the dumped page:\n{dom}\n{stderr}"));
+        let v = json(page);
+        assert_eq!(v["protocol"], "h3", "{page}");
+        assert_eq!(v["kx_group"], "X25519MLKEM768", "{page}");
+
+        let access = run.access_lines(&["h3 "]);
+        assert!(
+            access
+                .iter()
+                .any(|l| l.contains("] h3 127.0.0.1:") && l.contains(" group=X25519MLKEM768 ")),
+            "{access:?}"
+        );
+        let metrics = cloudlet::admin::get(&dir.0.join("admin.sock"), "/metrics").unwrap();
+        let series = format!("{} ", hybrid_handshakes("h3"));
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+        assert!(
+            !metrics.contains(&hybrid_handshakes("http/1.1")),
+            "Chromium was forced onto QUIC, yet a TCP connection was made:\n{metrics}"
         );
     }
 }

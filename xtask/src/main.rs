@@ -211,8 +211,17 @@ fn main() -> Result<()> {
                 bench.arg("--quick");
             }
             run(&mut bench)?;
+            // QUIC handshakes and HTTP/3 bulk over loopback; adds its figures to the same
+            // results.json.
+            let mut quic_bench = Command::new(root.join("target/release/quic-bench"));
+            quic_bench.args(["--out", "target/cloudlet-bench"]);
+            if quick {
+                quic_bench.arg("--quick");
+            }
+            run(&mut quic_bench)?;
             let mut criterion = cargo();
             criterion.args(["bench", "-p", "cloudlet-benches", "--bench", "userspace"]);
+            criterion.args(["--bench", "mlkem"]);
             if quick {
                 criterion.args(["--", "--warm-up-time", "1", "--measurement-time", "2"]);
             }

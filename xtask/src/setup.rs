@@ -30,7 +30,8 @@ pub struct SetupOptions {
 /// `llvm-22-dev` brings `libLLVM.so.22.1`, which bpf-linker links dynamically, so no static
 /// compression libraries (`zlib1g-dev`, `libzstd-dev`) are needed. `gcc` builds the C parts
 /// of ring (rustls' provider) and of aws-lc-sys (the tests' independent TLS peer); aws-lc-sys
-/// needs neither cmake nor Go on x86_64 Linux.
+/// needs neither cmake nor Go on x86_64 Linux. `chromium` is the independent HTTP/3 client
+/// of the front door's browser test (it negotiates X25519MLKEM768 over QUIC).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "gcc",
@@ -42,6 +43,7 @@ const APT_PACKAGES: &[&str] = &[
     "ipset",
     "tcpdump",
     "xdp-tools",
+    "chromium",
 ];
 
 /// The stable toolchain named in `rust-toolchain.toml`, and the components it lists.

@@ -18,7 +18,10 @@ use cloudlet::{
     dataplane::metrics::DataplaneCollector,
     error_chain,
     node::{Node, NodeError, Update, mode_name},
-    quic::front_door::{self, FrontDoor},
+    quic::{
+        front_door::{self, FrontDoor},
+        metrics::FrontDoorMetrics,
+    },
 };
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
@@ -44,7 +47,10 @@ const NO_DATAPLANE: &str = "no dataplane: the configuration names no policy";
 
 /// Loads (or generates) the front door's certificate and binds its listeners; on failure,
 /// logs and returns the exit status.
-fn start_front_door(config: &front_door::FrontDoorConfig) -> Result<FrontDoor, ExitCode> {
+fn start_front_door(
+    config: &front_door::FrontDoorConfig,
+    metrics: FrontDoorMetrics,
+) -> Result<FrontDoor, ExitCode> {
     let fail = |e: front_door::FrontDoorError| {
         log::error!("front door: {}", error_chain(&e));
         if e.is_config() {
@@ -62,13 +68,23 @@ fn start_front_door(config: &front_door::FrontDoorConfig) -> Result<FrontDoor, E
             config.key.display()
         );
     }
-    let door = FrontDoor::bind(config, identity).map_err(fail)?;
+    let door = FrontDoor::bind(config, identity, metrics).map_err(fail)?;
     let addr = door.local_addr();
     log::info!(
         "front door on {addr}: HTTP/3 (UDP) and HTTPS (TCP), pq {}, certificate SPKI sha256 {}",
         config.pq,
         door.spki_sha256()
     );
+    for route in &config.backhaul {
+        log::info!(
+            "front door: {}* proxied to {} (pq {}, connect timeout {} ms, request timeout {} ms)",
+            route.prefix,
+            route.origin,
+            route.pq,
+            route.connect_timeout.as_millis(),
+            route.request_timeout.as_millis()
+        );
+    }
     Ok(door)
 }
 
@@ -159,6 +175,10 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
                 .ok()
         }))));
     }
+    let front_door_metrics = FrontDoorMetrics::default();
+    if config.front_door.is_some() {
+        front_door_metrics.register(&mut registry);
+    }
     let events_node = node.clone();
     let has_dataplane = node.is_some();
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
@@ -236,7 +256,7 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
 
     let front_door_task = match &config.front_door {
         None => None,
-        Some(fd) => match start_front_door(fd) {
+        Some(fd) => match start_front_door(fd, front_door_metrics) {
             Ok(door) => Some(tokio::spawn(door.serve())),
             Err(code) => return code,
         },

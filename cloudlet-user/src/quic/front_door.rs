@@ -10,28 +10,40 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::{
     NamedGroup,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
 };
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::{PqMode, QuicError};
+use super::{
+    PqMode, QuicError,
+    backhaul::{Backhaul, BackhaulConfig, BackhaulSetupError, MAX_BODY},
+    metrics::{FailureReason, FrontDoorMetrics},
+};
 
-/// ALPN identifier of HTTP/1.1, the HTTPS listener's protocol.
+/// ALPN identifier of HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// ALPN identifier of HTTP/2, preferred over HTTP/1.1 on the TCP listener.
+pub const ALPN_H2: &[u8] = b"h2";
 
-/// How long an HTTPS client may take to send its request head.
+/// How long a TCP client may take to complete its TLS handshake, and an HTTP/1.1 client to
+/// send a request head.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest HTTPS request head read.
-const MAX_REQUEST_HEAD: usize = 8192;
 
 /// The front door's settings (the `[front_door]` section of cloudletd's configuration).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +61,8 @@ pub struct FrontDoorConfig {
     pub self_signed: bool,
     /// Names (DNS names or IP addresses) a generated certificate is valid for.
     pub names: Vec<String>,
+    /// Path prefixes proxied to origins (`[[front_door.backhaul]]`).
+    pub backhaul: Vec<BackhaulConfig>,
 }
 
 /// Errors from starting the front door.
@@ -72,6 +86,9 @@ pub enum FrontDoorError {
     /// match the certificate).
     #[error(transparent)]
     Config(#[from] QuicError),
+    /// A backhaul route could not be set up (a CA file, a pin, a server name).
+    #[error(transparent)]
+    Backhaul(#[from] BackhaulSetupError),
     /// A listener could not be bound.
     #[error("binding {proto} {addr}: {source}")]
     Bind {
@@ -88,7 +105,7 @@ impl FrontDoorError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Pem { .. } | Self::HalfPair { .. } | Self::Config(_)
+            Self::Pem { .. } | Self::HalfPair { .. } | Self::Config(_) | Self::Backhaul(_)
         )
     }
 }
@@ -188,13 +205,21 @@ pub fn spki_sha256_base64(cert: &CertificateDer<'_>) -> Result<String, QuicError
     Ok(base64::engine::general_purpose::STANDARD.encode(Sha256::digest(spki.as_ref())))
 }
 
-/// The JSON body of `GET /healthz`.
-pub fn health_body(protocol: &str, pq: PqMode, group: Option<NamedGroup>) -> String {
+/// The JSON body of `GET /healthz`: the asking connection's protocol, key exchange group
+/// and serial number (per front door, from 1, so a client can tell whether two requests
+/// shared a connection).
+pub fn health_body(
+    protocol: &str,
+    pq: PqMode,
+    group: Option<NamedGroup>,
+    connection: u64,
+) -> String {
     serde_json::json!({
         "status": "ok",
         "protocol": protocol,
         "pq": pq.as_str(),
         "kx_group": group.map(group_name),
+        "connection": connection,
     })
     .to_string()
 }
@@ -208,34 +233,88 @@ pub fn group_name(group: NamedGroup) -> String {
     }
 }
 
-/// An answer of the front door.
-struct Answer {
-    status: u16,
-    body: String,
+/// What a request handler knows of the connection it came on.
+#[derive(Debug)]
+struct ConnectionInfo {
+    /// Serial number, from 1.
+    id: u64,
+    /// `h3`, `h2` or `http/1.1`.
+    protocol: &'static str,
+    group: Option<NamedGroup>,
+    remote: SocketAddr,
+    /// Requests served so far.
+    requests: AtomicU64,
 }
 
-/// Routes one request.
-fn route(
-    method: &str,
-    path: &str,
-    protocol: &str,
+/// A JSON answer.
+fn json_response(status: u16, body: String) -> http::Response<Bytes> {
+    http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Bytes::from(body))
+        .unwrap_or_default()
+}
+
+/// What both listeners share: routes, backhaul and metrics.
+struct Service {
     pq: PqMode,
-    group: Option<NamedGroup>,
-) -> Answer {
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/healthz") => Answer {
-            status: 200,
-            body: health_body(protocol, pq, group),
-        },
-        (_, "/healthz") => Answer {
-            status: 405,
-            body: "{\"error\":\"only GET is supported\"}".to_string(),
-        },
-        _ => Answer {
-            status: 404,
-            body: "{\"error\":\"no such route\"}".to_string(),
-        },
+    backhaul: Backhaul,
+    metrics: FrontDoorMetrics,
+    connections: AtomicU64,
+}
+
+impl Service {
+    /// Registers a new connection (after its handshake) and counts the handshake.
+    fn connection(
+        &self,
+        protocol: &'static str,
+        group: Option<NamedGroup>,
+        remote: SocketAddr,
+    ) -> ConnectionInfo {
+        let group_label = group.map_or_else(|| "-".to_string(), group_name);
+        self.metrics.handshake(protocol, &group_label);
+        ConnectionInfo {
+            id: self.connections.fetch_add(1, Ordering::Relaxed) + 1,
+            protocol,
+            group,
+            remote,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Answers one request (its body already read).
+    async fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        request: http::Request<Bytes>,
+    ) -> http::Response<Bytes> {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        let path = request.uri().path();
+        if let Some(route) = self.backhaul.route(path) {
+            return route.forward(request, conn.remote).await;
+        }
+        match (request.method(), path) {
+            (&http::Method::GET, "/healthz") => json_response(
+                200,
+                health_body(conn.protocol, self.pq, conn.group, conn.id),
+            ),
+            (_, "/healthz") => json_response(405, "{\"error\":\"only GET is supported\"}".into()),
+            _ => json_response(404, "{\"error\":\"no such route\"}".into()),
+        }
+    }
+
+    /// Logs a finished connection (target `cloudlet::access`).
+    fn log_connection(&self, conn: &ConnectionInfo, received: u64, sent: u64, since: Instant) {
+        log::info!(
+            target: "cloudlet::access",
+            "{} {} connection={} group={} requests={} received={received} sent={sent} duration_ms={}",
+            conn.protocol,
+            conn.remote,
+            conn.id,
+            conn.group.map_or_else(|| "-".to_string(), group_name),
+            conn.requests.load(Ordering::Relaxed),
+            since.elapsed().as_millis()
+        );
     }
 }
 
@@ -244,27 +323,43 @@ pub struct FrontDoor {
     endpoint: quinn::Endpoint,
     tcp: tokio::net::TcpListener,
     tls: tokio_rustls::TlsAcceptor,
-    pq: PqMode,
     port: u16,
     spki_sha256: String,
+    service: Arc<Service>,
 }
 
 impl FrontDoor {
-    /// Binds UDP and TCP on `config.listen` (the same port for both), presenting `identity`.
-    /// Must be called within a tokio runtime.
-    pub fn bind(config: &FrontDoorConfig, identity: Identity) -> Result<Self, FrontDoorError> {
+    /// Binds UDP and TCP on `config.listen` (the same port for both), presenting `identity`
+    /// and counting into `metrics`. Must be called within a tokio runtime.
+    pub fn bind(
+        config: &FrontDoorConfig,
+        identity: Identity,
+        metrics: FrontDoorMetrics,
+    ) -> Result<Self, FrontDoorError> {
         let spki_sha256 = identity
             .chain
             .first()
             .map(spki_sha256_base64)
             .transpose()?
             .unwrap_or_default();
+        let backhaul = Backhaul::new(&config.backhaul, &metrics)?;
         let quic = super::quinn_server_config(
             config.pq,
             identity.chain.clone(),
             identity.key.clone_key(),
         )?;
-        let tls = super::server_config(config.pq, identity.chain, identity.key, &[ALPN_HTTP11])?;
+        let tls = super::server_config(
+            config.pq,
+            identity.chain,
+            identity.key,
+            &[ALPN_H2, ALPN_HTTP11],
+        )?;
+        let service = Arc::new(Service {
+            pq: config.pq,
+            backhaul,
+            metrics,
+            connections: AtomicU64::new(0),
+        });
         // With port 0 the UDP port picked may be taken on TCP: try a few.
         let tries = if config.listen.port() == 0 { 8 } else { 1 };
         let mut last = None;
@@ -293,9 +388,9 @@ impl FrontDoor {
                         endpoint,
                         tcp,
                         tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-                        pq: config.pq,
                         port: udp.port(),
                         spki_sha256,
+                        service,
                     });
                 }
                 Err(source) => {
@@ -333,155 +428,270 @@ impl FrontDoor {
 
     /// Serves both listeners until the future is dropped.
     pub async fn serve(self) {
-        let h3 = serve_h3(self.endpoint.clone(), self.pq);
-        let https = serve_https(self.tcp, self.tls, self.pq, self.port);
-        tokio::join!(h3, https);
+        let h3 = serve_h3(self.endpoint.clone(), self.service.clone());
+        let tcp = serve_tcp(self.tcp, self.tls, self.service, self.port);
+        tokio::join!(h3, tcp);
     }
 }
 
 /// Accepts QUIC connections and serves HTTP/3 on each.
-async fn serve_h3(endpoint: quinn::Endpoint, pq: PqMode) {
+async fn serve_h3(endpoint: quinn::Endpoint, service: Arc<Service>) {
     while let Some(incoming) = endpoint.accept().await {
+        let service = service.clone();
         tokio::spawn(async move {
+            let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => h3_connection(conn, pq).await,
-                Err(e) => log::debug!("QUIC handshake failed: {e}"),
+                Ok(conn) => h3_connection(conn, service).await,
+                Err(e) => {
+                    let reason = FailureReason::of_quic(&e);
+                    service.metrics.handshake_failure("quic", reason);
+                    log::info!(
+                        target: "cloudlet::access",
+                        "h3 {remote} handshake failed reason={}: {e}",
+                        reason.as_str()
+                    );
+                }
             }
         });
     }
 }
 
 /// The key exchange group a QUIC connection negotiated.
-fn quic_group(conn: &quinn::Connection) -> Option<NamedGroup> {
+pub(crate) fn quic_group(conn: &quinn::Connection) -> Option<NamedGroup> {
     conn.handshake_data()?
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()
         .map(|h| h.negotiated_key_exchange_group)
 }
 
-async fn h3_connection(conn: quinn::Connection, pq: PqMode) {
-    let group = quic_group(&conn);
-    let remote = conn.remote_address();
-    let mut h3 =
-        match h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(conn)).await {
-            Ok(h) => h,
-            Err(e) => {
-                log::debug!("HTTP/3 from {remote}: {e}");
-                return;
-            }
-        };
-    loop {
-        match h3.accept().await {
+async fn h3_connection(conn: quinn::Connection, service: Arc<Service>) {
+    let since = Instant::now();
+    let _open = service.metrics.open("quic");
+    let info = Arc::new(service.connection("h3", quic_group(&conn), conn.remote_address()));
+    let mut h3 = match h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(
+        conn.clone(),
+    ))
+    .await
+    {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::debug!("HTTP/3 from {}: {e}", info.remote);
+            None
+        }
+    };
+    while let Some(h) = h3.as_mut() {
+        match h.accept().await {
             Ok(Some(resolver)) => {
+                let (service, info) = (service.clone(), info.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = h3_request(resolver, pq, group).await {
-                        log::debug!("HTTP/3 request from {remote}: {e}");
+                    if let Err(e) = h3_request(resolver, &service, &info).await {
+                        log::debug!("HTTP/3 request from {}: {e}", info.remote);
                     }
                 });
             }
             Ok(None) => break,
             Err(e) => {
                 if !e.is_h3_no_error() {
-                    log::debug!("HTTP/3 from {remote}: {e}");
+                    log::debug!("HTTP/3 from {}: {e}", info.remote);
                 }
                 break;
             }
         }
     }
+    drop(h3);
+    let stats = conn.stats();
+    service
+        .metrics
+        .bytes("quic", stats.udp_rx.bytes, stats.udp_tx.bytes);
+    service.log_connection(&info, stats.udp_rx.bytes, stats.udp_tx.bytes, since);
 }
 
 async fn h3_request(
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
-    pq: PqMode,
-    group: Option<NamedGroup>,
+    service: &Service,
+    info: &ConnectionInfo,
 ) -> Result<(), h3::error::StreamError> {
     let (request, mut stream) = resolver.resolve_request().await?;
-    let answer = route(
-        request.method().as_str(),
-        request.uri().path(),
-        "h3",
-        pq,
-        group,
-    );
-    let response = http::Response::builder()
-        .status(answer.status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(())
-        .unwrap_or_default();
-    stream.send_response(response).await?;
-    stream.send_data(Bytes::from(answer.body)).await?;
+    let mut body = BytesMut::new();
+    let mut too_large = false;
+    while let Some(chunk) = stream.recv_data().await? {
+        if body.len() + chunk.remaining() > MAX_BODY {
+            too_large = true;
+            break;
+        }
+        body.put(chunk);
+    }
+    let response = if too_large {
+        json_response(413, format!("{{\"error\":\"body over {MAX_BODY} bytes\"}}"))
+    } else {
+        let (parts, ()) = request.into_parts();
+        service
+            .handle(info, http::Request::from_parts(parts, body.freeze()))
+            .await
+    };
+    let (mut parts, body) = response.into_parts();
+    parts
+        .headers
+        .insert(http::header::CONTENT_LENGTH, body.len().into());
+    stream
+        .send_response(http::Response::from_parts(parts, ()))
+        .await?;
+    if !body.is_empty() {
+        stream.send_data(body).await?;
+    }
     stream.finish().await
 }
 
-/// Accepts TCP connections and serves one HTTP/1.1 request on each, over TLS.
-async fn serve_https(
+/// Counts the bytes that pass through a stream.
+struct Counted<S> {
+    inner: S,
+    received: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        poll
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and serves HTTP/2 or HTTP/1.1 (by ALPN) over TLS on each.
+async fn serve_tcp(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    pq: PqMode,
+    service: Arc<Service>,
     port: u16,
 ) {
+    let alt_svc = http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).ok();
     loop {
         let Ok((stream, remote)) = listener.accept().await else {
             continue;
         };
-        let acceptor = acceptor.clone();
+        let _ = stream.set_nodelay(true);
+        let (acceptor, service, alt_svc) = (acceptor.clone(), service.clone(), alt_svc.clone());
         tokio::spawn(async move {
-            let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let tls = acceptor.accept(stream).await?;
-                https_request(tls, pq, port).await
-            })
-            .await;
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => log::debug!("HTTPS from {remote}: {e}"),
-                Err(_) => log::debug!("HTTPS from {remote}: timed out"),
+            let since = Instant::now();
+            let _open = service.metrics.open("tls");
+            let (received, sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let counted = Counted {
+                inner: stream,
+                received: received.clone(),
+                sent: sent.clone(),
+            };
+            let tls = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(counted)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let reason = FailureReason::of_io(&e);
+                    service.metrics.handshake_failure("tls", reason);
+                    log::info!(
+                        target: "cloudlet::access",
+                        "tls {remote} handshake failed reason={}: {e}",
+                        reason.as_str()
+                    );
+                    return;
+                }
+                Err(_) => {
+                    service
+                        .metrics
+                        .handshake_failure("tls", FailureReason::Timeout);
+                    log::info!(target: "cloudlet::access", "tls {remote} handshake timed out");
+                    return;
+                }
+            };
+            let connection = tls.get_ref().1;
+            let group = connection.negotiated_key_exchange_group().map(|g| g.name());
+            let h2 = connection.alpn_protocol() == Some(ALPN_H2);
+            let info =
+                Arc::new(service.connection(if h2 { "h2" } else { "http/1.1" }, group, remote));
+            let handler = {
+                let (service, info) = (service.clone(), info.clone());
+                hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                    let (service, info, alt_svc) = (service.clone(), info.clone(), alt_svc.clone());
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let response = match http_body_util::Limited::new(body, MAX_BODY)
+                            .collect()
+                            .await
+                        {
+                            Ok(body) => {
+                                service
+                                    .handle(
+                                        &info,
+                                        http::Request::from_parts(parts, body.to_bytes()),
+                                    )
+                                    .await
+                            }
+                            Err(e) if e.is::<http_body_util::LengthLimitError>() => json_response(
+                                413,
+                                format!("{{\"error\":\"body over {MAX_BODY} bytes\"}}"),
+                            ),
+                            Err(e) => json_response(
+                                400,
+                                serde_json::json!({ "error": e.to_string() }).to_string(),
+                            ),
+                        };
+                        let mut response = response.map(Full::new);
+                        if let Some(v) = alt_svc {
+                            response.headers_mut().insert(http::header::ALT_SVC, v);
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                })
+            };
+            let io = TokioIo::new(tls);
+            let result = if h2 {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, handler)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(REQUEST_TIMEOUT)
+                    .serve_connection(io, handler)
+                    .await
+            };
+            if let Err(e) = result {
+                log::debug!("{} from {remote}: {e}", info.protocol);
             }
+            let (received, sent) = (
+                received.load(Ordering::Relaxed),
+                sent.load(Ordering::Relaxed),
+            );
+            service.metrics.bytes("tls", received, sent);
+            service.log_connection(&info, received, sent, since);
         });
     }
-}
-
-async fn https_request(
-    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    pq: PqMode,
-    port: u16,
-) -> std::io::Result<()> {
-    let group = tls
-        .get_ref()
-        .1
-        .negotiated_key_exchange_group()
-        .map(|g| g.name());
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() >= MAX_REQUEST_HEAD {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too long",
-            ));
-        }
-        match tls.read(&mut chunk).await? {
-            0 => return Ok(()),
-            n => head.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let answer = route(method, target, "http/1.1", pq, group);
-    let reason = match answer.status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Error",
-    };
-    let response = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nAlt-Svc: h3=\":{port}\"; ma=86400\r\nConnection: close\r\n\r\n{}",
-        answer.status,
-        answer.body.len(),
-        answer.body
-    );
-    tls.write_all(response.as_bytes()).await?;
-    tls.shutdown().await
 }
 
 #[cfg(test)]
@@ -503,6 +713,7 @@ mod tests {
             key: dir.join("tls/key.pem"),
             self_signed,
             names: vec!["localhost".to_string()],
+            backhaul: Vec::new(),
         }
     }
 
@@ -554,23 +765,39 @@ mod tests {
 
     #[test]
     fn routes() {
-        let ok = route(
-            "GET",
-            "/healthz?x=1",
+        let service = Service {
+            pq: PqMode::Required,
+            backhaul: Backhaul::default(),
+            metrics: FrontDoorMetrics::default(),
+            connections: AtomicU64::new(0),
+        };
+        let conn = service.connection(
             "h3",
-            PqMode::Required,
             Some(NamedGroup::X25519MLKEM768),
+            "127.0.0.1:1".parse().unwrap(),
         );
-        assert_eq!(ok.status, 200);
-        let v: serde_json::Value = serde_json::from_str(&ok.body).unwrap();
+        assert_eq!(conn.id, 1);
+        let ask = |method: &str, path: &str| {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Bytes::new())
+                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(service.handle(&conn, request))
+        };
+        let ok = ask("GET", "/healthz?x=1");
+        assert_eq!(ok.status(), 200);
+        let v: serde_json::Value = serde_json::from_slice(ok.body()).unwrap();
         assert_eq!(v["kx_group"], "X25519MLKEM768");
         assert_eq!(v["protocol"], "h3");
         assert_eq!(v["pq"], "required");
-        assert_eq!(
-            route("POST", "/healthz", "h3", PqMode::Off, None).status,
-            405
-        );
-        assert_eq!(route("GET", "/", "h3", PqMode::Off, None).status, 404);
+        assert_eq!(v["connection"], 1);
+        assert_eq!(ask("POST", "/healthz").status(), 405);
+        assert_eq!(ask("GET", "/").status(), 404);
+        assert_eq!(conn.requests.load(Ordering::Relaxed), 3);
         assert_eq!(group_name(NamedGroup::X25519), "x25519");
     }
 }

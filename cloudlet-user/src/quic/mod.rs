@@ -2,8 +2,10 @@
 //! ([`hybrid`]) on rustls' ring provider, and the rustls and quinn configurations that offer
 //! it according to a [`PqMode`]. Documented in `docs/quic.md`.
 
+pub mod backhaul;
 pub mod front_door;
 pub mod hybrid;
+pub mod metrics;
 
 use std::sync::Arc;
 
