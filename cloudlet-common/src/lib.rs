@@ -9,6 +9,11 @@ pub const MAX_RULES: usize = 16_384;
 /// `u64` words of a rule set's summary: bit `w` is set when word `w` of the set is not
 /// zero, so 64 * 64 * SUMMARY_WORDS rules at most.
 pub const SUMMARY_WORDS: usize = MAX_RULES / 64 / 64;
+/// Most `u64` words of a rule set (one bit per rule slot).
+pub const SET_WORDS: usize = MAX_RULES / 64;
+/// The words of one rule set, one element of the `SET_WORDS` map: a whole set per element,
+/// so a set is written with one map update, not one per word.
+pub type SetWords = [u64; SET_WORDS];
 /// Policy banks: the program reads the bank named by `ACTIVE`; user space writes the other
 /// one and then flips `ACTIVE`, so a packet sees either the old or the new policy.
 pub const BANKS: u32 = 2;
@@ -158,7 +163,7 @@ pub struct PolicyConfig {
     pub fields_used: u32,
     /// Argument of the default action (see [`RuleEntry::arg`]).
     pub default_arg: u32,
-    /// `u64` words of every rule set in `SET_WORDS` (the same for all sets of the program).
+    /// Words of rule slots the program's maps have room for (`RULES` holds 64 per word).
     pub words: u32,
     /// Index of this bank's rule 0 in `RULES` and `RULE_STATS`.
     pub rule_base: u32,

@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use cloudlet_common::{
     AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, Ipv6Addr, PolicyConfig, RateKey,
-    RateLimit, RuleEntry, Summary, field, flat, stat,
+    RateLimit, RuleEntry, SetWords, Summary, field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -53,9 +53,9 @@ static CLASSES: Array<AddrClass> = Array::with_max_entries(1, 0);
 #[map]
 static SET_SUMMARY: Array<Summary> = Array::with_max_entries(1, 0);
 
-/// Words of the rule sets, `PolicyConfig::words` per set. Sized by the loader.
+/// The rule sets' words, one set per element. Sized by the loader.
 #[map]
-static SET_WORDS: Array<u64> = Array::with_max_entries(1, 0);
+static SET_WORDS: Array<SetWords> = Array::with_max_entries(1, 0);
 
 /// IPv4 address to class: a flat multibit table (see `cloudlet_common::flat`), one first
 /// level per bank. Sized by the loader.

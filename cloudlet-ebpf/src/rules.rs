@@ -166,7 +166,6 @@ fn judge<const LPM: bool>(
             u32::MAX,
         );
         addr_of_mut!((*p).n).write(2);
-        addr_of_mut!((*p).words).write(cfg.words);
         addr_of_mut!((*p).rule_base).write(cfg.rule_base);
         addr_of_mut!((*p).rule).write(NO_RULE);
         addr_of_mut!((*p).action).write(0);
@@ -263,8 +262,6 @@ struct Scan {
     sets: [u32; MAX_SETS],
     /// Sets in use.
     n: u32,
-    /// Words per set.
-    words: u32,
     /// Index of the bank's slot 0 in `RULES`.
     rule_base: u32,
     /// AND of the sets' summaries; candidate words are cleared as they are tried, and a
@@ -338,9 +335,8 @@ impl Scan {
                 i += 1;
                 continue;
             }
-            let index = self.sets[i].wrapping_mul(self.words).wrapping_add(w);
-            match SET_WORDS.get(index) {
-                Some(word) => acc &= *word,
+            match SET_WORDS.get(self.sets[i]) {
+                Some(words) => acc &= words[w as usize & (cloudlet_common::SET_WORDS - 1)],
                 None => acc = 0,
             }
             i += 1;

@@ -432,7 +432,7 @@ fn test_run_section(
             .context("attaching for the run")?;
         links.push(link);
     }
-    let (rounds, repeat) = if o.quick { (5, 2_000) } else { (15, 10_000) };
+    let (rounds, repeat) = if o.quick { (5, 1_000) } else { (9, 2_000) };
     let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for _ in 0..rounds {
         for (name, loaded) in &configs {

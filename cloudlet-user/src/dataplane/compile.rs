@@ -226,11 +226,6 @@ impl RuleSets {
         self.len() == 0
     }
 
-    /// Word `w` of set `id`, zero past the set's words.
-    pub fn word(&self, id: u32, w: usize) -> u64 {
-        self.get(id).get(w).copied().unwrap_or(0)
-    }
-
     /// The words of set `id`.
     pub fn get(&self, id: u32) -> &[u64] {
         let w = self.words;

@@ -19,7 +19,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, field,
+    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, SetWords, field,
     flat::L1_CHUNKS,
 };
 
@@ -239,7 +239,7 @@ impl Loaded {
             .map_max_entries("CLASSES", cap.classes * BANKS)
             .map_max_entries("CLASS_STATS", cap.classes * 2)
             .map_max_entries("SET_SUMMARY", cap.sets * BANKS)
-            .map_max_entries("SET_WORDS", cap.sets * BANKS * cap.words)
+            .map_max_entries("SET_WORDS", cap.sets * BANKS)
             .map_max_entries("RATE_LIMITS", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("RATE_RULE_TAT", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("V4_TABLE", size(!lpm, cap.v4_chunks as usize))
@@ -408,9 +408,8 @@ impl Loaded {
     ) -> Result<(Bank, usize), DataplaneError> {
         let cap = self.capacity;
         let set_base = bank * cap.sets;
-        let stride = cap.words as usize;
         let old = std::mem::take(&mut self.written.banks[bank as usize]);
-        // Sets, word by word, and the summaries of the sets that changed.
+        // The sets and the summaries that changed.
         let (mut summaries, mut words) = (Vec::new(), Vec::new());
         if !Arc::ptr_eq(&old.sets, &c.sets) {
             let (new_sets, old_sets) = (&*c.sets, &*old.sets);
@@ -420,12 +419,10 @@ impl Loaded {
                     continue;
                 }
                 let global = set_base + i;
-                for w in 0..stride {
-                    let v = new_sets.word(i, w);
-                    if !was || v != old_sets.word(i, w) {
-                        words.push((global * cap.words + w as u32, v));
-                    }
-                }
+                let mut value: SetWords = [0; cloudlet_common::SET_WORDS];
+                let set = new_sets.get(i);
+                value[..set.len()].copy_from_slice(set);
+                words.push((global, value));
                 let summary = new_sets.summary(i);
                 if !was || summary != old_sets.summary(i) {
                     summaries.push((global, summary));
