@@ -578,7 +578,7 @@ pub fn scenarios(
         cloudlet: c,
         ipset: None,
         xdp_filter: None,
-        frames: frames(&|i| if i % 16 == 0 { 443 } else { 444 }),
+        frames: frames(&|i| if i % 32 < 2 { 443 } else { 444 }),
     });
 
     // One rule limits the service to 100,000 packets a second (one bucket for both
@@ -600,9 +600,15 @@ pub fn scenarios(
         frames: frames(&|_| 443),
     });
 
-    // Exact addresses and ports, which xdp-filter can express: every other source is
-    // blocked, and every other frame of the others goes to a blocked port.
-    let blocked: Vec<IpAddr> = sources.iter().step_by(2).copied().collect();
+    // Exact addresses and ports, which xdp-filter can express: half the sources are
+    // blocked, and half the frames of the others go to a blocked port (sources alternate
+    // between the families, so in eights: 4 blocked sources, 2 blocked ports, 2 open).
+    let blocked: Vec<IpAddr> = sources
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 8 < 4)
+        .map(|(_, s)| *s)
+        .collect();
     let ports = [7u16, 19, 1900, 11211];
     let text = format!(
         "default = \"pass\"\n[[rules]]\nname = \"blocked-hosts\"\nsrc_prefix = [{}]\naction = \"drop\"\n[[rules]]\nname = \"blocked-ports\"\ndst_port = [{}]\naction = \"drop\"\n",
@@ -648,7 +654,13 @@ pub fn scenarios(
         cloudlet: c,
         ipset: Some((nft::ipset_restore("blk", &[v4, v6]), rules)),
         xdp_filter: Some(cmds),
-        frames: frames(&|i| if i % 4 == 1 { ports[i / 4 % 4] } else { 443 }),
+        frames: frames(&|i| {
+            if i % 8 == 4 || i % 8 == 5 {
+                ports[i / 8 % 4]
+            } else {
+                443
+            }
+        }),
     });
     Ok(out)
 }
