@@ -241,6 +241,13 @@ impl Bed {
             .context("no XDP program attached to s0")
     }
 
+    /// The attached program alone, run by `BPF_PROG_TEST_RUN` on `frames` (200 times
+    /// each): ns per frame.
+    fn program_cost(&self, frames: &[Vec<u8>]) -> Result<f64> {
+        let fd = crate::loadgen::program_by_id(self.attached_program()?)?;
+        crate::loadgen::program_ns_per_packet(std::os::fd::AsFd::as_fd(&fd), frames, 200)
+    }
+
     /// Runs a command in the SUT namespace without a new mount namespace (xdp-filter keeps
     /// its state in the host's bpffs), feeding it `input`.
     pub fn nsenter(&self, args: &[&str], input: &str) -> Result<()> {
@@ -281,6 +288,9 @@ fn pin(pid: u32, cpu: usize) {
         libc::sched_setaffinity(pid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
+
+/// A command's arguments and what it reads on standard input.
+type Step<'a> = (Vec<&'a str>, &'a str);
 
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,8 +343,9 @@ impl Scenario {
         s
     }
 
-    /// Sets `system` up on `bed`, runs `count` frames through it, and takes it down again
-    /// (also when the run fails).
+    /// Sets `system` up on `bed`, runs `count` frames through it and, for the systems
+    /// that are an XDP program, that program alone on the scenario's frames; then takes
+    /// the system down again (also when the run fails).
     pub fn measure(
         &self,
         bed: &Bed,
@@ -343,138 +354,85 @@ impl Scenario {
         count: u32,
         pass: &CompiledPolicy,
     ) -> Result<Sample> {
-        let mut sample = self.measure_live(bed, generator, system, count, pass)?;
-        sample.program_ns_per_packet = match system {
-            System::Cloudlet | System::XdpFilter | System::XdpPass => {
-                Some(self.program_cost(bed, system, pass)?)
+        self.with_system(bed, system, pass, || {
+            let mut sample = bed.run(generator, count)?;
+            if matches!(
+                system,
+                System::Cloudlet | System::XdpFilter | System::XdpPass
+            ) {
+                sample.program_ns_per_packet = Some(bed.program_cost(&self.frames)?);
             }
-            _ => None,
-        };
-        Ok(sample)
+            Ok(sample)
+        })
     }
 
-    /// Attaches `system` (an XDP program) again and runs its program on the scenario's
-    /// frames through `BPF_PROG_TEST_RUN`: ns per frame.
-    fn program_cost(&self, bed: &Bed, system: System, pass: &CompiledPolicy) -> Result<f64> {
-        const REPEAT: u32 = 200;
-        let run = |bed: &Bed| -> Result<f64> {
-            let fd = crate::loadgen::program_by_id(bed.attached_program()?)?;
-            crate::loadgen::program_ns_per_packet(
-                std::os::fd::AsFd::as_fd(&fd),
-                &self.frames,
-                REPEAT,
-            )
-        };
-        match system {
-            System::XdpFilter => {
-                let cmds = self.xdp_filter.as_ref().context("no xdp-filter form")?;
-                bed.nsenter(
-                    &[
-                        "xdp-filter",
-                        "load",
-                        SUT_IF,
-                        "-m",
-                        "native",
-                        "-f",
-                        "udp,ipv4,ipv6",
-                    ],
-                    "",
-                )?;
-                let r = (|| {
-                    for c in cmds {
-                        let mut args = vec!["xdp-filter"];
-                        args.extend(c.iter().map(String::as_str));
-                        bed.nsenter(&args, "")?;
-                    }
-                    run(bed)
-                })();
-                bed.nsenter(&["xdp-filter", "unload", SUT_IF], "")?;
-                r
-            }
-            _ => {
-                let (c, kind) = if system == System::Cloudlet {
-                    (&self.cloudlet, ProgramKind::Policy)
-                } else {
-                    (pass, ProgramKind::Noop)
-                };
-                let mut loaded = Loaded::new(c, kind, false)?;
-                let _link = bed.attach(&mut loaded)?;
-                run(bed)
-            }
-        }
-    }
-
-    fn measure_live(
+    /// Runs `f` with `system` set up on `s0`, and takes it down after, whatever `f` gave.
+    fn with_system<T>(
         &self,
         bed: &Bed,
-        generator: &Generator,
         system: System,
-        count: u32,
         pass: &CompiledPolicy,
-    ) -> Result<Sample> {
-        match system {
-            System::Cloudlet => {
-                let mut loaded = Loaded::new(&self.cloudlet, ProgramKind::Policy, false)?;
-                let _link = bed.attach(&mut loaded)?;
-                bed.run(generator, count)
-            }
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        // The commands that set the system up (run in order) and take it down again.
+        let (program, up, down): (_, Vec<Step>, Vec<Vec<&str>>) = match system {
+            System::Cloudlet => (Some((&self.cloudlet, ProgramKind::Policy)), vec![], vec![]),
+            System::XdpPass => (Some((pass, ProgramKind::Noop)), vec![], vec![]),
             System::XdpFilter => {
                 let cmds = self.xdp_filter.as_ref().context("no xdp-filter form")?;
-                bed.nsenter(
-                    &[
-                        "xdp-filter",
-                        "load",
-                        SUT_IF,
-                        "-m",
-                        "native",
-                        "-f",
-                        "udp,ipv4,ipv6",
-                    ],
-                    "",
-                )?;
-                let result = (|| {
-                    for c in cmds {
-                        let mut args = vec!["xdp-filter"];
-                        args.extend(c.iter().map(String::as_str));
-                        bed.nsenter(&args, "")?;
-                    }
-                    bed.run(generator, count)
-                })();
-                bed.nsenter(&["xdp-filter", "unload", SUT_IF], "")?;
-                result
+                let load = vec![
+                    "xdp-filter",
+                    "load",
+                    SUT_IF,
+                    "-m",
+                    "native",
+                    "-f",
+                    "udp,ipv4,ipv6",
+                ];
+                let mut up = vec![(load, "")];
+                up.extend(cmds.iter().map(|c| {
+                    let mut args = vec!["xdp-filter"];
+                    args.extend(c.iter().map(String::as_str));
+                    (args, "")
+                }));
+                (None, up, vec![vec!["xdp-filter", "unload", SUT_IF]])
             }
             // The stack's hooks behind a program that passes everything (a veth only
             // polls its ring with a program attached).
-            System::XdpPass | System::Nftables | System::IptablesIpset => {
-                let mut loaded = Loaded::new(pass, ProgramKind::Noop, false)?;
-                let _link = bed.attach(&mut loaded)?;
-                match system {
-                    System::Nftables => {
-                        bed.nsenter(&["nft", "-f", "-"], &self.nftables)?;
-                        let r = bed.run(generator, count);
-                        bed.nsenter(&["nft", "delete", "table", "netdev", crate::nft::TABLE], "")?;
-                        r
-                    }
-                    System::IptablesIpset => {
-                        let (restore, rules) = self.ipset.as_ref().context("no ipset form")?;
-                        bed.nsenter(&["ipset", "restore"], restore)?;
-                        let r = (|| {
-                            for rule in rules {
-                                let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-                                bed.nsenter(&args, "")?;
-                            }
-                            bed.run(generator, count)
-                        })();
-                        for tool in ["iptables", "ip6tables"] {
-                            bed.nsenter(&[tool, "-t", "raw", "-F", "PREROUTING"], "")?;
-                        }
-                        bed.nsenter(&["ipset", "destroy"], "")?;
-                        r
-                    }
-                    _ => bed.run(generator, count),
-                }
+            System::Nftables => (
+                Some((pass, ProgramKind::Noop)),
+                vec![(vec!["nft", "-f", "-"], self.nftables.as_str())],
+                vec![vec!["nft", "delete", "table", "netdev", crate::nft::TABLE]],
+            ),
+            System::IptablesIpset => {
+                let (restore, rules) = self.ipset.as_ref().context("no ipset form")?;
+                let mut up = vec![(vec!["ipset", "restore"], restore.as_str())];
+                up.extend(
+                    rules
+                        .iter()
+                        .map(|r| (r.iter().map(String::as_str).collect(), "")),
+                );
+                let down = vec![
+                    vec!["iptables", "-t", "raw", "-F", "PREROUTING"],
+                    vec!["ip6tables", "-t", "raw", "-F", "PREROUTING"],
+                    vec!["ipset", "destroy"],
+                ];
+                (Some((pass, ProgramKind::Noop)), up, down)
             }
-        }
+        };
+        let mut loaded = program
+            .map(|(c, kind)| Loaded::new(c, kind, false))
+            .transpose()?;
+        let _link = loaded.as_mut().map(|l| bed.attach(l)).transpose()?;
+        let result = up
+            .iter()
+            .try_for_each(|(args, input)| bed.nsenter(args, input))
+            .and_then(|()| f());
+        // Every step down, even after a failure; the first error is the one reported.
+        let downs: Vec<Result<()>> = down.iter().map(|args| bed.nsenter(args, "")).collect();
+        let value = result?;
+        downs.into_iter().collect::<Result<()>>()?;
+        Ok(value)
     }
 }
 

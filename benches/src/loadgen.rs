@@ -178,8 +178,26 @@ pub fn program_by_id(id: u32) -> Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
-/// Mean ns per frame of XDP program `prog` over `frames`, each run `repeat` times by
-/// `BPF_PROG_TEST_RUN` (not live: the frames go nowhere).
+/// One `BPF_PROG_TEST_RUN` (not live: the frame goes nowhere) of XDP program `prog` on
+/// `frame`, `repeat` times: the program's return code and the kernel's mean ns per run.
+pub fn test_run(
+    prog: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, u32)> {
+    let mut attr = TestAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: attr points to the frame, which outlives the call; no output buffers.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.context("BPF_PROG_TEST_RUN")?;
+    Ok((attr.retval, attr.duration))
+}
+
+/// Mean ns per frame of XDP program `prog` over `frames`, each run `repeat` times.
 pub fn program_ns_per_packet(
     prog: std::os::fd::BorrowedFd<'_>,
     frames: &[Vec<u8>],
@@ -187,16 +205,7 @@ pub fn program_ns_per_packet(
 ) -> Result<f64> {
     let mut total = 0u64;
     for f in frames {
-        let mut attr = TestAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            data_size_in: f.len() as u32,
-            data_in: f.as_ptr() as u64,
-            repeat,
-            ..Default::default()
-        };
-        // SAFETY: attr points to the frame, which outlives the call; no output buffers.
-        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.context("BPF_PROG_TEST_RUN")?;
-        total += u64::from(attr.duration);
+        total += u64::from(test_run(prog, f, repeat)?.1);
     }
     Ok(total as f64 / frames.len().max(1) as f64)
 }

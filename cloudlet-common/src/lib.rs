@@ -163,8 +163,6 @@ pub struct PolicyConfig {
     pub fields_used: u32,
     /// Argument of the default action (see [`RuleEntry::arg`]).
     pub default_arg: u32,
-    /// Words of rule slots the program's maps have room for (`RULES` holds 64 per word).
-    pub words: u32,
     /// Index of this bank's rule 0 in `RULES` and `RULE_STATS`.
     pub rule_base: u32,
     /// Index of this bank's class 0 in `CLASSES`.
@@ -173,9 +171,10 @@ pub struct PolicyConfig {
     pub field_base: u32,
     /// First-level element of this bank in the flat tables (`flat::L1_CHUNKS * bank`).
     pub table_root: u32,
-    /// Words of the sets this bank's rules occupy (at most `words`): with one, the program
+    /// Words of the sets this bank's rules occupy (at most 256): with one, the program
     /// ANDs word 0 of each set and skips the summaries.
     pub rule_words: u32,
+    pub _pad: u32,
 }
 
 /// A token bucket, as the generic cell rate algorithm keeps it: a packet conforms when its

@@ -195,7 +195,9 @@ fn judge<const LPM: bool>(
     }
     if cfg.rule_words == 1 {
         // Rules of one word: no summary to consult.
-        scan.summary = [1, 0, 0, 0];
+        // SAFETY: the summary is SUMMARY_WORDS u64s, 8-byte aligned.
+        unsafe { fill(scan.summary.as_mut_ptr() as *mut u32, SUMMARY_WORDS * 2, 0) };
+        scan.summary[0] = 1;
         scan.step();
     } else if !scan.summarize() {
         return default_action;

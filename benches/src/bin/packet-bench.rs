@@ -2,7 +2,7 @@
 //! load the whole-world table. Every configuration runs in the same process, alternated
 //! round by round; figures are medians over rounds, each round a mean over many packets.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Instant};
+use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd as _, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
@@ -186,16 +186,15 @@ fn update_timings(
         let c = compiler.compile(&policy, None)?;
         compile.push(t.elapsed().as_secs_f64() * 1e3);
         let want = if drops_probe { 1 } else { 2 }; // XDP_DROP, XDP_PASS
-        let prog_fd = {
-            use std::os::fd::AsFd as _;
-            loaded.program()?.fd()?.as_fd().try_clone_to_owned()?
-        };
+        let prog_fd = loaded.program()?.fd()?.as_fd().try_clone_to_owned()?;
         let stop = std::sync::atomic::AtomicBool::new(false);
         let start = Instant::now();
         let (timings, seen) = std::thread::scope(|s| -> Result<_> {
             let watcher = s.spawn(|| {
                 loop {
-                    let code = test_run_fd(&prog_fd, &probe);
+                    let code = cloudlet_benches::loadgen::test_run(prog_fd.as_fd(), &probe, 1)
+                        .ok()
+                        .map(|(code, _)| code);
                     if code == Some(want) {
                         return Some(start.elapsed());
                     }
@@ -237,49 +236,6 @@ fn update_timings(
             "map elements".into(),
         ),
     ])
-}
-
-/// The XDP code of one BPF_PROG_TEST_RUN of the program `fd` on `frame`.
-fn test_run_fd(fd: &std::os::fd::OwnedFd, frame: &[u8]) -> Option<u32> {
-    use std::os::fd::AsRawFd as _;
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    let mut attr = TestAttr {
-        prog_fd: fd.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    // SAFETY: attr points to the frame, which outlives the call; no output buffers.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestAttr,
-            std::mem::size_of::<TestAttr>() as u32,
-        )
-    };
-    (ret == 0).then_some(attr.retval)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -718,7 +718,6 @@ impl Compiler {
                 rule_count: policy.rules.len() as u32,
                 fields_used: fields_used(policy),
                 default_arg: actions.default_arg,
-                words: words as u32,
                 rule_words: words as u32,
                 ..PolicyConfig::default()
             },

@@ -389,7 +389,6 @@ impl Loaded {
     /// `compiled.config` with the offsets of `bank`.
     fn bank_config(&self, compiled: &CompiledPolicy, bank: u32) -> PolicyConfig {
         PolicyConfig {
-            words: self.capacity.words,
             rule_base: bank * self.capacity.rules,
             class_base: bank * self.capacity.classes,
             field_base: bank * field::ENTRIES,
