@@ -264,6 +264,24 @@ struct Service {
 }
 
 impl Service {
+    /// Counts a failed handshake (by `transport`) and logs it on the access log (as
+    /// `label`).
+    fn handshake_failed(
+        &self,
+        transport: &str,
+        label: &str,
+        remote: SocketAddr,
+        reason: FailureReason,
+        detail: &dyn std::fmt::Display,
+    ) {
+        self.metrics.handshake_failure(transport, reason);
+        log::info!(
+            target: "cloudlet::access",
+            "{label} {remote} handshake failed reason={}: {detail}",
+            reason.as_str()
+        );
+    }
+
     /// Registers a new connection (after its handshake) and counts the handshake.
     fn connection(
         &self,
@@ -443,13 +461,7 @@ async fn serve_h3(endpoint: quinn::Endpoint, service: Arc<Service>) {
             match incoming.await {
                 Ok(conn) => h3_connection(conn, service).await,
                 Err(e) => {
-                    let reason = FailureReason::of_quic(&e);
-                    service.metrics.handshake_failure("quic", reason);
-                    log::info!(
-                        target: "cloudlet::access",
-                        "h3 {remote} handshake failed reason={}: {e}",
-                        reason.as_str()
-                    );
+                    service.handshake_failed("quic", "h3", remote, FailureReason::of_quic(&e), &e)
                 }
             }
         });
@@ -611,13 +623,7 @@ async fn serve_tcp(
             let tls = match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(counted)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    let reason = FailureReason::of_io(&e);
-                    service.metrics.handshake_failure("tls", reason);
-                    log::info!(
-                        target: "cloudlet::access",
-                        "tls {remote} handshake failed reason={}: {e}",
-                        reason.as_str()
-                    );
+                    service.handshake_failed("tls", "tls", remote, FailureReason::of_io(&e), &e);
                     return;
                 }
                 Err(_) => {
