@@ -11,9 +11,11 @@ pub const MAX_RULES: usize = 16_384;
 pub const SUMMARY_WORDS: usize = MAX_RULES / 64 / 64;
 /// Most `u64` words of a rule set (one bit per rule slot).
 pub const SET_WORDS: usize = MAX_RULES / 64;
-/// The words of one rule set, one element of the `SET_WORDS` map: a whole set per element,
-/// so a set is written with one map update, not one per word.
-pub type SetWords = [u64; SET_WORDS];
+/// One rule set, one element of the `SET_WORDS` map: its [`Summary`] in the first
+/// [`SUMMARY_WORDS`] words, then its words (word `w` at `SUMMARY_WORDS + w`). A whole set
+/// per element: a set is written with one map update, and a packet finds a set's summary
+/// and words with one lookup.
+pub type SetWords = [u64; SUMMARY_WORDS + SET_WORDS];
 /// Policy banks: the program reads the bank named by `ACTIVE`; user space writes the other
 /// one and then flips `ACTIVE`, so a packet sees either the old or the new policy.
 pub const BANKS: u32 = 2;
@@ -271,7 +273,7 @@ pub struct RuleEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrClass {
-    /// Set (in `SET_SUMMARY` / `SET_WORDS`) of the rules whose source criteria
+    /// Set (element of `SET_WORDS`) of the rules whose source criteria
     /// (`src_zone`, `src_prefix`) this class satisfies.
     pub src_set: u32,
     /// Set of the rules whose destination criteria this class satisfies.
@@ -334,9 +336,8 @@ pub mod field {
     pub const USED_IP_VERSION: u32 = 32;
 }
 
-/// Rule sets are stored as a summary (`SET_SUMMARY`, one element per set) and
-/// `PolicyConfig::words` words (`SET_WORDS`, element `set * words + w`): bit r of the set
-/// is bit `r % 64` of word `r / 64`, and bit w of the summary says word w is not zero.
+/// The summary of a rule set (the head of its [`SetWords`] element): bit r of the set is
+/// bit `r % 64` of word `r / 64`, and bit w of the summary says word w is not zero.
 /// Matching ANDs the summaries, then only the words they leave, lowest first.
 pub type Summary = [u64; SUMMARY_WORDS];
 

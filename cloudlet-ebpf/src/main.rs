@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use cloudlet_common::{
     AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, Ipv6Addr, PolicyConfig, RateKey,
-    RateLimit, RuleEntry, SetWords, Summary, field, flat, stat,
+    RateLimit, RuleEntry, SetWords, field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -49,11 +49,8 @@ static RULES: Array<RuleEntry> = Array::with_max_entries(1, 0);
 #[map]
 static CLASSES: Array<AddrClass> = Array::with_max_entries(1, 0);
 
-/// Summaries of the rule sets (see `cloudlet_common::Summary`). Sized by the loader.
-#[map]
-static SET_SUMMARY: Array<Summary> = Array::with_max_entries(1, 0);
-
-/// The rule sets' words, one set per element. Sized by the loader.
+/// The rule sets, one per element: summary, then words (see `cloudlet_common::SetWords`).
+/// Sized by the loader.
 #[map]
 static SET_WORDS: Array<SetWords> = Array::with_max_entries(1, 0);
 

@@ -12,8 +12,8 @@ use cloudlet_common::{
 
 use crate::{
     ACTIVE, CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, REDIRECT_CPUS, REDIRECT_DEVICES, RULE_STATS,
-    RULES, SCRATCH, SET_SUMMARY, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE,
-    V6_TABLE, V6_TRIE, events, geofence,
+    RULES, SCRATCH, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE,
+    events, geofence,
     parse::{self, Packet},
     ratelimit,
 };
@@ -179,19 +179,19 @@ fn judge<const LPM: bool>(
     // left out of the search.
     if cfg.fields_used != 0 {
         let mut f = 0;
+        let mut n = 2;
         while f < FIELDS {
-            scan.sets[2 + f as usize] = if cfg.fields_used & (1 << f) != 0 {
+            if cfg.fields_used & (1 << f) != 0 {
                 let index = cfg.field_base.wrapping_add(field_index(1 << f, pkt));
                 let Some(set) = FIELD_CLASS.get(index) else {
                     return default_action;
                 };
-                *set
-            } else {
-                ALL_RULES
-            };
+                scan.sets[n & (MAX_SETS - 1)] = *set;
+                n += 1;
+            }
             f += 1;
         }
-        scan.n = MAX_SETS as u32;
+        scan.n = n as u32;
     }
     if cfg.rule_words == 1 {
         // Rules of one word: no summary to consult.
@@ -254,13 +254,10 @@ pub struct Scratch {
 /// field.
 const MAX_SETS: usize = 2 + FIELDS as usize;
 
-/// In `Scan::sets`, a field no rule looks at: skipped.
-const ALL_RULES: u32 = u32::MAX;
-
 /// The state of the search for the first rule in every one of a packet's sets.
 #[repr(C)]
 struct Scan {
-    /// Set ids.
+    /// Set ids: source class, destination class, then the fields some rule looks at.
     sets: [u32; MAX_SETS],
     /// Sets in use.
     n: u32,
@@ -280,25 +277,25 @@ impl Scan {
     /// ANDs the summaries of the sets; false if a set is missing.
     #[inline(always)]
     fn summarize(&mut self) -> bool {
+        let (mut s0, mut s1, mut s2, mut s3) = (u64::MAX, u64::MAX, u64::MAX, u64::MAX);
         let mut i = 0;
         while i < MAX_SETS {
             if i as u32 >= self.n {
                 break;
             }
-            if self.sets[i] == ALL_RULES {
-                i += 1;
-                continue;
-            }
-            let Some(s) = SET_SUMMARY.get(self.sets[i]) else {
+            let Some(s) = SET_WORDS.get(self.sets[i]) else {
                 return false;
             };
-            let mut k = 0;
-            while k < SUMMARY_WORDS {
-                self.summary[k] &= s[k];
-                k += 1;
-            }
+            s0 &= s[0];
+            s1 &= s[1];
+            s2 &= s[2];
+            s3 &= s[3];
             i += 1;
         }
+        self.summary[0] = s0;
+        self.summary[1] = s1;
+        self.summary[2] = s2;
+        self.summary[3] = s3;
         true
     }
 
@@ -333,12 +330,10 @@ impl Scan {
             if i as u32 >= self.n {
                 break;
             }
-            if self.sets[i] == ALL_RULES {
-                i += 1;
-                continue;
-            }
             match SET_WORDS.get(self.sets[i]) {
-                Some(words) => acc &= words[w as usize & (cloudlet_common::SET_WORDS - 1)],
+                Some(set) => {
+                    acc &= set[SUMMARY_WORDS + (w as usize & (cloudlet_common::SET_WORDS - 1))]
+                }
                 None => acc = 0,
             }
             i += 1;

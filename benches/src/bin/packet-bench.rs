@@ -1,6 +1,7 @@
 //! Per-packet cost of the XDP programs through BPF_PROG_TEST_RUN, and the time to build and
 //! load the whole-world table. Every configuration runs in the same process, alternated
-//! round by round; figures are medians over rounds, each round a mean over many packets.
+//! round by round, each round a mean over many packets. The per-packet figures are the
+//! fastest round of each configuration, the others medians over rounds.
 
 use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd as _, path::PathBuf, time::Instant};
 
@@ -403,7 +404,13 @@ fn test_run_section(
     }
     drop(links);
     drop(ns);
-    let ns: BTreeMap<String, f64> = samples.into_iter().map(|(k, v)| (k, median(v))).collect();
+    // The fastest round: the noise of a shared machine only ever adds (a neighbour's load
+    // slows whole rounds, by up to 100 ns a packet here), so the slower rounds measure the
+    // machine, and their median flips with how many of them a configuration drew.
+    let ns: BTreeMap<String, f64> = samples
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().fold(f64::INFINITY, f64::min)))
+        .collect();
 
     let mut fig = |name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>| {
         figures.push(Figure {
@@ -485,7 +492,7 @@ fn test_run_section(
     }
 
     goals.push(format!(
-        "BPF_PROG_TEST_RUN figures: {} IPv4 and {} IPv6 sources, {repeat} runs each, median of {rounds} rounds",
+        "BPF_PROG_TEST_RUN figures: {} IPv4 and {} IPv6 sources, {repeat} runs each, fastest of {rounds} rounds",
         v4.len(),
         v6.len()
     ));

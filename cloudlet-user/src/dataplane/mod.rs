@@ -19,8 +19,8 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, SetWords, field,
-    flat::L1_CHUNKS,
+    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, SUMMARY_WORDS,
+    SetWords, field, flat::L1_CHUNKS,
 };
 
 pub use compile::{CompileError, CompiledPolicy, Compiler, compile};
@@ -238,7 +238,6 @@ impl Loaded {
             .map_max_entries("RULE_STATS", cap.rules * BANKS)
             .map_max_entries("CLASSES", cap.classes * BANKS)
             .map_max_entries("CLASS_STATS", cap.classes * 2)
-            .map_max_entries("SET_SUMMARY", cap.sets * BANKS)
             .map_max_entries("SET_WORDS", cap.sets * BANKS)
             .map_max_entries("RATE_LIMITS", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("RATE_RULE_TAT", compiled.rate_limits.len().max(1) as u32)
@@ -408,8 +407,8 @@ impl Loaded {
         let cap = self.capacity;
         let set_base = bank * cap.sets;
         let old = std::mem::take(&mut self.written.banks[bank as usize]);
-        // The sets and the summaries that changed.
-        let (mut summaries, mut words) = (Vec::new(), Vec::new());
+        // The sets that changed, each with its summary.
+        let mut words = Vec::new();
         if !Arc::ptr_eq(&old.sets, &c.sets) {
             let (new_sets, old_sets) = (&*c.sets, &*old.sets);
             for i in 0..new_sets.len() as u32 {
@@ -417,15 +416,11 @@ impl Loaded {
                 if was && old_sets.get(i) == new_sets.get(i) {
                     continue;
                 }
-                let global = set_base + i;
-                let mut value: SetWords = [0; cloudlet_common::SET_WORDS];
+                let mut value: SetWords = [0; SUMMARY_WORDS + cloudlet_common::SET_WORDS];
                 let set = new_sets.get(i);
-                value[..set.len()].copy_from_slice(set);
-                words.push((global, value));
-                let summary = new_sets.summary(i);
-                if !was || summary != old_sets.summary(i) {
-                    summaries.push((global, summary));
-                }
+                value[..SUMMARY_WORDS].copy_from_slice(&new_sets.summary(i));
+                value[SUMMARY_WORDS..SUMMARY_WORDS + set.len()].copy_from_slice(set);
+                words.push((set_base + i, value));
             }
         }
         let global = |id: u32| set_base + id;
@@ -448,8 +443,7 @@ impl Loaded {
                 .collect()
         };
         let e = &mut self.ebpf;
-        let mut n = summaries.len() + words.len() + field_class.len();
-        write_entries(e, "SET_SUMMARY", &summaries)?;
+        let mut n = words.len() + field_class.len();
         write_entries(e, "SET_WORDS", &words)?;
         n += write_diff(e, "CLASSES", bank * cap.classes, &classes, &old.classes)?;
         write_entries(e, "FIELD_CLASS", &field_class)?;
