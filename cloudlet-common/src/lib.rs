@@ -299,6 +299,20 @@ pub mod flat {
     pub const CHUNK_ENTRIES: usize = 256;
     /// Set in an entry that points to a chunk rather than holding a class.
     pub const PTR: u32 = 1 << 31;
+    /// Set in an entry that holds a class for its block's addresses except single
+    /// addresses with classes of their own (hosts), which are in the family's hosts map
+    /// (`V4_HOSTS`, `V6_HOSTS`): one hash lookup instead of a walk down to the address.
+    pub const HOSTS: u32 = 1 << 30;
+    /// The class bits of an entry that is not a pointer.
+    pub const CLASS: u32 = HOSTS - 1;
+}
+
+/// Key of the hosts maps: one address of `N` bytes (network order) in one bank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostKey<const N: usize> {
+    pub bank: u32,
+    pub addr: [u8; N],
 }
 
 /// Packet fields other than addresses that rules can match: each value of a field maps, in
@@ -406,6 +420,7 @@ mod pod {
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::GenHeader {}
+    unsafe impl<const N: usize> aya::Pod for super::HostKey<N> {}
 }
 
 // Layout checks: a size change here must be a deliberate change on both sides.
@@ -416,6 +431,8 @@ const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<AddrClass>() == 8);
+const _: () = assert!(core::mem::size_of::<HostKey<4>>() == 8);
+const _: () = assert!(core::mem::size_of::<HostKey<16>>() == 20);
 const _: () = assert!(core::mem::size_of::<GenHeader>() == trafficgen::HEADER_BYTES);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);
 const _: () = assert!(

@@ -16,12 +16,12 @@ mod xsk;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, CpuMap, DevMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, CpuMap, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, Ipv6Addr, PolicyConfig, RateKey,
-    RateLimit, RuleEntry, SetWords, field, flat, stat,
+    AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, HostKey, Ipv6Addr, PolicyConfig,
+    RateKey, RateLimit, RuleEntry, SetWords, field, flat, stat,
 };
 
 /// Set to 1 by `cloudlet classify` (through aya's `set_global`) so the program records
@@ -62,6 +62,15 @@ static V4_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS * BA
 /// IPv6 address to class, the same structure. Sized by the loader.
 #[map]
 static V6_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS * BANKS, 0);
+
+/// IPv4 hosts: single addresses with classes of their own, by bank, for the table entries
+/// marked `flat::HOSTS`. Sized by the loader.
+#[map]
+static V4_HOSTS: HashMap<HostKey<4>, u32> = HashMap::with_max_entries(1, 0);
+
+/// IPv6 hosts, the same. Sized by the loader.
+#[map]
+static V6_HOSTS: HashMap<HostKey<16>, u32> = HashMap::with_max_entries(1, 0);
 
 /// IPv4 prefixes as an LPM trie, used only by `cloudlet_lpm` (kept for comparison).
 #[map]

@@ -12,8 +12,8 @@ use cloudlet_common::{
 
 use crate::{
     ACTIVE, CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, REDIRECT_CPUS, REDIRECT_DEVICES, RULE_STATS,
-    RULES, SCRATCH, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_TABLE, V4_TRIE, V6_TABLE, V6_TRIE,
-    events, geofence,
+    RULES, SCRATCH, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_HOSTS, V4_TABLE, V4_TRIE, V6_HOSTS,
+    V6_TABLE, V6_TRIE, events, geofence,
     parse::{self, Packet},
     ratelimit,
 };
@@ -52,7 +52,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
         Ok(pkt) => {
             *addr_src = pkt.src;
             *addr_dst = pkt.dst;
-            let (act, arg) = judge::<LPM>(&pkt, cfg, len, d);
+            let (act, arg) = judge::<LPM>(&pkt, bank, cfg, len, d);
             if act == action::RATE_LIMIT {
                 ratelimit::resolve(arg, &pkt, len)
             } else {
@@ -108,6 +108,7 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn judge<const LPM: bool>(
     pkt: &Packet,
+    bank: u32,
     cfg: &PolicyConfig,
     len: u64,
     d: &mut Decision,
@@ -126,16 +127,16 @@ fn judge<const LPM: bool>(
     let root = cfg.table_root;
     let (src_class, dst_class) = match (pkt.ip_version == 4, LPM) {
         (true, false) => (
-            geofence::class_flat(&V4_TABLE, root, &pkt.src_v4()),
-            geofence::class_flat(&V4_TABLE, root, &pkt.dst_v4()),
+            geofence::class_flat(&V4_TABLE, &V4_HOSTS, bank, root, &pkt.src_v4()),
+            geofence::class_flat(&V4_TABLE, &V4_HOSTS, bank, root, &pkt.dst_v4()),
         ),
         (true, true) => (
             geofence::class_trie(&V4_TRIE, &pkt.src_v4()),
             geofence::class_trie(&V4_TRIE, &pkt.dst_v4()),
         ),
         (false, false) => (
-            geofence::class_flat(&V6_TABLE, root, &pkt.src),
-            geofence::class_flat(&V6_TABLE, root, &pkt.dst),
+            geofence::class_flat(&V6_TABLE, &V6_HOSTS, bank, root, &pkt.src),
+            geofence::class_flat(&V6_TABLE, &V6_HOSTS, bank, root, &pkt.dst),
         ),
         (false, true) => (
             geofence::class_trie(&V6_TRIE, &pkt.src),

@@ -562,7 +562,7 @@ pub const fn mode_name(mode: AttachMode) -> &'static str {
 
 fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant) {
     log::info!(
-        "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 and {} IPv6 table chunks; ready in {} ms (program load {} ms, map fill {} ms)",
+        "policy {}: {} rules, {} zones, {} GeoIP networks -> {} IPv4 / {} IPv6 prefixes, {} address classes, {} IPv4 and {} IPv6 table chunks, {} IPv4 and {} IPv6 hosts; ready in {} ms (program load {} ms, map fill {} ms)",
         path.display(),
         c.rule_count(),
         c.zone_names.len(),
@@ -572,6 +572,8 @@ fn log_policy(path: &Path, c: &CompiledPolicy, loaded: &Loaded, started: Instant
         c.stats.classes,
         c.stats.v4_chunks,
         c.stats.v6_chunks,
+        c.stats.v4_hosts,
+        c.stats.v6_hosts,
         started.elapsed().as_millis(),
         loaded.timings.load.as_millis(),
         loaded.timings.fill.as_millis(),

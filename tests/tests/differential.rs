@@ -62,13 +62,15 @@ fn random_prefixes(rng: &mut Rng, n: usize) -> Vec<Prefix> {
 }
 
 fn random_prefix(rng: &mut Rng, v6: bool) -> Prefix {
+    // One in six a single address (a host: the flat tables hand these to the hosts maps).
+    let host = rng.chance(16);
     let (bits, len) = if v6 {
-        let len = 16 + rng.below(57) as u32;
+        let len = if host { 128 } else { 16 + rng.below(57) as u32 };
         let base = *rng.pick(V6_BASES);
         let noise = (u128::from(rng.next()) << 64 | u128::from(rng.next())) >> (16 + rng.below(40));
         (base ^ noise, len)
     } else {
-        let len = 8 + rng.below(25) as u32;
+        let len = if host { 32 } else { 8 + rng.below(25) as u32 };
         let base = *rng.pick(V4_BASES);
         let noise = (rng.next() as u32) >> (8 + rng.below(20));
         (u128::from(base ^ noise), len)
@@ -336,6 +338,7 @@ fn xdp_verdicts_match_the_reference_evaluator() {
     let geo_networks = country_networks(&db);
     let (policies, packets) = (24, 120);
     let mut checked = 0;
+    let mut marked = 0;
     for round in 0..policies {
         let mut rng = Rng(seed ^ (round as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let with_countries = round % 3 == 0;
@@ -347,6 +350,7 @@ fn xdp_verdicts_match_the_reference_evaluator() {
             .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}\n{text}"));
         let geo = with_countries.then_some(&db);
         let compiled = compile(&policy, geo).expect("compile");
+        marked += host_entries(&compiled);
         let classifier = Classifier::new(&compiled).expect("load (needs root)");
         checked += check_packets(
             &mut rng,
@@ -362,6 +366,20 @@ fn xdp_verdicts_match_the_reference_evaluator() {
         );
     }
     assert_eq!(checked, policies * packets);
+    assert!(
+        marked > 0,
+        "no table entry sends its lookups to the hosts maps"
+    );
+}
+
+/// Entries of a policy's flat tables that send their lookups to the hosts maps.
+fn host_entries(c: &cloudlet::dataplane::CompiledPolicy) -> usize {
+    use cloudlet_common::flat::{HOSTS, PTR};
+    [&c.v4_chunks, &c.v6_chunks]
+        .into_iter()
+        .flat_map(|t| t.iter().flatten())
+        .filter(|e| **e & PTR == 0 && **e & HOSTS != 0)
+        .count()
 }
 
 /// Policies updated in place, one after another in the same program: after each update

@@ -25,7 +25,7 @@ use std::{
 
 use cloudlet_common::{
     AddrClass, BANKS, FlatChunk, PolicyConfig, RateLimit, RuleEntry, SUMMARY_WORDS, Summary,
-    flat::{CHUNK_ENTRIES, L1_CHUNKS, PTR},
+    flat::{CHUNK_ENTRIES, CLASS, HOSTS, L1_CHUNKS, PTR},
 };
 
 use crate::{
@@ -159,6 +159,8 @@ pub struct CompileStats {
     pub v6_prefixes: usize,
     pub v4_chunks: usize,
     pub v6_chunks: usize,
+    pub v4_hosts: usize,
+    pub v6_hosts: usize,
     pub classes: usize,
     /// Distinct rule sets.
     pub rule_sets: usize,
@@ -395,6 +397,10 @@ pub struct CompiledPolicy {
     pub v6_prefixes: Arc<Vec<LpmEntry<16>>>,
     pub v4_ranges: Arc<Vec<Range>>,
     pub v6_ranges: Arc<Vec<Range>>,
+    /// The ranges of a single address (hosts), for the hosts maps that the flat tables'
+    /// `HOSTS` entries send their lookups to.
+    pub v4_hosts: Arc<Vec<Range>>,
+    pub v6_hosts: Arc<Vec<Range>>,
     pub stats: CompileStats,
 }
 
@@ -668,7 +674,7 @@ impl Compiler {
             _ => {
                 let v4_ranges = Arc::new(sweep(true, &geo_v4, v4.clone(), it));
                 let v6_ranges = Arc::new(sweep(false, &geo_v6, v6.clone(), it));
-                if it.classes.len() >= PTR as usize {
+                if it.classes.len() > CLASS as usize {
                     return Err(CompileError::TooManyClasses(it.classes.len()));
                 }
                 let tables = tables(&v4_ranges, &v6_ranges);
@@ -707,6 +713,18 @@ impl Compiler {
         stats.v6_prefixes = v6_prefixes.len();
         stats.v4_chunks = v4_chunks.len();
         stats.v6_chunks = v6_chunks.len();
+        let hosts = |ranges: &[Range]| -> Arc<Vec<Range>> {
+            Arc::new(
+                ranges
+                    .iter()
+                    .filter(|r| r.start == r.end)
+                    .copied()
+                    .collect(),
+            )
+        };
+        let (v4_hosts, v6_hosts) = (hosts(&v4_ranges), hosts(&v6_ranges));
+        stats.v4_hosts = v4_hosts.len();
+        stats.v6_hosts = v6_hosts.len();
         stats.classes = classes.len();
         stats.rule_sets = sets.len();
         let actions = actions(policy, &layout);
@@ -740,6 +758,8 @@ impl Compiler {
             v6_prefixes,
             v4_ranges,
             v6_ranges,
+            v4_hosts,
+            v6_hosts,
             stats,
         })
     }
@@ -1253,6 +1273,15 @@ fn slot(chunks: &mut Vec<FlatChunk>, ranges: &[Range], start: u128, slot_bits: u
     if ranges.len() == 1 {
         return ranges[0].class;
     }
+    // A block of one class but for single addresses (blocklisted hosts, say): the class,
+    // marked for a lookup in the hosts map, instead of one chunk per address byte down to
+    // each host, which would cost a read per byte and scatter the table. Blocks that would
+    // take one chunk more are split as usual: a chunk read is cheaper than a hash lookup.
+    if slot_bits >= 16
+        && let Some(class) = background(ranges)
+    {
+        return HOSTS | class;
+    }
     // More than one range in the block: split it. A single address lies in exactly
     // one range, so slot_bits >= 8 here.
     let idx = chunks.len();
@@ -1268,6 +1297,14 @@ fn slot(chunks: &mut Vec<FlatChunk>, ranges: &[Range], start: u128, slot_bits: u
         },
     );
     PTR | idx as u32
+}
+
+/// The class of the ranges of more than one address in `ranges`, if there are any and they
+/// all have the same.
+fn background(ranges: &[Range]) -> Option<u32> {
+    let mut wide = ranges.iter().filter(|r| r.start != r.end);
+    let class = wide.next()?.class;
+    wide.all(|r| r.class == class).then_some(class)
 }
 
 /// Fills `count` child slots of `child_bits` each, starting at `start`.

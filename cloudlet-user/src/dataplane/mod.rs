@@ -19,8 +19,8 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, SUMMARY_WORDS,
-    SetWords, field, flat::L1_CHUNKS,
+    AddrClass, BANKS, Counter, FlatChunk, HostKey, MAX_RULES, PolicyConfig, RuleEntry,
+    SUMMARY_WORDS, SetWords, field, flat::L1_CHUNKS,
 };
 
 pub use compile::{CompileError, CompiledPolicy, Compiler, compile};
@@ -134,6 +134,9 @@ pub struct Capacity {
     /// Elements of the flat tables (both banks' first levels and the chunks).
     pub v4_chunks: u32,
     pub v6_chunks: u32,
+    /// Hosts (single addresses with classes of their own) per bank.
+    pub v4_hosts: u32,
+    pub v6_hosts: u32,
 }
 
 impl Capacity {
@@ -150,6 +153,8 @@ impl Capacity {
             sets: grow(c.sets.len(), 1024),
             v4_chunks: grow(c.v4_chunks.len(), 256),
             v6_chunks: grow(c.v6_chunks.len(), 256),
+            v4_hosts: grow(c.v4_hosts.len(), 256),
+            v6_hosts: grow(c.v6_hosts.len(), 256),
         }
     }
 
@@ -160,6 +165,8 @@ impl Capacity {
             ("rule slots", c.rules.len(), self.rules),
             ("address classes", c.classes.len(), self.classes),
             ("rule sets", c.sets.len(), self.sets),
+            ("IPv4 hosts", c.v4_hosts.len(), self.v4_hosts),
+            ("IPv6 hosts", c.v6_hosts.len(), self.v6_hosts),
         ];
         checks
             .into_iter()
@@ -176,6 +183,8 @@ struct Bank {
     classes: Vec<AddrClass>,
     field_class: Arc<Vec<u32>>,
     rules: Arc<Vec<RuleEntry>>,
+    v4_hosts: Arc<Vec<Range>>,
+    v6_hosts: Arc<Vec<Range>>,
 }
 
 /// The policy a program's maps hold, for writing the next one beside it.
@@ -243,6 +252,8 @@ impl Loaded {
             .map_max_entries("RATE_RULE_TAT", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("V4_TABLE", size(!lpm, cap.v4_chunks as usize))
             .map_max_entries("V6_TABLE", size(!lpm, cap.v6_chunks as usize))
+            .map_max_entries("V4_HOSTS", size(!lpm, (cap.v4_hosts * BANKS) as usize))
+            .map_max_entries("V6_HOSTS", size(!lpm, (cap.v6_hosts * BANKS) as usize))
             .map_max_entries("V4_TRIE", size(lpm, compiled.v4_prefixes.len()))
             .map_max_entries("V6_TRIE", size(lpm, compiled.v6_prefixes.len()))
             .override_global("TRACE", &trace_flag, true)
@@ -450,11 +461,27 @@ impl Loaded {
         if !Arc::ptr_eq(&old.rules, &c.rules) {
             n += write_diff(e, "RULES", bank * cap.rules, &c.rules, &old.rules)?;
         }
+        // The hosts of the flat tables (the LPM tries hold them as prefixes).
+        let flat = self.kind != ProgramKind::PolicyLpm;
+        if flat {
+            n += write_hosts::<4>(e, "V4_HOSTS", bank, &c.v4_hosts, &old.v4_hosts)?;
+            n += write_hosts::<16>(e, "V6_HOSTS", bank, &c.v6_hosts, &old.v6_hosts)?;
+        }
         self.written.banks[bank as usize] = Bank {
             sets: c.sets.clone(),
             classes,
             field_class: c.field_class.clone(),
             rules: c.rules.clone(),
+            v4_hosts: if flat {
+                c.v4_hosts.clone()
+            } else {
+                Arc::default()
+            },
+            v6_hosts: if flat {
+                c.v6_hosts.clone()
+            } else {
+                Arc::default()
+            },
         };
         Ok((old, n))
     }
@@ -764,6 +791,62 @@ fn write_diff<V: aya::Pod + PartialEq + Default>(
         .collect();
     write_entries(ebpf, name, &entries)?;
     Ok(entries.len())
+}
+
+/// Makes `bank`'s part of hosts map `name` (addresses of `N` bytes) hold `new` where it
+/// held `old`: writes the hosts that are new or changed class, removes those gone.
+/// Returns the elements changed.
+fn write_hosts<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    bank: u32,
+    new: &[Range],
+    old: &[Range],
+) -> Result<usize, DataplaneError> {
+    if std::ptr::eq(new, old) {
+        return Ok(0);
+    }
+    let key = |addr: u128| HostKey::<N> {
+        bank,
+        addr: std::array::from_fn(|i| addr.to_be_bytes()[16 - N + i]),
+    };
+    let was: std::collections::HashMap<u128, u32> =
+        old.iter().map(|r| (r.start, r.class)).collect();
+    let (keys, values): (Vec<HostKey<N>>, Vec<u32>) = new
+        .iter()
+        .filter(|r| was.get(&r.start) != Some(&r.class))
+        .map(|r| (key(r.start), r.class))
+        .unzip();
+    let is: std::collections::HashSet<u128> = new.iter().map(|r| r.start).collect();
+    let gone: Vec<HostKey<N>> = old
+        .iter()
+        .filter(|r| !is.contains(&r.start))
+        .map(|r| key(r.start))
+        .collect();
+    if keys.is_empty() && gone.is_empty() {
+        return Ok(0);
+    }
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
+    // Those gone first: the bank never holds more than the old or the new hosts.
+    let mut hosts: aya::maps::HashMap<_, HostKey<N>, u32> =
+        aya::maps::HashMap::try_from(&mut *map).map_err(map_err(name))?;
+    for k in &gone {
+        hosts.remove(k).map_err(map_err(name))?;
+    }
+    let batched = match &*map {
+        aya::maps::Map::HashMap(data) if !keys.is_empty() => {
+            update_batch(data, &keys, &values).map_err(batch_err(name))?
+        }
+        _ => false,
+    };
+    if !batched {
+        let mut hosts: aya::maps::HashMap<_, HostKey<N>, u32> =
+            aya::maps::HashMap::try_from(map).map_err(map_err(name))?;
+        for (k, v) in keys.iter().zip(&values) {
+            hosts.insert(k, v, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(keys.len() + gone.len())
 }
 
 /// Zeroes the per-CPU counters of `count` rules from `base` (a bank about to come into

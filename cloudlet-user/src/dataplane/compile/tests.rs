@@ -17,22 +17,43 @@ fn first_rule(c: &CompiledPolicy, src: &str, dst: &str) -> Option<usize> {
     c.first_rule(c.class_of(ip(src)), c.class_of(ip(dst)), &[])
 }
 
-/// Class of an address through a flat table, exactly as the XDP program walks it.
-fn flat_lookup(chunks: &[FlatChunk], addr: &[u8]) -> u32 {
-    flat_lookup_at(chunks, 0, addr)
+/// Class of an address through a flat table and its hosts, exactly as the XDP program
+/// walks them.
+fn flat_lookup(chunks: &[FlatChunk], hosts: &[Range], addr: &[u8]) -> u32 {
+    flat_lookup_at(chunks, hosts, 0, addr)
 }
 
 /// The same from the first level at element `root`.
-fn flat_lookup_at(chunks: &[FlatChunk], root: usize, addr: &[u8]) -> u32 {
+fn flat_lookup_at(chunks: &[FlatChunk], hosts: &[Range], root: usize, addr: &[u8]) -> u32 {
+    let leaf = |e: u32| {
+        if e & HOSTS == 0 {
+            return e;
+        }
+        let mut b = [0u8; 16];
+        b[16 - addr.len()..].copy_from_slice(addr);
+        let a = u128::from_be_bytes(b);
+        hosts
+            .binary_search_by_key(&a, |r| r.start)
+            .map_or(e & CLASS, |i| hosts[i].class)
+    };
     let mut e = chunks[root + usize::from(addr[0])][usize::from(addr[1])];
     for b in &addr[2..] {
         if e & PTR == 0 {
-            return e;
+            return leaf(e);
         }
         e = chunks[(e & !PTR) as usize][usize::from(*b)];
     }
     assert_eq!(e & PTR, 0, "a table path ends in a class");
-    e
+    leaf(e)
+}
+
+/// Entries of a flat table marked for the hosts map.
+fn host_entries(chunks: &[FlatChunk]) -> usize {
+    chunks
+        .iter()
+        .flatten()
+        .filter(|e| *e & PTR == 0 && *e & HOSTS != 0)
+        .count()
 }
 
 /// Class through the LPM entries: longest matching prefix.
@@ -185,6 +206,15 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
                 & (u128::MAX << (128 - len));
             prefixes.push(format!("\"{}/{len}\"", std::net::Ipv6Addr::from(addr)));
         }
+        // Hosts, some inside the prefixes above, some on their own, two to a block.
+        for _ in 0..10 {
+            let a = rng.next() as u32;
+            let b = u128::from(rng.next()) << 64 | u128::from(rng.next());
+            for (a, b) in [(a, b), (a ^ 2, b ^ 2)] {
+                prefixes.push(format!("\"{}/32\"", std::net::Ipv4Addr::from(a)));
+                prefixes.push(format!("\"{}/128\"", std::net::Ipv6Addr::from(b)));
+            }
+        }
         text.push_str(&format!(
             "[zones.z{z}]\nprefixes = [{}]\n",
             prefixes.join(", ")
@@ -192,11 +222,14 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
     }
     let c = compiled(&text);
     assert!(c.stats.classes > 6);
+    // Some blocks hold hosts and nothing else but their class: those go to the hosts map.
+    assert!(host_entries(&c.v4_chunks) > 0 && host_entries(&c.v6_chunks) > 0);
+    assert!(c.v4_hosts.len() >= 60 && c.v6_hosts.len() >= 60);
     for _ in 0..20_000 {
         let a = rng.next() as u32;
         let want = c.class_of(IpAddr::from(std::net::Ipv4Addr::from(a)));
         assert_eq!(
-            flat_lookup(&c.v4_chunks, &a.to_be_bytes()),
+            flat_lookup(&c.v4_chunks, &c.v4_hosts, &a.to_be_bytes()),
             want,
             "flat table at {}",
             std::net::Ipv4Addr::from(a)
@@ -207,7 +240,7 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
     for r in c.v4_ranges.iter() {
         for a in [r.start, r.end] {
             assert_eq!(
-                flat_lookup(&c.v4_chunks, &(a as u32).to_be_bytes()),
+                flat_lookup(&c.v4_chunks, &c.v4_hosts, &(a as u32).to_be_bytes()),
                 r.class
             );
             assert_eq!(lpm_lookup(&c.v4_prefixes, a, 32), r.class);
@@ -216,7 +249,10 @@ fn flat_table_and_lpm_entries_agree_with_the_ranges() {
     for r in c.v6_ranges.iter() {
         for a in [r.start, r.end] {
             assert_eq!(lpm_lookup(&c.v6_prefixes, a, 128), r.class);
-            assert_eq!(flat_lookup(&c.v6_chunks, &a.to_be_bytes()), r.class);
+            assert_eq!(
+                flat_lookup(&c.v6_chunks, &c.v6_hosts, &a.to_be_bytes()),
+                r.class
+            );
         }
     }
 }
@@ -372,7 +408,7 @@ fn patched_table_serves_the_new_policy_and_leaves_the_old_bank_alone() {
     let mut table = FlatTable::new(a.v4_chunks.clone(), a.v4_chunks.len() + 64);
     let before = table.chunks.to_vec();
     let b_policy = parse(&zones(
-        ", \"172.16.5.0/24\", \"10.1.2.0/24\", \"11.0.0.0/8\"",
+        ", \"172.16.5.0/24\", \"10.1.2.0/24\", \"11.0.0.0/8\", \"192.0.2.7/32\"",
     ));
     assert!(compiler.keeps_classes(&b_policy));
     let b = compiler.compile(&b_policy, None).unwrap();
@@ -390,18 +426,31 @@ fn patched_table_serves_the_new_policy_and_leaves_the_old_bank_alone() {
     let mut rng = Lcg(3);
     for _ in 0..20_000 {
         let x = rng.next() as u32;
-        let addr = match rng.next() % 4 {
+        let addr = match rng.next() % 5 {
             0 => 0x0a01_0200 | (x & 0xff),
+            4 => 0xc000_0200 | (x & 0xf),
             1 => 0xac10_0500 | (x & 0x1ff),
             2 => 0x0b00_0000 | (x & 0xff_ffff),
             _ => x,
         };
         let bytes = addr.to_be_bytes();
         let v4 = IpAddr::from(std::net::Ipv4Addr::from(addr));
-        assert_eq!(flat_lookup_at(&table.chunks, root, &bytes), b.class_of(v4));
-        assert_eq!(flat_lookup_at(&before, 0, &bytes), a.class_of(v4));
-        assert_eq!(flat_lookup_at(&table.chunks, 0, &bytes), a.class_of(v4));
+        assert_eq!(
+            flat_lookup_at(&table.chunks, &b.v4_hosts, root, &bytes),
+            b.class_of(v4)
+        );
+        assert_eq!(
+            flat_lookup_at(&before, &a.v4_hosts, 0, &bytes),
+            a.class_of(v4)
+        );
+        assert_eq!(
+            flat_lookup_at(&table.chunks, &a.v4_hosts, 0, &bytes),
+            a.class_of(v4)
+        );
     }
+    // The new host's /16 goes to the hosts map in the new bank only.
+    assert_eq!(host_entries(&table.chunks[root..2 * root]), 1);
+    assert_eq!(host_entries(&table.chunks[..root]), 0);
     // The old bank's classes kept their meaning.
     for (class, zones) in a.class_zones.iter().enumerate() {
         assert_eq!(b.class_zones[class], *zones);
