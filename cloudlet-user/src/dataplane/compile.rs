@@ -555,12 +555,13 @@ struct LastRanges {
     tables: Tables,
 }
 
-/// The flat tables and LPM entries of both families.
+/// The flat tables, LPM entries and hosts of both families.
 type Tables = (
     Arc<Vec<FlatChunk>>,
     Arc<Vec<LpmEntry<4>>>,
     Arc<Vec<FlatChunk>>,
     Arc<Vec<LpmEntry<16>>>,
+    (Arc<Vec<Range>>, Arc<Vec<Range>>),
 );
 
 /// Builds the tables of a policy's ranges, the two families side by side.
@@ -577,8 +578,19 @@ fn tables(v4_ranges: &[Range], v6_ranges: &[Range]) -> Tables {
             Arc::new(lpm_entries::<4>(v4_ranges, 32)),
         );
         let v6 = v6.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-        (v4.0, v4.1, v6.0, v6.1)
+        (v4.0, v4.1, v6.0, v6.1, (hosts(v4_ranges), hosts(v6_ranges)))
     })
+}
+
+/// The ranges of a single address.
+fn hosts(ranges: &[Range]) -> Arc<Vec<Range>> {
+    Arc::new(
+        ranges
+            .iter()
+            .filter(|r| r.start == r.end)
+            .copied()
+            .collect(),
+    )
 }
 
 impl Default for Compiler {
@@ -688,7 +700,7 @@ impl Compiler {
                 (v4_ranges, v6_ranges, tables)
             }
         };
-        let (v4_chunks, v4_prefixes, v6_chunks, v6_prefixes) = tables;
+        let (v4_chunks, v4_prefixes, v6_chunks, v6_prefixes, (v4_hosts, v6_hosts)) = tables;
         let it = &self.it;
         let t_sweep = t0.elapsed();
 
