@@ -725,16 +725,6 @@ impl Compiler {
         stats.v6_prefixes = v6_prefixes.len();
         stats.v4_chunks = v4_chunks.len();
         stats.v6_chunks = v6_chunks.len();
-        let hosts = |ranges: &[Range]| -> Arc<Vec<Range>> {
-            Arc::new(
-                ranges
-                    .iter()
-                    .filter(|r| r.start == r.end)
-                    .copied()
-                    .collect(),
-            )
-        };
-        let (v4_hosts, v6_hosts) = (hosts(&v4_ranges), hosts(&v6_ranges));
         stats.v4_hosts = v4_hosts.len();
         stats.v6_hosts = v6_hosts.len();
         stats.classes = classes.len();
