@@ -26,6 +26,8 @@ struct Opts {
     only: Option<String>,
     /// Length of the live benchmark's frames.
     frame_len: usize,
+    /// Only this live scenario (`geofence_world`, `rules_1000`, `rate_limit`, `exact`).
+    scenario: Option<String>,
 }
 
 fn opts() -> Opts {
@@ -34,6 +36,7 @@ fn opts() -> Opts {
         quick: false,
         only: None,
         frame_len: cloudlet_benches::live::FRAME_LEN,
+        scenario: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -53,6 +56,9 @@ fn opts() -> Opts {
                     "--only takes test-run or live, not {part}"
                 );
                 o.only = Some(part);
+            }
+            "--scenario" => {
+                o.scenario = Some(it.next().expect("--scenario needs a live scenario's name"));
             }
             other => panic!("unknown argument {other}"),
         }
@@ -566,7 +572,11 @@ fn live_section(
         .flat_map(|(a, b)| [*a, *b])
         .collect();
     let pass = prepare_policy(&write_policy(&o.out, "small-policy.toml", &small_policy()))?;
-    let all = scenarios(&bed, db, &sources, &o.out, o.frame_len)?;
+    let mut all = scenarios(&bed, db, &sources, &o.out, o.frame_len)?;
+    if let Some(name) = &o.scenario {
+        all.retain(|s| s.name == name);
+        anyhow::ensure!(!all.is_empty(), "no live scenario {name}");
+    }
     let (rounds, count) = if o.quick {
         (1, 1_000_000)
     } else {
