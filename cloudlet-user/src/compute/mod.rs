@@ -1,0 +1,188 @@
+//! AI workloads: sentence embeddings with all-MiniLM-L6-v2 (BERT, 6 layers, 384
+//! dimensions, mean pooling, L2-normalised), computed by a [`Backend`].
+//!
+//! The model is read from a folder holding `model.safetensors`, `tokenizer.json` and
+//! `config.json` (`cargo xtask setup` unpacks it into `data/models/all-MiniLM-L6-v2`);
+//! nothing is fetched at run time. Inputs are tokenized as the reference
+//! (sentence-transformers) does: lower-cased WordPiece with `[CLS]` and `[SEP]`, truncated to
+//! [`MAX_TOKENS`] tokens.
+
+pub mod cpu;
+pub mod model;
+
+use std::path::{Path, PathBuf};
+
+pub use model::{BertConfig, BertWeights};
+
+/// Tokens per input at most, `[CLS]` and `[SEP]` included (the model's `max_seq_length`).
+pub const MAX_TOKENS: usize = 256;
+
+/// Where `cargo xtask setup` puts the model, relative to the repository.
+pub const DEFAULT_MODEL_DIR: &str = "data/models/all-MiniLM-L6-v2";
+
+/// The model's name, as requests and responses give it.
+pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
+
+/// Errors from loading the model or computing embeddings.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model {path}: {why}")]
+    Model { path: PathBuf, why: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{backend} backend: {why}")]
+    Backend { backend: &'static str, why: String },
+}
+
+/// Inputs tokenized for one forward pass: `batch` sequences padded to `seq` tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenBatch {
+    pub batch: usize,
+    pub seq: usize,
+    /// `batch * seq` token ids, row by row, padding 0.
+    pub ids: Vec<u32>,
+    /// `batch * seq`: 1 for a token, 0 for padding.
+    pub mask: Vec<u32>,
+}
+
+impl TokenBatch {
+    /// Pads `sequences` (token ids) into one batch.
+    pub fn pad(sequences: &[Vec<u32>]) -> Self {
+        let batch = sequences.len();
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = vec![0; batch * seq];
+        let mut mask = vec![0; batch * seq];
+        for (b, s) in sequences.iter().enumerate() {
+            ids[b * seq..b * seq + s.len()].copy_from_slice(s);
+            mask[b * seq..b * seq + s.len()].fill(1);
+        }
+        Self {
+            batch,
+            seq,
+            ids,
+            mask,
+        }
+    }
+}
+
+/// Something that turns token batches into embeddings.
+pub trait Backend: Send + Sync {
+    /// `"cpu"` or `"cuda"`, for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// One L2-normalised embedding of [`BertConfig::hidden`] values per sequence.
+    fn embed(&self, batch: &TokenBatch) -> Result<Vec<Vec<f32>>, ComputeError>;
+}
+
+/// One input, tokenized.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    /// Whether the input was longer than [`MAX_TOKENS`] and was cut.
+    pub truncated: bool,
+}
+
+/// The model's tokenizer, set up as the reference uses it.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Reads `tokenizer.json` from the model folder.
+    pub fn load(dir: &Path) -> Result<Self, ComputeError> {
+        let path = dir.join("tokenizer.json");
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ComputeError::Tokenizer(format!("{}: {e}", path.display())))?;
+        // The file pads and truncates to 128 for its own uses; the embedding model reads up to
+        // 256 tokens, unpadded (batches are padded by the caller).
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: MAX_TOKENS,
+                ..Default::default()
+            }))
+            .map_err(|e| ComputeError::Tokenizer(e.to_string()))?;
+        Ok(Self { inner })
+    }
+
+    /// Tokenizes `texts`.
+    pub fn encode(&self, texts: &[&str]) -> Result<Vec<Tokens>, ComputeError> {
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| ComputeError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| Tokens {
+                truncated: !e.get_overflowing().is_empty(),
+                ids: e.get_ids().to_vec(),
+            })
+            .collect())
+    }
+}
+
+/// The model: tokenizer and backend.
+pub struct Embedder {
+    pub tokenizer: Tokenizer,
+    pub backend: Box<dyn Backend>,
+}
+
+/// Embeddings of a list of inputs.
+#[derive(Clone, Debug)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens read, over all inputs.
+    pub tokens: usize,
+    /// Indexes of the inputs cut to [`MAX_TOKENS`].
+    pub truncated: Vec<usize>,
+}
+
+impl Embedder {
+    /// The model in `dir` on the CPU.
+    pub fn cpu(dir: &Path) -> Result<Self, ComputeError> {
+        let weights = BertWeights::load(dir)?;
+        Ok(Self {
+            tokenizer: Tokenizer::load(dir)?,
+            backend: Box::new(cpu::CpuBackend::new(weights)),
+        })
+    }
+
+    /// Embeds `texts` in one batch.
+    pub fn embed(&self, texts: &[&str]) -> Result<Embeddings, ComputeError> {
+        let tokens = self.tokenizer.encode(texts)?;
+        let truncated = tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.truncated)
+            .map(|(i, _)| i)
+            .collect();
+        let ids: Vec<Vec<u32>> = tokens.into_iter().map(|t| t.ids).collect();
+        let count = ids.iter().map(Vec::len).sum();
+        let vectors = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.backend.embed(&TokenBatch::pad(&ids))?
+        };
+        Ok(Embeddings {
+            vectors,
+            tokens: count,
+            truncated,
+        })
+    }
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
