@@ -218,3 +218,64 @@ fn geo_lookup_prints_country_and_zones() {
     assert_eq!(v["country"], "US");
     assert!(v.get("zone").is_none());
 }
+
+#[test]
+fn embed_prints_one_vector_a_line_and_names_cut_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/minilm-golden.json")).expect("fixtures"),
+    )
+    .expect("JSON");
+    let cases = golden["cases"].as_array().expect("cases");
+    // Two short inputs and one past 256 tokens.
+    let picked: Vec<&serde_json::Value> = [0, 4]
+        .into_iter()
+        .map(|i| &cases[i])
+        .chain(
+            cases
+                .iter()
+                .find(|c| c["tokens_untruncated"].as_u64() > Some(256)),
+        )
+        .collect();
+    assert_eq!(picked.len(), 3);
+    let input: String = picked
+        .iter()
+        .map(|c| format!("{}\n", c["text"].as_str().expect("text")))
+        .collect();
+    let model = root.join(cloudlet::compute::DEFAULT_MODEL_DIR);
+    let out = run(
+        cloudlet()
+            .args(["embed", "--batch", "2", "--model"])
+            .arg(&model),
+        &input,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for (line, case) in lines.iter().zip(&picked) {
+        let got: Vec<f32> = serde_json::from_str(line).expect("a JSON array");
+        let want: Vec<f32> = case["embedding"]
+            .as_array()
+            .expect("embedding")
+            .iter()
+            .map(|x| x.as_f64().expect("number") as f32)
+            .collect();
+        assert_eq!(got.len(), 384);
+        let sim = cloudlet::compute::cosine(&got, &want);
+        assert!(sim >= 0.9999, "cosine {sim}");
+    }
+    assert!(
+        stderr.contains("line 3: longer than 256 tokens"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("line 1:") && !stderr.contains("line 2:"),
+        "{stderr}"
+    );
+    // A missing model is a clear error.
+    let out = run(cloudlet().args(["embed", "--model", "/nonexistent"]), "x\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+}

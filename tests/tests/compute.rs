@@ -67,7 +67,11 @@ fn cpu_embeddings_match_the_reference_in_one_batch() {
         .filter(|(_, c)| c.tokens_untruncated > MAX_TOKENS)
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(long.len(), 2, "the fixtures hold two inputs past 256 tokens");
+    assert_eq!(
+        long.len(),
+        2,
+        "the fixtures hold two inputs past 256 tokens"
+    );
     assert_eq!(out.truncated, long);
 }
 
@@ -82,9 +86,15 @@ fn padding_does_not_change_an_embedding() {
         .expect("cases");
     for c in cases.iter().filter(|c| c.tokens_untruncated < 20) {
         let alone = e.embed(&[c.text.as_str()]).expect("embed");
-        let padded = e.embed(&[c.text.as_str(), longest.text.as_str()]).expect("embed");
+        let padded = e
+            .embed(&[c.text.as_str(), longest.text.as_str()])
+            .expect("embed");
         let sim = cosine(&alone.vectors[0], &padded.vectors[0]);
-        assert!(sim >= 0.99999, "{:?}: cosine {sim} alone against padded", c.text);
+        assert!(
+            sim >= 0.99999,
+            "{:?}: cosine {sim} alone against padded",
+            c.text
+        );
         assert!(cosine(&alone.vectors[0], &c.embedding) >= 0.9999);
     }
 }

@@ -490,7 +490,10 @@ fn embedding_model(root: &Path, r: &Reporter) -> Result<()> {
     let dir = model_dir(root);
     let stamp = fs::read_to_string(dir.join(MODEL_STAMP)).unwrap_or_default();
     let problem = if stamp.trim() != MODEL_WHEEL_SHA256 {
-        Some(format!("{} holds no model from the pinned wheel", dir.display()))
+        Some(format!(
+            "{} holds no model from the pinned wheel",
+            dir.display()
+        ))
     } else {
         MODEL_FILES
             .iter()

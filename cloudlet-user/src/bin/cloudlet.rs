@@ -62,6 +62,17 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Sentence embeddings (all-MiniLM-L6-v2) of the lines on stdin, one JSON array of 384
+    /// numbers a line, computed here on the CPU. Inputs past 256 tokens are cut, as the
+    /// reference does, and a warning names their line.
+    Embed {
+        /// The model folder (`cargo xtask setup` unpacks it).
+        #[arg(long, default_value = cloudlet::compute::DEFAULT_MODEL_DIR)]
+        model: PathBuf,
+        /// Lines embedded together.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
     /// Counters of the running cloudletd.
     Stats {
         /// cloudletd's admin socket.
@@ -122,6 +133,7 @@ fn main() -> ExitCode {
             json,
             watch,
         } => stats(&socket, json, watch),
+        Command::Embed { model, batch } => embed(&model, batch),
     };
     match result {
         Ok(code) => code,
@@ -130,6 +142,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn embed(model: &Path, batch: usize) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(batch > 0, "--batch must be at least 1");
+    let embedder = cloudlet::compute::Embedder::cpu(model)?;
+    let stdin = std::io::stdin().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut lines = stdin.lines();
+    let mut first = 1;
+    loop {
+        let chunk: Vec<String> = lines.by_ref().take(batch).collect::<Result<_, _>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let e = embedder.embed(&texts)?;
+        for i in &e.truncated {
+            eprintln!(
+                "warning: line {}: longer than {} tokens, cut",
+                first + i,
+                cloudlet::compute::MAX_TOKENS
+            );
+        }
+        for v in &e.vectors {
+            writeln!(out, "{}", serde_json::to_string(v)?)?;
+        }
+        out.flush()?;
+        first += chunk.len();
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn policy_check(file: &Path) -> anyhow::Result<ExitCode> {

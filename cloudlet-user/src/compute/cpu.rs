@@ -58,7 +58,11 @@ impl Backend for CpuBackend {
         let heads = c.heads;
         let head = h / heads;
         let scale = 1.0 / (head as f32).sqrt();
-        let (mut q, mut k, mut v) = (vec![0f32; rows * h], vec![0f32; rows * h], vec![0f32; rows * h]);
+        let (mut q, mut k, mut v) = (
+            vec![0f32; rows * h],
+            vec![0f32; rows * h],
+            vec![0f32; rows * h],
+        );
         let mut ctx = vec![0f32; rows * h];
         let mut attn = vec![0f32; rows * h];
         let mut inter = vec![0f32; rows * c.intermediate];
@@ -67,14 +71,28 @@ impl Backend for CpuBackend {
             linear(&x, rows, &layer.query, &mut q);
             linear(&x, rows, &layer.key, &mut k);
             linear(&x, rows, &layer.value, &mut v);
-            attention(&q, &k, &v, &batch.mask, b, t, h, heads, head, scale, &mut ctx);
+            attention(
+                &q,
+                &k,
+                &v,
+                &batch.mask,
+                b,
+                t,
+                h,
+                heads,
+                head,
+                scale,
+                &mut ctx,
+            );
             linear(&ctx, rows, &layer.attention_out, &mut attn);
             for (a, xi) in attn.iter_mut().zip(&x) {
                 *a += xi;
             }
             layer_norm(&mut attn, h, &layer.attention_norm);
             linear(&attn, rows, &layer.intermediate, &mut inter);
-            inter.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
+            inter
+                .par_chunks_mut(4096)
+                .for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
             linear(&inter, rows, &layer.output, &mut out);
             for (o, a) in out.iter_mut().zip(&attn) {
                 *o += a;

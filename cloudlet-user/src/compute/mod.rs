@@ -151,7 +151,8 @@ impl Embedder {
         })
     }
 
-    /// Embeds `texts` in one batch.
+    /// Embeds `texts`: sorted by length and run in batches of similar lengths (see
+    /// [`pack`]), so short inputs are not padded to the longest.
     pub fn embed(&self, texts: &[&str]) -> Result<Embeddings, ComputeError> {
         let tokens = self.tokenizer.encode(texts)?;
         let truncated = tokens
@@ -162,17 +163,47 @@ impl Embedder {
             .collect();
         let ids: Vec<Vec<u32>> = tokens.into_iter().map(|t| t.ids).collect();
         let count = ids.iter().map(Vec::len).sum();
-        let vectors = if ids.is_empty() {
-            Vec::new()
-        } else {
-            self.backend.embed(&TokenBatch::pad(&ids))?
-        };
+        let mut vectors = vec![Vec::new(); ids.len()];
+        for group in pack(&ids, MAX_BATCH, MAX_BATCH_TOKENS) {
+            let seqs: Vec<Vec<u32>> = group.iter().map(|i| ids[*i].clone()).collect();
+            let out = self.backend.embed(&TokenBatch::pad(&seqs))?;
+            for (i, v) in group.into_iter().zip(out) {
+                vectors[i] = v;
+            }
+        }
         Ok(Embeddings {
             vectors,
             tokens: count,
             truncated,
         })
     }
+}
+
+/// Sequences in one forward pass at most.
+pub const MAX_BATCH: usize = 64;
+/// Padded tokens (sequences × longest) in one forward pass at most.
+pub const MAX_BATCH_TOKENS: usize = 8192;
+
+/// Groups the indexes of `sequences` into batches of similar lengths: by length, shortest
+/// first, each batch at most `max_batch` sequences and `max_tokens` padded tokens (a
+/// sequence longer than that goes alone).
+pub fn pack(sequences: &[Vec<u32>], max_batch: usize, max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|i| sequences[*i].len());
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for i in order {
+        // Sorted: this sequence is the longest of the batch so far.
+        let padded = (current.len() + 1) * sequences[i].len();
+        if !current.is_empty() && (current.len() == max_batch || padded > max_tokens) {
+            out.push(std::mem::take(&mut current));
+        }
+        current.push(i);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 /// Cosine similarity of two vectors.
@@ -185,4 +216,38 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
         bb += y * y;
     }
     ab / (aa.sqrt() * bb.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_groups_similar_lengths_within_the_limits() {
+        let lens = [5usize, 300, 7, 6, 120, 5, 9, 250];
+        let seqs: Vec<Vec<u32>> = lens.iter().map(|n| vec![1; *n]).collect();
+        let groups = pack(&seqs, 3, 600);
+        // Every index once.
+        let mut all: Vec<usize> = groups.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+        for g in &groups {
+            assert!(g.len() <= 3);
+            let longest = g.iter().map(|i| lens[*i]).max().unwrap();
+            assert!(g.len() * longest <= 600 || g.len() == 1, "{g:?}");
+        }
+        // Shortest first: the short ones share a batch, the long ones do not pad them.
+        assert_eq!(groups, vec![vec![0, 5, 3], vec![2, 6, 4], vec![7, 1]]);
+        // A sequence over the token limit goes alone.
+        assert_eq!(pack(&seqs, 3, 200).last().unwrap(), &vec![1]);
+        assert!(pack(&[], 3, 600).is_empty());
+    }
+
+    #[test]
+    fn padding_marks_tokens_and_zero_fills() {
+        let b = TokenBatch::pad(&[vec![101, 7, 102], vec![101, 102]]);
+        assert_eq!((b.batch, b.seq), (2, 3));
+        assert_eq!(b.ids, vec![101, 7, 102, 101, 102, 0]);
+        assert_eq!(b.mask, vec![1, 1, 1, 1, 1, 0]);
+    }
 }

@@ -74,12 +74,11 @@ impl BertWeights {
             path: config_path.clone(),
             source,
         })?;
-        let config: BertConfig =
-            serde_json::from_str(&text).map_err(|e| ComputeError::Model {
-                path: config_path.clone(),
-                why: e.to_string(),
-            })?;
-        if config.heads == 0 || config.hidden % config.heads != 0 {
+        let config: BertConfig = serde_json::from_str(&text).map_err(|e| ComputeError::Model {
+            path: config_path.clone(),
+            why: e.to_string(),
+        })?;
+        if config.heads == 0 || !config.hidden.is_multiple_of(config.heads) {
             return Err(ComputeError::Model {
                 path: config_path,
                 why: format!("{} heads do not divide {}", config.heads, config.hidden),
@@ -94,7 +93,8 @@ impl BertWeights {
             path: path.clone(),
             why,
         };
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| model_err(e.to_string()))?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| model_err(e.to_string()))?;
         let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ComputeError> {
             let t = st
                 .tensor(name)
