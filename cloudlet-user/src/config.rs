@@ -43,6 +43,8 @@ pub struct Config {
     pub xsk_forward: Option<String>,
     /// The HTTP/3 and HTTPS front door, if configured.
     pub front_door: Option<FrontDoorConfig>,
+    /// Embeddings on the front door (`POST /v1/embeddings`), if configured.
+    pub compute: Option<crate::compute::ComputeConfig>,
 }
 
 /// Default pin folder.
@@ -64,6 +66,27 @@ struct RawConfig {
     #[serde(default)]
     xsk: RawXsk,
     front_door: Option<Spanned<RawFrontDoor>>,
+    compute: Option<Spanned<RawCompute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompute {
+    /// The model folder (`model.safetensors`, `tokenizer.json`, `config.json`).
+    model: String,
+    /// Default: auto.
+    #[serde(default)]
+    backend: crate::compute::BackendChoice,
+    /// Default: 32.
+    max_batch: Option<usize>,
+    /// Default: 5.
+    max_wait_ms: Option<u64>,
+    /// Default: 1024.
+    queue: Option<usize>,
+    /// Default: 256.
+    max_inputs: Option<usize>,
+    /// Default: 1 MiB.
+    max_body: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -281,7 +304,57 @@ impl Config {
                 })
             }
         };
+        let compute = match raw.compute {
+            None => None,
+            Some(c) => {
+                let at = c.span().start;
+                let c = c.into_inner();
+                if front_door.is_none() {
+                    return Err(invalid(
+                        at,
+                        "`compute` answers on the front door's listeners: add a `[front_door]`"
+                            .to_string(),
+                    ));
+                }
+                let defaults = crate::compute::dispatch::DispatchConfig::default();
+                let limits = crate::compute::http::Limits::default();
+                let dispatch = crate::compute::dispatch::DispatchConfig {
+                    max_batch: c.max_batch.unwrap_or(defaults.max_batch),
+                    max_wait: c
+                        .max_wait_ms
+                        .map_or(defaults.max_wait, std::time::Duration::from_millis),
+                    queue: c.queue.unwrap_or(defaults.queue),
+                };
+                let limits = crate::compute::http::Limits {
+                    max_inputs: c.max_inputs.unwrap_or(limits.max_inputs),
+                    max_body: c.max_body.unwrap_or(limits.max_body),
+                };
+                if dispatch.max_batch == 0 || dispatch.queue == 0 || limits.max_inputs == 0 {
+                    return Err(invalid(
+                        at,
+                        "`compute`: `max_batch`, `queue` and `max_inputs` must be at least 1"
+                            .to_string(),
+                    ));
+                }
+                if limits.max_inputs > dispatch.queue {
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "`compute`: `max_inputs` ({}) is over `queue` ({}): such a request could never be queued",
+                            limits.max_inputs, dispatch.queue
+                        ),
+                    ));
+                }
+                Some(crate::compute::ComputeConfig {
+                    model: resolve(&c.model),
+                    backend: c.backend,
+                    dispatch,
+                    limits,
+                })
+            }
+        };
         Ok(Self {
+            compute,
             policy: raw.policy.map(|p| resolve(p.get_ref())),
             interfaces: raw.interfaces,
             xdp_mode: raw.xdp_mode,

@@ -1722,4 +1722,223 @@ mod front_door {
             "Chromium was forced onto QUIC, yet a TCP connection was made:\n{metrics}"
         );
     }
+
+    /// `POST path` with a JSON `body` over HTTPS (HTTP/1.1); returns the response head and
+    /// body.
+    async fn post_https(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        path: &str,
+        body: &str,
+    ) -> std::io::Result<(String, String)> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let mut stream = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        stream
+            .write_all(
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        Ok((head.to_string(), body.to_string()))
+    }
+
+    fn status(head: &str) -> u16 {
+        head.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The golden embeddings of the reference (`scripts/golden_embeddings.py`).
+    fn golden() -> Vec<(String, Vec<f32>)> {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm-golden.json");
+        let v = json(&std::fs::read_to_string(path).unwrap());
+        v["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["text"].as_str().unwrap().to_string(),
+                    c["embedding"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn vector(v: &serde_json::Value) -> Vec<f32> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not an array: {v}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    }
+
+    /// cloudletd's `POST /v1/embeddings` over HTTP/3 and HTTPS: the reference's embeddings,
+    /// OpenAI-style answers and errors, truncation said, a full queue answered 503 with
+    /// `Retry-After`, and the compute metrics.
+    #[test]
+    fn cloudletd_serves_embeddings() {
+        let dir = TempDir::new("embeddings");
+        let config = dir.0.join("cloudlet.toml");
+        let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(cloudlet::compute::DEFAULT_MODEL_DIR);
+        std::fs::write(
+            &config,
+            format!(
+                "[admin]\nsocket = \"admin.sock\"\n\n\
+                 [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\n\
+                 cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n\n\
+                 [compute]\nmodel = {:?}\nmax_batch = 4\nmax_wait_ms = 10\nqueue = 8\nmax_inputs = 8\nmax_body = 65536\n",
+                model.display().to_string()
+            ),
+        )
+        .unwrap();
+        let run = Running::start(&config);
+        assert!(
+            run.log.iter().any(|l| l.contains("on the cpu backend")),
+            "{:?}",
+            run.log
+        );
+        let addr = run.addr;
+        let roots = roots(&dir.0.join("tls/cert.pem"));
+        let h3 = || client(roots.clone(), None, quic::ALPN_H3);
+        let https = || client(roots.clone(), None, b"http/1.1");
+        let cases = golden();
+        runtime().block_on(async {
+            // A list over HTTP/3.
+            let body = serde_json::json!({
+                "input": [cases[0].0, cases[4].0],
+                "model": "all-MiniLM-L6-v2",
+            })
+            .to_string();
+            let (code, answer) =
+                request_h3(addr, h3(), http::Method::POST, "/v1/embeddings", body.as_bytes()).await;
+            assert_eq!(code, 200, "{answer}");
+            let v = json(&answer);
+            assert_eq!(v["object"], "list");
+            assert_eq!(v["model"], "all-MiniLM-L6-v2");
+            let data = v["data"].as_array().unwrap();
+            assert_eq!(data.len(), 2);
+            for (i, want) in [0, 4].into_iter().enumerate() {
+                assert_eq!(data[i]["index"], i);
+                assert_eq!(data[i]["object"], "embedding");
+                let sim = cloudlet::compute::cosine(&vector(&data[i]["embedding"]), &cases[want].1);
+                assert!(sim >= 0.9999, "input {i}: cosine {sim}");
+            }
+            let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert!(tokens >= 20, "{v}");
+            assert_eq!(v["usage"]["total_tokens"].as_u64(), Some(tokens));
+            assert!(v.get("truncated").is_none());
+
+            // A string over HTTPS, as base64; and an input past 256 tokens, said.
+            let long = cases
+                .iter()
+                .find(|c| c.0.len() > 1500)
+                .expect("a long fixture");
+            let body = serde_json::json!({
+                "input": long.0, "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "encoding_format": "base64",
+            })
+            .to_string();
+            let (head, answer) = post_https(addr, https(), "/v1/embeddings", &body).await.unwrap();
+            assert_eq!(status(&head), 200, "{head}\n{answer}");
+            assert!(
+                head.to_ascii_lowercase().contains("cloudlet-truncated-inputs: 0"),
+                "{head}"
+            );
+            let v = json(&answer);
+            assert_eq!(v["truncated"]["inputs"], serde_json::json!([0]));
+            assert_eq!(v["truncated"]["max_tokens"], 256);
+            assert_eq!(v["usage"]["prompt_tokens"], 256);
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v["data"][0]["embedding"].as_str().unwrap())
+                .unwrap();
+            let got: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert!(cloudlet::compute::cosine(&got, &long.1) >= 0.9999);
+
+            // Bad requests: OpenAI-style errors with the right status.
+            let nine: Vec<&str> = vec!["x"; 9];
+            for (body, code, param) in [
+                ("{\"input\": [], \"model\": \"all-MiniLM-L6-v2\"}".to_string(), 400, "input"),
+                ("{\"input\": [\"a\", 7], \"model\": \"all-MiniLM-L6-v2\"}".to_string(), 400, "input"),
+                ("{\"input\": {\"a\": 1}, \"model\": \"all-MiniLM-L6-v2\"}".to_string(), 400, "input"),
+                (serde_json::json!({"input": nine, "model": "all-MiniLM-L6-v2"}).to_string(), 400, "input"),
+                ("{\"input\": \"a\"}".to_string(), 400, "model"),
+                ("{\"input\": \"a\", \"model\": \"gpt-4\"}".to_string(), 404, "model"),
+                ("{\"input\": \"a\", \"model\": \"all-MiniLM-L6-v2\", \"encoding_format\": \"hex\"}".to_string(), 400, "encoding_format"),
+                ("{not json".to_string(), 400, "body"),
+                (format!("{{\"input\": \"{}\", \"model\": \"all-MiniLM-L6-v2\"}}", "a".repeat(70_000)), 413, ""),
+            ] {
+                let (head, answer) = post_https(addr, https(), "/v1/embeddings", &body).await.unwrap();
+                assert_eq!(status(&head), code, "{body:.80}: {head}\n{answer}");
+                let v = json(&answer);
+                assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+                assert_eq!(v["error"]["type"], "invalid_request_error", "{answer}");
+                if !param.is_empty() {
+                    assert_eq!(v["error"]["param"], param, "{answer}");
+                }
+            }
+            let (head, _) = get_https(addr, https(), "/v1/embeddings").await.unwrap();
+            assert_eq!(status(&head), 405, "{head}");
+
+            // More than the queue holds at once: some are refused with Retry-After, the
+            // others answered; none is lost.
+            let eight: Vec<&str> = vec![long.0.as_str(); 8];
+            let body = serde_json::json!({ "input": eight, "model": "all-MiniLM-L6-v2" }).to_string();
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (tls, body) = (https(), body.clone());
+                    tokio::spawn(async move { post_https(addr, tls, "/v1/embeddings", &body).await })
+                })
+                .collect();
+            let (mut ok, mut busy) = (0, 0);
+            for t in tasks {
+                let (head, answer) = t.await.unwrap().unwrap();
+                match status(&head) {
+                    200 => {
+                        assert_eq!(json(&answer)["data"].as_array().unwrap().len(), 8);
+                        ok += 1;
+                    }
+                    503 => {
+                        assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+                        assert_eq!(json(&answer)["error"]["code"], "overloaded");
+                        busy += 1;
+                    }
+                    other => panic!("status {other}: {head}\n{answer}"),
+                }
+            }
+            assert_eq!(ok + busy, 8);
+            assert!(ok >= 1 && busy >= 1, "{ok} answered, {busy} refused");
+        });
+        let metrics = cloudlet::admin::get(&dir.0.join("admin.sock"), "/metrics").unwrap();
+        for series in [
+            "cloudlet_compute_backend{backend=\"cpu\"} 1",
+            "cloudlet_compute_rejected_total{backend=\"cpu\"} ",
+            "cloudlet_compute_inputs_total{backend=\"cpu\"} ",
+        ] {
+            assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+        }
+        drop(run);
+    }
 }

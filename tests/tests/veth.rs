@@ -717,6 +717,7 @@ fn swap_under_traffic(
         pin_dir: None,
         xsk_forward: None,
         front_door: None,
+        compute: None,
     };
     let dst_mac = dut.mac(dut_if);
     let frames: Vec<Vec<u8>> = (10..14)

@@ -50,6 +50,7 @@ const NO_DATAPLANE: &str = "no dataplane: the configuration names no policy";
 fn start_front_door(
     config: &front_door::FrontDoorConfig,
     metrics: FrontDoorMetrics,
+    embeddings: Option<Arc<cloudlet::compute::http::EmbeddingsService>>,
 ) -> Result<FrontDoor, ExitCode> {
     let fail = |e: front_door::FrontDoorError| {
         log::error!("front door: {}", error_chain(&e));
@@ -68,7 +69,7 @@ fn start_front_door(
             config.key.display()
         );
     }
-    let door = FrontDoor::bind(config, identity, metrics).map_err(fail)?;
+    let door = FrontDoor::bind_with(config, identity, metrics, embeddings).map_err(fail)?;
     let addr = door.local_addr();
     log::info!(
         "front door on {addr}: HTTP/3 (UDP) and HTTPS (TCP), pq {}, certificate SPKI sha256 {}",
@@ -179,6 +180,38 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
     if config.front_door.is_some() {
         front_door_metrics.register(&mut registry);
     }
+    let embeddings = match &config.compute {
+        None => None,
+        Some(c) => {
+            let started = std::time::Instant::now();
+            match cloudlet::compute::start(c) {
+                Ok(service) => {
+                    let d = &service.dispatcher;
+                    log::info!(
+                        "compute: {} from {} on the {} backend in {} ms (batches of {} inputs, waiting {} ms at most; queue of {}): POST /v1/embeddings",
+                        cloudlet::compute::MODEL_NAME,
+                        c.model.display(),
+                        d.backend(),
+                        started.elapsed().as_millis(),
+                        c.dispatch.max_batch,
+                        c.dispatch.max_wait.as_millis(),
+                        c.dispatch.queue
+                    );
+                    registry.register_collector(Box::new(
+                        cloudlet::compute::metrics::ComputeCollector {
+                            backend: d.backend(),
+                            stats: d.stats(),
+                        },
+                    ));
+                    Some(Arc::new(service))
+                }
+                Err(e) => {
+                    log::error!("compute: {}", error_chain(&e));
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
     let events_node = node.clone();
     let has_dataplane = node.is_some();
     let handler: admin::Handler = Arc::new(move |target: &str| match target {
@@ -256,7 +289,7 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
 
     let front_door_task = match &config.front_door {
         None => None,
-        Some(fd) => match start_front_door(fd, front_door_metrics) {
+        Some(fd) => match start_front_door(fd, front_door_metrics, embeddings) {
             Ok(door) => Some(tokio::spawn(door.serve())),
             Err(code) => return code,
         },

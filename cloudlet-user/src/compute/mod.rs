@@ -8,6 +8,9 @@
 //! [`MAX_TOKENS`] tokens.
 
 pub mod cpu;
+pub mod dispatch;
+pub mod http;
+pub mod metrics;
 pub mod model;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +25,37 @@ pub const DEFAULT_MODEL_DIR: &str = "data/models/all-MiniLM-L6-v2";
 
 /// The model's name, as requests and responses give it.
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
+
+/// Which backend computes: `auto` takes a GPU when one works, else the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Cpu,
+}
+
+/// cloudletd's `[compute]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComputeConfig {
+    /// The model folder.
+    pub model: PathBuf,
+    pub backend: BackendChoice,
+    pub dispatch: dispatch::DispatchConfig,
+    pub limits: http::Limits,
+}
+
+/// Loads the model and starts the dispatcher `config` describes.
+pub fn start(config: &ComputeConfig) -> Result<http::EmbeddingsService, ComputeError> {
+    let weights = BertWeights::load(&config.model)?;
+    let tokenizer = Tokenizer::load(&config.model)?;
+    // No GPU backend in this build: `auto` is the CPU.
+    let backend: Box<dyn Backend> = Box::new(cpu::CpuBackend::new(weights));
+    Ok(http::EmbeddingsService {
+        dispatcher: dispatch::Dispatcher::start(config.dispatch, tokenizer, backend, None),
+        limits: config.limits,
+    })
+}
 
 /// Errors from loading the model or computing embeddings.
 #[derive(Debug, thiserror::Error)]

@@ -259,6 +259,8 @@ fn json_response(status: u16, body: String) -> http::Response<Bytes> {
 struct Service {
     pq: PqMode,
     backhaul: Backhaul,
+    /// `POST /v1/embeddings`, when compute is configured.
+    embeddings: Option<Arc<crate::compute::http::EmbeddingsService>>,
     metrics: FrontDoorMetrics,
     connections: AtomicU64,
 }
@@ -308,6 +310,11 @@ impl Service {
     ) -> http::Response<Bytes> {
         conn.requests.fetch_add(1, Ordering::Relaxed);
         let path = request.uri().path();
+        if path == "/v1/embeddings"
+            && let Some(e) = &self.embeddings
+        {
+            return e.handle(request, &conn.remote.ip().to_string()).await;
+        }
         if let Some(route) = self.backhaul.route(path) {
             return route.forward(request, conn.remote).await;
         }
@@ -354,6 +361,16 @@ impl FrontDoor {
         identity: Identity,
         metrics: FrontDoorMetrics,
     ) -> Result<Self, FrontDoorError> {
+        Self::bind_with(config, identity, metrics, None)
+    }
+
+    /// [`bind`](Self::bind), also serving `POST /v1/embeddings` from `embeddings`.
+    pub fn bind_with(
+        config: &FrontDoorConfig,
+        identity: Identity,
+        metrics: FrontDoorMetrics,
+        embeddings: Option<Arc<crate::compute::http::EmbeddingsService>>,
+    ) -> Result<Self, FrontDoorError> {
         let spki_sha256 = identity
             .chain
             .first()
@@ -375,6 +392,7 @@ impl FrontDoor {
         let service = Arc::new(Service {
             pq: config.pq,
             backhaul,
+            embeddings,
             metrics,
             connections: AtomicU64::new(0),
         });
@@ -774,6 +792,7 @@ mod tests {
         let service = Service {
             pq: PqMode::Required,
             backhaul: Backhaul::default(),
+            embeddings: None,
             metrics: FrontDoorMetrics::default(),
             connections: AtomicU64::new(0),
         };
