@@ -163,3 +163,29 @@ pub fn rules_policy(n: usize, mix: Mix) -> String {
         mixed_rules(n, mix)
     )
 }
+
+/// Adds `figures` to `results.json` in `out`, replacing figures of the same names.
+pub fn merge_results(
+    out: &std::path::Path,
+    figures: &[Figure],
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(out)?;
+    let path = out.join("results.json");
+    let mut all: Vec<serde_json::Value> = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a list of figures", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    all.retain(|f| {
+        !figures
+            .iter()
+            .any(|n| f.get("name").and_then(|v| v.as_str()) == Some(n.name.as_str()))
+    });
+    for f in figures {
+        all.push(serde_json::to_value(f)?);
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
+    Ok(path)
+}

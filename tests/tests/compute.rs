@@ -142,7 +142,11 @@ mod dispatcher {
                 let _ = gate.recv();
             }
             let lens = (0..batch.batch)
-                .map(|b| batch.mask[b * batch.seq..(b + 1) * batch.seq].iter().sum::<u32>() as usize)
+                .map(|b| {
+                    batch.mask[b * batch.seq..(b + 1) * batch.seq]
+                        .iter()
+                        .sum::<u32>() as usize
+                })
                 .collect();
             self.passes.lock().unwrap().push(lens);
             self.inner.embed(batch)
@@ -165,7 +169,14 @@ mod dispatcher {
     }
 
     /// A dispatcher whose first pass waits for the returned sender.
-    fn gated(config: DispatchConfig) -> (Dispatcher, Sender<()>, Receiver<()>, Arc<Mutex<Vec<Vec<usize>>>>) {
+    fn gated(
+        config: DispatchConfig,
+    ) -> (
+        Dispatcher,
+        Sender<()>,
+        Receiver<()>,
+        Arc<Mutex<Vec<Vec<usize>>>>,
+    ) {
         let (open, gate) = channel();
         let (started_tx, started) = channel();
         let passes = Arc::new(Mutex::new(Vec::new()));
@@ -200,9 +211,13 @@ mod dispatcher {
         let (d, open, started, passes) = gated(config);
         // Hold the worker in its first pass.
         let first = d.submit("c", vec![words(1)]).unwrap();
-        started.recv_timeout(Duration::from_secs(30)).expect("first pass");
+        started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("first pass");
         // Client a queues four jobs, then b one, then a caller that leaves.
-        let a: Vec<_> = (0..4).map(|i| d.submit("a", vec![words(10 + i)]).unwrap()).collect();
+        let a: Vec<_> = (0..4)
+            .map(|i| d.submit("a", vec![words(10 + i)]).unwrap())
+            .collect();
         let b = d.submit("b", vec![words(30)]).unwrap();
         let gone = d.submit("z", vec![words(40)]).unwrap();
         drop(gone);
@@ -236,10 +251,15 @@ mod dispatcher {
         };
         let (d, open, started, _) = gated(config);
         let first = d.submit("a", vec![words(1)]).unwrap();
-        started.recv_timeout(Duration::from_secs(30)).expect("first pass");
+        started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("first pass");
         let queued = d.submit("a", vec![words(2), words(3)]).unwrap();
         match d.submit("b", vec![words(4), words(5)]) {
-            Err(DispatchError::Busy { queued: 2, capacity: 3 }) => {}
+            Err(DispatchError::Busy {
+                queued: 2,
+                capacity: 3,
+            }) => {}
             other => panic!("expected Busy, got {:?}", other.map(|_| ())),
         }
         // One more input still fits.
@@ -254,19 +274,36 @@ mod dispatcher {
     #[tokio::test(flavor = "current_thread")]
     async fn a_failing_device_falls_back_to_the_cpu() {
         let tokenizer = Tokenizer::load(&model()).expect("tokenizer");
-        let d = Dispatcher::start(DispatchConfig::default(), tokenizer, Box::new(Failing), Some(cpu()));
+        let d = Dispatcher::start(
+            DispatchConfig::default(),
+            tokenizer,
+            Box::new(Failing),
+            Some(cpu()),
+        );
         let texts = vec!["A cloudlet is a small cloud next to its users.".to_string()];
-        let e = d.submit("a", texts.clone()).unwrap().await.unwrap().unwrap();
+        let e = d
+            .submit("a", texts.clone())
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
         let reference = cloudlet::compute::Embedder::cpu(&model()).unwrap();
         let want = reference.embed(&[texts[0].as_str()]).unwrap();
         assert!(cloudlet::compute::cosine(&e.vectors[0], &want.vectors[0]) > 0.99999);
         assert_eq!(d.stats().fallbacks.load(Ordering::Relaxed), 1);
         // Without a fallback, the caller gets the error and the dispatcher keeps serving.
         let tokenizer = Tokenizer::load(&model()).expect("tokenizer");
-        let d = Dispatcher::start(DispatchConfig::default(), tokenizer, Box::new(Failing), None);
+        let d = Dispatcher::start(
+            DispatchConfig::default(),
+            tokenizer,
+            Box::new(Failing),
+            None,
+        );
         for _ in 0..2 {
             match d.submit("a", texts.clone()).unwrap().await.unwrap() {
-                Err(DispatchError::Compute(e)) => assert!(e.to_string().contains("device lost"), "{e}"),
+                Err(DispatchError::Compute(e)) => {
+                    assert!(e.to_string().contains("device lost"), "{e}")
+                }
                 other => panic!("expected the device's error, got {:?}", other.map(|_| ())),
             }
         }

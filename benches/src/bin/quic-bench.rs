@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use bytes::{Buf as _, Bytes};
 use cloudlet::quic::{self, PqMode, SelfSigned};
-use cloudlet_benches::Figure;
+use cloudlet_benches::{Figure, merge_results};
 use rustls::{NamedGroup, RootCertStore};
 
 struct Opts {
@@ -291,28 +291,6 @@ fn figure(name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>) -> 
         baseline: baseline.map(|(b, _)| b.to_string()),
         ratio: baseline.map(|(_, v)| value / v),
     }
-}
-
-/// Adds `figures` to `results.json` in `out`, replacing figures of the same names.
-fn merge_results(out: &std::path::Path, figures: &[Figure]) -> Result<PathBuf> {
-    std::fs::create_dir_all(out)?;
-    let path = out.join("results.json");
-    let mut all: Vec<serde_json::Value> = match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a list of figures", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    all.retain(|f| {
-        !figures
-            .iter()
-            .any(|n| f.get("name").and_then(|v| v.as_str()) == Some(n.name.as_str()))
-    });
-    for f in figures {
-        all.push(serde_json::to_value(f)?);
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
-    Ok(path)
 }
 
 const MODES: [(PqMode, &str); 2] = [(PqMode::Required, "hybrid"), (PqMode::Off, "classical")];
