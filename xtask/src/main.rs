@@ -219,6 +219,15 @@ fn main() -> Result<()> {
                 quic_bench.arg("--quick");
             }
             run(&mut quic_bench)?;
+            // Sentence embeddings against sentence-transformers (PyTorch) in the same run.
+            let python = setup::bench_python(&root)?;
+            let mut embed_bench = Command::new(root.join("target/release/embed-bench"));
+            embed_bench.args(["--out", "target/cloudlet-bench", "--python"]);
+            embed_bench.arg(python);
+            if quick {
+                embed_bench.arg("--quick");
+            }
+            run(&mut embed_bench)?;
             let mut criterion = cargo();
             criterion.args(["bench", "-p", "cloudlet-benches", "--bench", "userspace"]);
             criterion.args(["--bench", "mlkem"]);

@@ -479,6 +479,39 @@ fn geoip_database(root: &Path, r: &Reporter) -> Result<()> {
     Ok(())
 }
 
+/// The reference the embedding benchmark runs beside Cloudlet's backends.
+const BENCH_PYTHON_PACKAGES: &[&str] = &["sentence-transformers==6.2.0", "torch==2.15.0"];
+
+/// A Python with sentence-transformers for the benchmarks (`target/bench-venv`, created and
+/// filled on first use: PyTorch with its CUDA libraries is several GB). Not part of
+/// `setup`: the tests do not need it.
+pub fn bench_python(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target").join("bench-venv");
+    let python = venv.join("bin").join("python");
+    let ready = Command::new(&python)
+        .args(["-c", "import sentence_transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let r = Reporter {
+            step: "bench python",
+            quiet: false,
+        };
+        r.doing(&format!(
+            "installing {} into {}",
+            BENCH_PYTHON_PACKAGES.join(" "),
+            venv.display()
+        ));
+        r.run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        r.run(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(BENCH_PYTHON_PACKAGES),
+        )?;
+    }
+    Ok(python)
+}
+
 /// Path of the embedding model's folder that setup installs.
 pub fn model_dir(root: &Path) -> PathBuf {
     root.join("data").join("models").join("all-MiniLM-L6-v2")
