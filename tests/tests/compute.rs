@@ -127,7 +127,7 @@ mod dispatcher {
     /// counts) and holding its first pass until the test lets it go.
     struct Gated {
         inner: Box<dyn Backend>,
-        passes: Arc<Mutex<Vec<Vec<usize>>>>,
+        passes: Passes,
         gate: Mutex<Option<Receiver<()>>>,
         started: Mutex<Sender<()>>,
     }
@@ -168,15 +168,11 @@ mod dispatcher {
         }
     }
 
+    /// The sequences (token counts) of each forward pass.
+    type Passes = Arc<Mutex<Vec<Vec<usize>>>>;
+
     /// A dispatcher whose first pass waits for the returned sender.
-    fn gated(
-        config: DispatchConfig,
-    ) -> (
-        Dispatcher,
-        Sender<()>,
-        Receiver<()>,
-        Arc<Mutex<Vec<Vec<usize>>>>,
-    ) {
+    fn gated(config: DispatchConfig) -> (Dispatcher, Sender<()>, Receiver<()>, Passes) {
         let (open, gate) = channel();
         let (started_tx, started) = channel();
         let passes = Arc::new(Mutex::new(Vec::new()));
