@@ -306,3 +306,36 @@ mod dispatcher {
         assert_eq!(d.stats().failed.load(Ordering::Relaxed), 2);
     }
 }
+
+/// The backend `auto` picks: the GPU where one works (then its embeddings must match the
+/// reference too, with the CPU behind it), else the CPU, without a panic; `cuda` without a
+/// GPU is a clear error.
+#[test]
+fn auto_takes_the_gpu_when_one_works_else_the_cpu() {
+    use cloudlet::compute::{BackendChoice, BertWeights, backends, cuda};
+    let model = root().join(cloudlet::compute::DEFAULT_MODEL_DIR);
+    let weights = || BertWeights::load(&model).expect("model");
+    let (primary, fallback) = backends(BackendChoice::Auto, weights()).expect("auto");
+    if cuda::available() {
+        assert_eq!(primary.name(), "cuda");
+        assert_eq!(fallback.map(|f| f.name()), Some("cpu"));
+        let e = Embedder {
+            tokenizer: cloudlet::compute::Tokenizer::load(&model).expect("tokenizer"),
+            backend: primary,
+        };
+        let cases = golden();
+        let texts: Vec<&str> = cases.iter().map(|c| c.text.as_str()).collect();
+        let out = e.embed(&texts).expect("embed on the GPU");
+        for (c, v) in cases.iter().zip(&out.vectors) {
+            let sim = cosine(v, &c.embedding);
+            assert!(sim >= 0.9999, "{:?}: cosine {sim} on the GPU", c.text);
+        }
+    } else {
+        assert_eq!(primary.name(), "cpu");
+        assert!(fallback.is_none());
+        match backends(BackendChoice::Cuda, weights()) {
+            Err(e) => assert!(e.to_string().contains("no CUDA driver"), "{e}"),
+            Ok(_) => panic!("`cuda` without a GPU must be refused"),
+        }
+    }
+}

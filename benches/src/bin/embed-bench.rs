@@ -6,7 +6,7 @@
 use std::{path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use cloudlet::compute::Embedder;
+use cloudlet::compute::{BackendChoice, BertWeights, Embedder, Tokenizer, backends, cosine};
 use cloudlet_benches::{Figure, merge_results};
 
 struct Opts {
@@ -14,6 +14,9 @@ struct Opts {
     quick: bool,
     model: PathBuf,
     python: Option<PathBuf>,
+    backend: BackendChoice,
+    /// Golden embeddings to check the backend against (and stop there).
+    check: Option<PathBuf>,
 }
 
 fn opts() -> Result<Opts> {
@@ -22,6 +25,8 @@ fn opts() -> Result<Opts> {
         quick: false,
         model: PathBuf::from(cloudlet::compute::DEFAULT_MODEL_DIR),
         python: None,
+        backend: BackendChoice::Auto,
+        check: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -30,6 +35,15 @@ fn opts() -> Result<Opts> {
             "--out" => o.out = it.next().context("--out needs a folder")?.into(),
             "--model" => o.model = it.next().context("--model needs a folder")?.into(),
             "--python" => o.python = Some(it.next().context("--python needs a path")?.into()),
+            "--check" => o.check = Some(it.next().context("--check needs a fixtures file")?.into()),
+            "--backend" => {
+                o.backend = match it.next().as_deref() {
+                    Some("auto") => BackendChoice::Auto,
+                    Some("cpu") => BackendChoice::Cpu,
+                    Some("cuda") => BackendChoice::Cuda,
+                    other => bail!("--backend takes auto, cpu or cuda, not {other:?}"),
+                }
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -60,13 +74,50 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Embeds the golden inputs in one call and compares with the reference's vectors:
+/// fails below a cosine similarity of 0.9999.
+fn check(embedder: &Embedder, path: &std::path::Path) -> Result<()> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let cases = v["cases"].as_array().context("fixtures without cases")?;
+    let texts: Vec<&str> = cases.iter().filter_map(|c| c["text"].as_str()).collect();
+    let start = Instant::now();
+    let out = embedder.embed(&texts)?;
+    let took = start.elapsed();
+    let mut least = f64::MAX;
+    for (c, got) in cases.iter().zip(&out.vectors) {
+        let want: Vec<f32> = c["embedding"]
+            .as_array()
+            .context("case without embedding")?
+            .iter()
+            .filter_map(|x| x.as_f64().map(|x| x as f32))
+            .collect();
+        least = least.min(cosine(got, &want));
+    }
+    println!(
+        "check: {} backend, {} inputs in {:.1} ms, least cosine similarity to the reference {least:.8}",
+        embedder.backend.name(),
+        texts.len(),
+        took.as_secs_f64() * 1e3
+    );
+    anyhow::ensure!(least >= 0.9999, "parity NOT met: {least:.8} < 0.9999");
+    println!("parity met (>= 0.9999 for every input)");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let o = opts()?;
     let (n, latency_runs) = if o.quick { (256, 32) } else { (1024, 128) };
     let texts = inputs(n);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let embedder = Embedder::cpu(&o.model)?;
+    let (primary, _) = backends(o.backend, BertWeights::load(&o.model)?)?;
+    let embedder = Embedder {
+        tokenizer: Tokenizer::load(&o.model)?,
+        backend: primary,
+    };
     let backend = embedder.backend.name();
+    if let Some(path) = &o.check {
+        return check(&embedder, path);
+    }
     let threads = rayon::current_num_threads();
     embedder.embed(&refs[..8])?;
     if let Some(python) = &o.python {

@@ -8,6 +8,7 @@
 //! [`MAX_TOKENS`] tokens.
 
 pub mod cpu;
+pub mod cuda;
 pub mod dispatch;
 pub mod http;
 pub mod metrics;
@@ -33,6 +34,7 @@ pub enum BackendChoice {
     #[default]
     Auto,
     Cpu,
+    Cuda,
 }
 
 /// cloudletd's `[compute]`.
@@ -45,14 +47,41 @@ pub struct ComputeConfig {
     pub limits: http::Limits,
 }
 
+/// A primary backend and the one that takes over its failed batches.
+pub type Backends = (Box<dyn Backend>, Option<Box<dyn Backend>>);
+
+/// The backends `choice` asks for: the primary, and the CPU as its fallback when the
+/// primary is a GPU. `auto` takes the GPU when one works (and says why not otherwise);
+/// `cuda` without a working GPU is an error.
+pub fn backends(choice: BackendChoice, weights: BertWeights) -> Result<Backends, ComputeError> {
+    let gpu = match choice {
+        BackendChoice::Cpu => None,
+        BackendChoice::Auto | BackendChoice::Cuda => match cuda::CudaBackend::new(&weights) {
+            Ok(b) => {
+                log::info!("compute: GPU {}", b.device());
+                Some(b)
+            }
+            Err(e) if choice == BackendChoice::Auto => {
+                log::info!("compute: no GPU ({e}); computing on the CPU");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let cpu: Box<dyn Backend> = Box::new(cpu::CpuBackend::new(weights));
+    Ok(match gpu {
+        Some(g) => (Box::new(g), Some(cpu)),
+        None => (cpu, None),
+    })
+}
+
 /// Loads the model and starts the dispatcher `config` describes.
 pub fn start(config: &ComputeConfig) -> Result<http::EmbeddingsService, ComputeError> {
     let weights = BertWeights::load(&config.model)?;
     let tokenizer = Tokenizer::load(&config.model)?;
-    // No GPU backend in this build: `auto` is the CPU.
-    let backend: Box<dyn Backend> = Box::new(cpu::CpuBackend::new(weights));
+    let (primary, fallback) = backends(config.backend, weights)?;
     Ok(http::EmbeddingsService {
-        dispatcher: dispatch::Dispatcher::start(config.dispatch, tokenizer, backend, None),
+        dispatcher: dispatch::Dispatcher::start(config.dispatch, tokenizer, primary, fallback),
         limits: config.limits,
     })
 }
