@@ -53,6 +53,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build target/gpu-bundle: what a GPU machine without Rust needs to check the CUDA
+    /// backend against the reference and benchmark it (see docs/compute.md).
+    GpuBundle,
 }
 
 /// Packages with tests: everything but the eBPF crate (built by cloudlet-user's build
@@ -156,6 +159,79 @@ fn build_release() -> Result<()> {
     ]))
 }
 
+/// The GPU bundle, in two folders that each fit one transfer to the lent machine (64 MiB):
+/// `a/` the stripped `embed-bench`, the run script, the fixtures, the tokenizer, the
+/// config and the model's first half; `b/` the model's second half. `run.sh` joins the
+/// halves, checks the model's SHA-256, then runs the parity check and the benchmark on the
+/// CUDA backend (and the CPU's, for comparison on that machine).
+fn gpu_bundle(root: &std::path::Path) -> Result<()> {
+    use std::fs;
+    let out = root.join("target/gpu-bundle");
+    if out.exists() {
+        fs::remove_dir_all(&out)?;
+    }
+    let (a, b) = (out.join("a"), out.join("b"));
+    fs::create_dir_all(&a)?;
+    fs::create_dir_all(&b)?;
+    run(Command::new("strip")
+        .arg("-o")
+        .arg(a.join("embed-bench"))
+        .arg(root.join("target/release/embed-bench")))?;
+    let model = setup::model_dir(root);
+    for f in ["tokenizer.json", "config.json"] {
+        fs::copy(model.join(f), a.join(f))?;
+    }
+    fs::copy(
+        root.join("tests/fixtures/minilm-golden.json"),
+        a.join("minilm-golden.json"),
+    )?;
+    let weights = fs::read(model.join("model.safetensors"))?;
+    let half = weights.len() / 2;
+    fs::write(a.join("model.safetensors.1"), &weights[..half])?;
+    fs::write(b.join("model.safetensors.2"), &weights[half..])?;
+    let sha = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&weights)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let script = format!(
+        "#!/bin/sh\n\
+         # Parity of the CUDA backend with the reference, then its benchmark, on this machine.\n\
+         set -e\n\
+         here=$(dirname \"$0\")\n\
+         model=\"$here/model\"\n\
+         mkdir -p \"$model\"\n\
+         cp \"$here/tokenizer.json\" \"$here/config.json\" \"$model/\"\n\
+         cat \"$here/model.safetensors.1\" \"${{1:-$here/../b}}/model.safetensors.2\" > \"$model/model.safetensors\"\n\
+         echo \"{sha}  $model/model.safetensors\" | sha256sum -c -\n\
+         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true\n\
+         \"$here/embed-bench\" --model \"$model\" --backend cuda --check \"$here/minilm-golden.json\"\n\
+         \"$here/embed-bench\" --model \"$model\" --backend cuda --quick --out \"${{OUT:-$here/out}}\"\n\
+         \"$here/embed-bench\" --model \"$model\" --backend cpu --quick --out \"${{OUT:-$here/out}}\"\n"
+    );
+    let run_sh = a.join("run.sh");
+    fs::write(&run_sh, script)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&run_sh, fs::Permissions::from_mode(0o755))?;
+    println!(
+        "wrote {} (a/: {} bytes, b/: {} bytes)",
+        out.display(),
+        dir_size(&a)?,
+        dir_size(&b)?
+    );
+    Ok(())
+}
+
+fn dir_size(dir: &std::path::Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        total += e?.metadata()?.len();
+    }
+    Ok(total)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let root = root();
@@ -200,6 +276,18 @@ fn main() -> Result<()> {
                 .args(["clippy", "--all-targets"])
                 .args(packages(TESTED))
                 .args(["-p", "cloudlet-benches", "--", "-D", "warnings"]))
+        }
+        Task::GpuBundle => {
+            setup_quiet()?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "cloudlet-benches",
+                "--bin",
+                "embed-bench",
+            ]))?;
+            gpu_bundle(&root)
         }
         Task::Bench { quick } => {
             require_root("the benchmarks")?;
