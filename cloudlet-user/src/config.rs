@@ -424,6 +424,61 @@ mod tests {
     }
 
     #[test]
+    fn compute() {
+        let fd = "[front_door]\nlisten = \"127.0.0.1:4433\"\nself_signed = true\n";
+        let path = Path::new("/etc/cloudlet/c.toml");
+        let c = Config::parse(&format!("{fd}[compute]\nmodel = \"models/m\"\n"), path).unwrap();
+        let compute = c.compute.unwrap();
+        assert_eq!(compute.model, Path::new("/etc/cloudlet/models/m"));
+        assert_eq!(compute.backend, crate::compute::BackendChoice::Auto);
+        assert_eq!(
+            compute.dispatch,
+            crate::compute::dispatch::DispatchConfig::default()
+        );
+        assert_eq!(compute.limits, crate::compute::http::Limits::default());
+        let c = Config::parse(
+            &format!(
+                "{fd}[compute]\nmodel = \"/m\"\nbackend = \"cuda\"\nmax_batch = 8\nmax_wait_ms = 2\nqueue = 64\nmax_inputs = 16\nmax_body = 4096\n"
+            ),
+            path,
+        )
+        .unwrap()
+        .compute
+        .unwrap();
+        assert_eq!(c.backend, crate::compute::BackendChoice::Cuda);
+        assert_eq!(
+            (c.dispatch.max_batch, c.dispatch.max_wait, c.dispatch.queue),
+            (8, std::time::Duration::from_millis(2), 64)
+        );
+        assert_eq!((c.limits.max_inputs, c.limits.max_body), (16, 4096));
+        for (text, why) in [
+            (
+                "[compute]\nmodel = \"/m\"\npolicy = \"p\"\n".to_string(),
+                "unknown field",
+            ),
+            (
+                format!("{fd}[compute]\nmodel = \"/m\"\nbackend = \"tpu\"\n"),
+                "unknown variant",
+            ),
+            (
+                format!("{fd}[compute]\nmodel = \"/m\"\nqueue = 4\nmax_inputs = 8\n"),
+                "could never be queued",
+            ),
+            (
+                format!("{fd}[compute]\nmodel = \"/m\"\nmax_batch = 0\n"),
+                "at least 1",
+            ),
+            (
+                "policy = \"p\"\n[compute]\nmodel = \"/m\"\n".to_string(),
+                "add a `[front_door]`",
+            ),
+        ] {
+            let e = Config::parse(&text, path).unwrap_err().to_string();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
     fn front_door() {
         let c = Config::parse(
             "[front_door]\nlisten = \"127.0.0.1:4433\"\nself_signed = true\npq = \"required\"\n",
