@@ -4,8 +4,8 @@
 //! database), [`dataplane`] (compiling policies into the XDP program's maps, loading,
 //! attaching, classifying and counting), [`config`] (cloudletd's configuration),
 //! [`admin`] (the daemon's local HTTP endpoint), [`quic`] (post-quantum TLS and QUIC
-//! configurations), [`compute`] (AI workloads: sentence embeddings), and [`frame`] (building
-//! test frames).
+//! configurations), [`compute`] (AI workloads: sentence embeddings), [`mcp`] (threat checks
+//! of the MCP guard), and [`frame`] (building test frames).
 
 pub mod admin;
 pub mod compute;
@@ -13,6 +13,7 @@ pub mod config;
 pub mod dataplane;
 pub mod frame;
 pub mod geoip;
+pub mod mcp;
 pub mod node;
 pub mod policy;
 pub mod quic;

@@ -1,0 +1,5 @@
+//! The MCP guard: the cloudlet between AI agents and the Model Context Protocol servers
+//! they call. This module holds what does not depend on the transport: the threat checks
+//! on tool definitions and results ([`threats`]).
+
+pub mod threats;
