@@ -921,17 +921,27 @@ mod front_door {
         tls: rustls::ClientConfig,
         path: &str,
     ) -> std::io::Result<(String, String)> {
+        https(
+            addr,
+            tls,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        )
+        .await
+    }
+
+    /// Sends `request` (a whole HTTP/1.1 request) over HTTPS; returns the response head and
+    /// the body.
+    async fn https(
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+        request: String,
+    ) -> std::io::Result<(String, String)> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         let mut stream = connector
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
+        stream.write_all(request.as_bytes()).await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
@@ -1731,24 +1741,15 @@ mod front_door {
         path: &str,
         body: &str,
     ) -> std::io::Result<(String, String)> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        let mut stream = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await?;
-        stream
-            .write_all(
-                format!(
-                    "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        Ok((head.to_string(), body.to_string()))
+        https(
+            addr,
+            tls,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await
     }
 
     fn status(head: &str) -> u16 {

@@ -26,21 +26,10 @@ impl Dense {
     /// `parts` stacked along the output (one product for the query, key and value
     /// projections), transposed.
     fn of(parts: &[&Linear]) -> Self {
-        let input = parts[0].input;
-        let output: usize = parts.iter().map(|p| p.output).sum();
-        let mut weight = vec![0f32; input * output];
-        let mut col = 0;
-        for p in parts {
-            for o in 0..p.output {
-                for i in 0..input {
-                    weight[i * output + col + o] = p.weight[o * input + i];
-                }
-            }
-            col += p.output;
-        }
+        let (weight, bias, input, output) = Linear::stacked_transposed(parts);
         Self {
             weight,
-            bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
+            bias,
             input,
             output,
         }

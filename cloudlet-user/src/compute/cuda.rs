@@ -231,19 +231,7 @@ impl CudaBackend {
         let blas = CudaBlas::new(stream.clone()).map_err(err)?;
         let up = |v: &[f32]| stream.clone_htod(v).map_err(err);
         let dense = |parts: &[&Linear]| -> Result<Dense, ComputeError> {
-            let input = parts[0].input;
-            let output: usize = parts.iter().map(|p| p.output).sum();
-            let mut weight = vec![0f32; input * output];
-            let mut col = 0;
-            for p in parts {
-                for o in 0..p.output {
-                    for i in 0..input {
-                        weight[i * output + col + o] = p.weight[o * input + i];
-                    }
-                }
-                col += p.output;
-            }
-            let bias: Vec<f32> = parts.iter().flat_map(|p| p.bias.iter().copied()).collect();
+            let (weight, bias, input, output) = Linear::stacked_transposed(parts);
             Ok(Dense {
                 weight: up(&weight)?,
                 bias: up(&bias)?,

@@ -29,6 +29,28 @@ pub struct Linear {
     pub output: usize,
 }
 
+impl Linear {
+    /// `parts` stacked along the output and transposed to `[in, out]` row-major (rows
+    /// contiguous along the output, as the backends' products read them), with their
+    /// biases: `(weight, bias, in, out)`.
+    pub fn stacked_transposed(parts: &[&Linear]) -> (Vec<f32>, Vec<f32>, usize, usize) {
+        let input = parts[0].input;
+        let output: usize = parts.iter().map(|p| p.output).sum();
+        let mut weight = vec![0f32; input * output];
+        let mut col = 0;
+        for p in parts {
+            for o in 0..p.output {
+                for i in 0..input {
+                    weight[i * output + col + o] = p.weight[o * input + i];
+                }
+            }
+            col += p.output;
+        }
+        let bias = parts.iter().flat_map(|p| p.bias.iter().copied()).collect();
+        (weight, bias, input, output)
+    }
+}
+
 /// Layer normalisation's scale and shift.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
