@@ -146,6 +146,15 @@ pub fn available() -> bool {
     .unwrap_or(false)
 }
 
+/// One block of 128 threads for each of `rows` rows.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn err(why: impl std::fmt::Display) -> ComputeError {
     ComputeError::Backend {
         backend: "cuda",
@@ -298,14 +307,7 @@ impl CudaBackend {
         let mut b = self.stream.launch_builder(&self.k.fill_bias);
         b.arg(&mut *out).arg(&d.bias).arg(&n);
         // SAFETY: out holds rows × n floats, bias n.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(err)?;
+        unsafe { b.launch(per_row(rows)) }.map_err(err)?;
         // Row-major C = X·W is column-major Cᵀ = Wᵀ·Xᵀ: cuBLAS's m = out, n = rows, k = in.
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_N,
@@ -341,14 +343,7 @@ impl CudaBackend {
         };
         b.arg(&norm.gamma).arg(&norm.beta).arg(&h).arg(&eps);
         // SAFETY: y, x and r hold rows × h floats; the kernel uses 128 threads a row.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(err)?;
+        unsafe { b.launch(per_row(rows)) }.map_err(err)?;
         Ok(())
     }
 }
@@ -398,11 +393,7 @@ impl Backend for CudaBackend {
         let mut attn = zeros(rows * h)?;
         let mut inter = zeros(rows * self.intermediate)?;
         let hi = h as i32;
-        let rows_cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let rows_cfg = per_row(rows);
         let mut b = st.launch_builder(&self.k.embed);
         b.arg(&mut tmp)
             .arg(&ids)
@@ -451,14 +442,7 @@ impl Backend for CudaBackend {
         let mut b = st.launch_builder(&self.k.pool);
         b.arg(&mut out).arg(&x).arg(&starts).arg(&lens).arg(&hi);
         // SAFETY: out holds one vector a sequence.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (batch.batch as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(err)?;
+        unsafe { b.launch(per_row(batch.batch)) }.map_err(err)?;
         let host = st.clone_dtoh(&out).map_err(err)?;
         Ok(host.chunks_exact(h).map(<[f32]>::to_vec).collect())
     }
