@@ -493,6 +493,8 @@ fn test_run_section(
             st.v4_chunks as f64,
             "chunks (1 KiB)",
         ),
+        ("world_ipv4_hosts", st.v4_hosts as f64, "single addresses"),
+        ("world_ipv6_hosts", st.v6_hosts as f64, "single addresses"),
     ] {
         fig(name, value, unit, None);
     }

@@ -39,26 +39,30 @@ impl Dense {
 struct DenseLayer {
     qkv: Dense,
     attention_out: Dense,
+    attention_norm: LayerNorm,
     intermediate: Dense,
     output: Dense,
+    output_norm: LayerNorm,
 }
 
-/// The model on the CPU.
+/// The model on the CPU: the embedding tables, and the layers in the products' layout
+/// (the model's own layout of their weights is not kept).
 pub struct CpuBackend {
     w: BertWeights,
     layers: Vec<DenseLayer>,
 }
 
 impl CpuBackend {
-    pub fn new(weights: BertWeights) -> Self {
-        let layers = weights
-            .layers
-            .iter()
+    pub fn new(mut weights: BertWeights) -> Self {
+        let layers = std::mem::take(&mut weights.layers)
+            .into_iter()
             .map(|l| DenseLayer {
                 qkv: Dense::of(&[&l.query, &l.key, &l.value]),
                 attention_out: Dense::of(&[&l.attention_out]),
+                attention_norm: l.attention_norm,
                 intermediate: Dense::of(&[&l.intermediate]),
                 output: Dense::of(&[&l.output]),
+                output_norm: l.output_norm,
             })
             .collect();
         Self { w: weights, layers }
@@ -120,14 +124,14 @@ impl Backend for CpuBackend {
         let mut attn = vec![0f32; rows * h];
         let mut inter = vec![0f32; rows * c.intermediate];
         let mut out = vec![0f32; rows * h];
-        for (layer, dense) in self.w.layers.iter().zip(&self.layers) {
+        for dense in &self.layers {
             linear(&x, rows, &dense.qkv, &mut qkv);
             attention(&qkv, &spans, h, heads, head, scale, &mut ctx);
             linear(&ctx, rows, &dense.attention_out, &mut attn);
             for (a, xi) in attn.iter_mut().zip(&x) {
                 *a += xi;
             }
-            layer_norm(&mut attn, h, &layer.attention_norm);
+            layer_norm(&mut attn, h, &dense.attention_norm);
             linear(&attn, rows, &dense.intermediate, &mut inter);
             inter
                 .par_chunks_mut(4096)
@@ -136,7 +140,7 @@ impl Backend for CpuBackend {
             for (o, a) in out.iter_mut().zip(&attn) {
                 *o += a;
             }
-            layer_norm(&mut out, h, &layer.output_norm);
+            layer_norm(&mut out, h, &dense.output_norm);
             std::mem::swap(&mut x, &mut out);
         }
         // Mean of each sequence's tokens, then unit length.

@@ -24,7 +24,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::{Backend, ComputeError, Embeddings, TokenBatch, Tokenizer, pack};
+use super::{Backend, ComputeError, Embeddings, Tokenizer, embed_packed};
 
 /// Settings of the dispatcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,31 +285,22 @@ fn run(
         .flat_map(|j| j.texts.iter().map(String::as_str))
         .collect();
     let result = tokenizer.encode(&texts).and_then(|tokens| {
-        let ids: Vec<Vec<u32>> = tokens.iter().map(|t| t.ids.clone()).collect();
-        let mut vectors = vec![Vec::new(); ids.len()];
-        for group in pack(&ids, super::MAX_BATCH, super::MAX_BATCH_TOKENS) {
-            let seqs: Vec<Vec<u32>> = group.iter().map(|i| ids[*i].clone()).collect();
-            let batch = TokenBatch::pad(&seqs);
+        let vectors = embed_packed(&tokens, |batch| {
             stats.batches.fetch_add(1, Ordering::Relaxed);
-            let out = match primary.embed(&batch) {
-                Ok(out) => out,
-                Err(e) => match fallback {
-                    Some(f) => {
-                        log::warn!(
-                            "compute: {} backend failed on a batch ({e}); computing it on {}",
-                            primary.name(),
-                            f.name()
-                        );
-                        stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-                        f.embed(&batch)?
-                    }
-                    None => return Err(e),
-                },
-            };
-            for (i, v) in group.into_iter().zip(out) {
-                vectors[i] = v;
+            match (primary.embed(batch), fallback) {
+                (Ok(out), _) => Ok(out),
+                (Err(e), Some(f)) => {
+                    log::warn!(
+                        "compute: {} backend failed on a batch ({e}); computing it on {}",
+                        primary.name(),
+                        f.name()
+                    );
+                    stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    f.embed(batch)
+                }
+                (Err(e), None) => Err(e),
             }
-        }
+        })?;
         Ok((tokens, vectors))
     });
     match result {
@@ -319,16 +310,7 @@ fn run(
             for job in jobs {
                 let n = job.texts.len();
                 let t: Vec<_> = tokens.by_ref().take(n).collect();
-                let e = Embeddings {
-                    vectors: vectors.by_ref().take(n).collect(),
-                    tokens: t.iter().map(|t| t.ids.len()).sum(),
-                    truncated: t
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, t)| t.truncated)
-                        .map(|(i, _)| i)
-                        .collect(),
-                };
+                let e = Embeddings::of(&t, vectors.by_ref().take(n).collect());
                 stats.jobs.fetch_add(1, Ordering::Relaxed);
                 stats.inputs.fetch_add(n as u64, Ordering::Relaxed);
                 stats.tokens.fetch_add(e.tokens as u64, Ordering::Relaxed);

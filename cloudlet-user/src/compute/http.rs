@@ -210,25 +210,26 @@ impl EmbeddingsService {
             "model": MODEL_NAME,
             "usage": { "prompt_tokens": embeddings.tokens, "total_tokens": embeddings.tokens },
         });
-        let mut response = json_answer(200, &body);
+        let list = embeddings
+            .truncated
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         if !embeddings.truncated.is_empty() {
             // Said twice: in the body for those who read it, in a header for those who do not.
             body["truncated"] = json!({
                 "inputs": embeddings.truncated,
                 "max_tokens": MAX_TOKENS,
             });
-            response = json_answer(200, &body);
-            let list = embeddings
-                .truncated
-                .iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            if let Ok(v) = http::HeaderValue::from_str(&list) {
-                response
-                    .headers_mut()
-                    .insert("cloudlet-truncated-inputs", v);
-            }
+        }
+        let mut response = json_answer(200, &body);
+        if !list.is_empty()
+            && let Ok(v) = http::HeaderValue::from_str(&list)
+        {
+            response
+                .headers_mut()
+                .insert("cloudlet-truncated-inputs", v);
         }
         response
     }

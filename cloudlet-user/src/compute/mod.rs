@@ -218,28 +218,43 @@ impl Embedder {
     /// [`pack`]), so short inputs are not padded to the longest.
     pub fn embed(&self, texts: &[&str]) -> Result<Embeddings, ComputeError> {
         let tokens = self.tokenizer.encode(texts)?;
-        let truncated = tokens
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.truncated)
-            .map(|(i, _)| i)
-            .collect();
-        let ids: Vec<Vec<u32>> = tokens.into_iter().map(|t| t.ids).collect();
-        let count = ids.iter().map(Vec::len).sum();
-        let mut vectors = vec![Vec::new(); ids.len()];
-        for group in pack(&ids, MAX_BATCH, MAX_BATCH_TOKENS) {
-            let seqs: Vec<Vec<u32>> = group.iter().map(|i| ids[*i].clone()).collect();
-            let out = self.backend.embed(&TokenBatch::pad(&seqs))?;
-            for (i, v) in group.into_iter().zip(out) {
-                vectors[i] = v;
-            }
-        }
-        Ok(Embeddings {
-            vectors,
-            tokens: count,
-            truncated,
-        })
+        let vectors = embed_packed(&tokens, |b| self.backend.embed(b))?;
+        Ok(Embeddings::of(&tokens, vectors))
     }
+}
+
+impl Embeddings {
+    /// The embeddings of inputs tokenized as `tokens`.
+    pub fn of(tokens: &[Tokens], vectors: Vec<Vec<f32>>) -> Self {
+        Self {
+            vectors,
+            tokens: tokens.iter().map(|t| t.ids.len()).sum(),
+            truncated: tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.truncated)
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+}
+
+/// Runs `tokens` through `forward` in batches of similar lengths (see [`pack`]); the
+/// vectors come back in the order of `tokens`.
+pub fn embed_packed(
+    tokens: &[Tokens],
+    mut forward: impl FnMut(&TokenBatch) -> Result<Vec<Vec<f32>>, ComputeError>,
+) -> Result<Vec<Vec<f32>>, ComputeError> {
+    let ids: Vec<Vec<u32>> = tokens.iter().map(|t| t.ids.clone()).collect();
+    let mut vectors = vec![Vec::new(); ids.len()];
+    for group in pack(&ids, MAX_BATCH, MAX_BATCH_TOKENS) {
+        let seqs: Vec<Vec<u32>> = group.iter().map(|i| ids[*i].clone()).collect();
+        let out = forward(&TokenBatch::pad(&seqs))?;
+        for (i, v) in group.into_iter().zip(out) {
+            vectors[i] = v;
+        }
+    }
+    Ok(vectors)
 }
 
 /// Sequences in one forward pass at most.
