@@ -1140,6 +1140,17 @@ mod front_door {
         Command::new(bin)
     }
 
+    /// A cloudletd configuration for the tests: the admin socket and a self-signed front
+    /// door on a free loopback port, in the configuration's folder; `more` is appended
+    /// within `[front_door]` (or starts a section of its own).
+    fn daemon_config(more: &str) -> String {
+        format!(
+            "[admin]\nsocket = \"admin.sock\"\n\n\
+             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\n\
+             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n{more}"
+        )
+    }
+
     /// Stops the daemon on drop, even when the test fails.
     struct Daemon(Child);
 
@@ -1244,13 +1255,7 @@ mod front_door {
     fn cloudletd_runs_a_front_door_without_a_policy() {
         let dir = TempDir::new("daemon");
         let config = dir.0.join("cloudlet.toml");
-        std::fs::write(
-            &config,
-            "[admin]\nsocket = \"admin.sock\"\n\n\
-             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\npq = \"required\"\n\
-             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n",
-        )
-        .unwrap();
+        std::fs::write(&config, daemon_config("pq = \"required\"\n")).unwrap();
         let mut hashes = Vec::new();
         for round in 0..2 {
             let mut run = Running::start(&config);
@@ -1646,9 +1651,7 @@ mod front_door {
         let config = dir.0.join("cloudlet.toml");
         std::fs::write(
             &config,
-            "[admin]\nsocket = \"admin.sock\"\n\n\
-             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\npq = \"required\"\n\
-             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\nnames = [\"localhost\", \"127.0.0.1\"]\n",
+            daemon_config("pq = \"required\"\nnames = [\"localhost\", \"127.0.0.1\"]\n"),
         )
         .unwrap();
         let mut run = Running::start(&config);
@@ -1802,13 +1805,10 @@ mod front_door {
             .join(cloudlet::compute::DEFAULT_MODEL_DIR);
         std::fs::write(
             &config,
-            format!(
-                "[admin]\nsocket = \"admin.sock\"\n\n\
-                 [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\n\
-                 cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n\n\
-                 [compute]\nmodel = {:?}\nmax_batch = 4\nmax_wait_ms = 10\nqueue = 8\nmax_inputs = 8\nmax_body = 65536\n",
+            daemon_config(&format!(
+                "\n[compute]\nmodel = {:?}\nmax_batch = 4\nmax_wait_ms = 10\nqueue = 8\nmax_inputs = 8\nmax_body = 65536\n",
                 model.display().to_string()
-            ),
+            )),
         )
         .unwrap();
         let run = Running::start(&config);

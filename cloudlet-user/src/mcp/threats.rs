@@ -321,8 +321,8 @@ fn floor(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Lower case with runs of whitespace made one space, on char boundaries the same as the
-/// input's where it matters for excerpts.
+/// Lower case with runs of whitespace made one space. Offsets found in it index it, not
+/// the input: excerpts of such finds are taken from the folded text.
 fn fold(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
