@@ -22,7 +22,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/cloudlet";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/cloudlet/cloudletd.sock";
 
 /// The daemon's configuration, paths resolved against the file's folder.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// The policy file. None: no dataplane (no program is loaded), only the listeners.
     pub policy: Option<PathBuf>,
@@ -45,6 +45,8 @@ pub struct Config {
     pub front_door: Option<FrontDoorConfig>,
     /// Embeddings on the front door (`POST /v1/embeddings`), if configured.
     pub compute: Option<crate::compute::ComputeConfig>,
+    /// The MCP guard on the front door, if configured.
+    pub mcp: Option<crate::mcp::guard::GuardConfig>,
 }
 
 /// Default pin folder.
@@ -67,6 +69,7 @@ struct RawConfig {
     xsk: RawXsk,
     front_door: Option<Spanned<RawFrontDoor>>,
     compute: Option<Spanned<RawCompute>>,
+    mcp: Option<Spanned<crate::mcp::config::RawMcp>>,
 }
 
 #[derive(Deserialize)]
@@ -353,8 +356,27 @@ impl Config {
                 })
             }
         };
+        let mcp = match raw.mcp {
+            None => None,
+            Some(m) => {
+                let at = m.span().start;
+                if front_door.is_none() {
+                    return Err(invalid(
+                        at,
+                        "`mcp` answers on the front door's listeners: add a `[front_door]`"
+                            .to_string(),
+                    ));
+                }
+                Some(
+                    m.into_inner()
+                        .into_config(|p| resolve(p))
+                        .map_err(|e| invalid(at, e))?,
+                )
+            }
+        };
         Ok(Self {
             compute,
+            mcp,
             policy: raw.policy.map(|p| resolve(p.get_ref())),
             interfaces: raw.interfaces,
             xdp_mode: raw.xdp_mode,

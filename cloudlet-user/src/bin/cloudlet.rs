@@ -20,6 +20,56 @@ use cloudlet::{
     policy,
 };
 
+/// Where the pin store is: `--pins`, or the `[mcp]` section of `--config`.
+#[derive(clap::Args)]
+struct PinsAt {
+    /// The pin store.
+    #[arg(long, conflicts_with = "config")]
+    pins: Option<PathBuf>,
+    /// cloudletd's configuration, whose `[mcp] pins` names the store.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl PinsAt {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.pins {
+            return Ok(p.clone());
+        }
+        let Some(c) = &self.config else {
+            return Ok(PathBuf::from(cloudlet::mcp::config::DEFAULT_PINS));
+        };
+        let config = cloudlet::config::Config::load(c)?;
+        config
+            .mcp
+            .map(|m| m.pins)
+            .with_context(|| format!("{} has no [mcp] section", c.display()))
+    }
+}
+
+#[derive(Subcommand)]
+enum McpCommand {
+    /// Lists pinned tools; definitions waiting for approval are marked PENDING with the
+    /// new description.
+    Pins {
+        #[command(flatten)]
+        at: PinsAt,
+        /// Print the store as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approves the pending definitions of the named tools (as clients see them:
+    /// `prefix__tool`). cloudletd takes the approval at the tool's next listing or call.
+    Approve {
+        #[command(flatten)]
+        at: PinsAt,
+        /// Approve every pending definition.
+        #[arg(long, conflicts_with = "tools")]
+        all: bool,
+        tools: Vec<String>,
+    },
+}
+
 #[derive(Parser)]
 #[command(name = "cloudlet", version, about = "Cloudlet operator CLI")]
 struct Args {
@@ -72,6 +122,11 @@ enum Command {
         /// Lines embedded together.
         #[arg(long, default_value_t = 32)]
         batch: usize,
+    },
+    /// The MCP guard's tool pins: what is approved, what waits for approval.
+    Mcp {
+        #[command(subcommand)]
+        command: McpCommand,
     },
     /// Counters of the running cloudletd.
     Stats {
@@ -134,6 +189,7 @@ fn main() -> ExitCode {
             watch,
         } => stats(&socket, json, watch),
         Command::Embed { model, batch } => embed(&model, batch),
+        Command::Mcp { command } => mcp(command),
     };
     match result {
         Ok(code) => code,
@@ -339,5 +395,47 @@ fn events(socket: &Path, json: bool, follow: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn mcp(command: McpCommand) -> anyhow::Result<ExitCode> {
+    use cloudlet::mcp::pins;
+    match command {
+        McpCommand::Pins { at, json } => {
+            let path = at.path()?;
+            let file = pins::read(&path)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&file)?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            for (name, e) in &file.tools {
+                let approved = e.approved.as_deref().map_or("-", |h| &h[..h.len().min(16)]);
+                match &e.pending {
+                    Some(p) => writeln!(
+                        out,
+                        "{name}  approved {approved}  PENDING {}: {:?}",
+                        &p[..p.len().min(16)],
+                        e.pending_description.as_deref().unwrap_or("")
+                    )?,
+                    None => writeln!(out, "{name}  approved {approved}")?,
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        McpCommand::Approve { at, all, tools } => {
+            if !all && tools.is_empty() {
+                anyhow::bail!("name the tools to approve, or pass --all");
+            }
+            let path = at.path()?;
+            let done = pins::approve(&path, &tools)?;
+            if done.is_empty() {
+                eprintln!("nothing was pending in {}", path.display());
+            }
+            for name in done {
+                println!("approved {name}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -50,7 +50,7 @@ const NO_DATAPLANE: &str = "no dataplane: the configuration names no policy";
 fn start_front_door(
     config: &front_door::FrontDoorConfig,
     metrics: FrontDoorMetrics,
-    embeddings: Option<Arc<cloudlet::compute::http::EmbeddingsService>>,
+    services: front_door::Services,
 ) -> Result<FrontDoor, ExitCode> {
     let fail = |e: front_door::FrontDoorError| {
         log::error!("front door: {}", error_chain(&e));
@@ -69,7 +69,7 @@ fn start_front_door(
             config.key.display()
         );
     }
-    let door = FrontDoor::bind_with(config, identity, metrics, embeddings).map_err(fail)?;
+    let door = FrontDoor::bind_with(config, identity, metrics, services).map_err(fail)?;
     let addr = door.local_addr();
     log::info!(
         "front door on {addr}: HTTP/3 (UDP) and HTTPS (TCP), pq {}, certificate SPKI sha256 {}",
@@ -87,6 +87,30 @@ fn start_front_door(
         );
     }
     Ok(door)
+}
+
+/// Re-reads the configuration and applies its `[mcp]` policy (roles, constraints, limits,
+/// threat and pin settings); open sessions stay. Upstreams, issuers and paths need a
+/// restart. On any error the running policy stays.
+fn reload_mcp(guard: &cloudlet::mcp::guard::McpGuard, path: &std::path::Path) {
+    let policy = match Config::load(path) {
+        Ok(Config { mcp: Some(m), .. }) => m.policy,
+        Ok(_) => {
+            log::error!(
+                "SIGHUP: {} has no [mcp] any more; the running MCP policy stays (restart to remove the guard)",
+                path.display()
+            );
+            return;
+        }
+        Err(e) => {
+            log::error!("SIGHUP: {e}; the running MCP policy stays");
+            return;
+        }
+    };
+    match guard.set_policy(policy) {
+        Ok(()) => log::info!("SIGHUP: MCP policy reloaded"),
+        Err(e) => log::error!("SIGHUP: {}; the running MCP policy stays", error_chain(&e)),
+    }
 }
 
 fn main() -> ExitCode {
@@ -125,7 +149,7 @@ fn main() -> ExitCode {
         }
     };
     let node = node.map(|n| Arc::new(Mutex::new(n)));
-    let code = runtime.block_on(run(config.clone(), node.clone()));
+    let code = runtime.block_on(run(config.clone(), args.config.clone(), node.clone()));
     let pin_dir = config.pin_dir.clone();
     let (ifaces, pinned) = match node.as_ref().map(|n| n.lock()) {
         None => (Vec::new(), false),
@@ -160,7 +184,11 @@ fn main() -> ExitCode {
     code
 }
 
-async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
+async fn run(
+    config: Config,
+    config_path: std::path::PathBuf,
+    node: Option<Arc<Mutex<Node>>>,
+) -> ExitCode {
     let stats_node = node.clone();
     let read_stats = move || match stats_node.as_ref().map(|n| n.lock()) {
         Some(Ok(n)) => n.stats().map_err(|e| error_chain(&e)),
@@ -211,6 +239,35 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
                 }
             }
         }
+    };
+    let mcp = match &config.mcp {
+        None => None,
+        Some(m) => match cloudlet::mcp::guard::McpGuard::start(m) {
+            Ok(guard) => {
+                guard.ready(std::time::Duration::from_secs(10)).await;
+                log::info!(
+                    "MCP guard on {} with {} upstream(s): {}; {}; audit log {}",
+                    m.path,
+                    m.upstreams.len(),
+                    m.upstreams
+                        .iter()
+                        .map(|u| format!("{} (tools {}__*)", u.name, u.prefix))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if m.issuers.is_empty() {
+                        "no credentials asked".to_string()
+                    } else {
+                        format!("bearer tokens from {} issuer(s)", m.issuers.len())
+                    },
+                    m.audit.display()
+                );
+                Some(guard)
+            }
+            Err(e) => {
+                log::error!("{}", error_chain(&e));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
     };
     let events_node = node.clone();
     let has_dataplane = node.is_some();
@@ -289,7 +346,14 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
 
     let front_door_task = match &config.front_door {
         None => None,
-        Some(fd) => match start_front_door(fd, front_door_metrics, embeddings) {
+        Some(fd) => match start_front_door(
+            fd,
+            front_door_metrics,
+            front_door::Services {
+                embeddings,
+                mcp: mcp.clone(),
+            },
+        ) {
             Ok(door) => Some(tokio::spawn(door.serve())),
             Err(code) => return code,
         },
@@ -320,6 +384,9 @@ async fn run(config: Config, node: Option<Arc<Mutex<Node>>>) -> ExitCode {
             _ = int.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break; }
             _ = hup.recv() => {
+                if let Some(guard) = &mcp {
+                    reload_mcp(guard, &config_path);
+                }
                 let (Some(node), Some(path)) = (node.clone(), config.policy.clone()) else {
                     log::info!("SIGHUP: no policy configured, nothing to reload");
                     continue;

@@ -97,17 +97,30 @@ impl AuditLog {
         })
     }
 
+    /// Appends `entries` and waits until they are on disk (one sync for all of them).
+    pub fn record_all(&mut self, entries: &[&Entry]) -> std::io::Result<()> {
+        let mut lines = Vec::new();
+        for entry in entries {
+            let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            let pending = self.size + lines.len() as u64;
+            if pending > 0 && pending + line.len() as u64 > self.max_bytes {
+                self.file.write_all(&lines)?;
+                self.file.sync_data()?;
+                lines.clear();
+                self.rotate()?;
+            }
+            lines.extend_from_slice(&line);
+        }
+        self.file.write_all(&lines)?;
+        self.file.sync_data()?;
+        self.size += lines.len() as u64;
+        Ok(())
+    }
+
     /// Appends `entry` and waits until it is on disk.
     pub fn record(&mut self, entry: &Entry) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
-            self.rotate()?;
-        }
-        self.file.write_all(&line)?;
-        self.file.sync_data()?;
-        self.size += line.len() as u64;
-        Ok(())
+        self.record_all(&[entry])
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {

@@ -255,12 +255,22 @@ fn json_response(status: u16, body: String) -> http::Response<Bytes> {
         .unwrap_or_default()
 }
 
+/// Services mounted on the front door besides `/healthz` and backhaul.
+#[derive(Default)]
+pub struct Services {
+    /// `POST /v1/embeddings`, when compute is configured.
+    pub embeddings: Option<Arc<crate::compute::http::EmbeddingsService>>,
+    /// The MCP guard's endpoint, when configured.
+    pub mcp: Option<Arc<crate::mcp::guard::McpGuard>>,
+}
+
 /// What both listeners share: routes, backhaul and metrics.
 struct Service {
     pq: PqMode,
     backhaul: Backhaul,
     /// `POST /v1/embeddings`, when compute is configured.
     embeddings: Option<Arc<crate::compute::http::EmbeddingsService>>,
+    mcp: Option<Arc<crate::mcp::guard::McpGuard>>,
     metrics: FrontDoorMetrics,
     connections: AtomicU64,
 }
@@ -315,6 +325,11 @@ impl Service {
         {
             return e.handle(request, &conn.remote.ip().to_string()).await;
         }
+        if let Some(guard) = &self.mcp
+            && guard.serves(path)
+        {
+            return guard.handle(request, conn.remote.ip()).await;
+        }
         if let Some(route) = self.backhaul.route(path) {
             return route.forward(request, conn.remote).await;
         }
@@ -361,15 +376,15 @@ impl FrontDoor {
         identity: Identity,
         metrics: FrontDoorMetrics,
     ) -> Result<Self, FrontDoorError> {
-        Self::bind_with(config, identity, metrics, None)
+        Self::bind_with(config, identity, metrics, Services::default())
     }
 
-    /// [`bind`](Self::bind), also serving `POST /v1/embeddings` from `embeddings`.
+    /// [`bind`](Self::bind), also serving `services`.
     pub fn bind_with(
         config: &FrontDoorConfig,
         identity: Identity,
         metrics: FrontDoorMetrics,
-        embeddings: Option<Arc<crate::compute::http::EmbeddingsService>>,
+        services: Services,
     ) -> Result<Self, FrontDoorError> {
         let spki_sha256 = identity
             .chain
@@ -392,7 +407,8 @@ impl FrontDoor {
         let service = Arc::new(Service {
             pq: config.pq,
             backhaul,
-            embeddings,
+            embeddings: services.embeddings,
+            mcp: services.mcp,
             metrics,
             connections: AtomicU64::new(0),
         });
@@ -793,6 +809,7 @@ mod tests {
             pq: PqMode::Required,
             backhaul: Backhaul::default(),
             embeddings: None,
+            mcp: None,
             metrics: FrontDoorMetrics::default(),
             connections: AtomicU64::new(0),
         };

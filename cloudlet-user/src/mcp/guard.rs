@@ -1,0 +1,1482 @@
+//! The guard's endpoint: MCP's Streamable HTTP transport on the front door's listeners,
+//! federating the configured upstreams behind one `/mcp`.
+//!
+//! Two protocol eras are spoken, chosen by each request:
+//! - the session revisions (2025-03-26, 2025-06-18, 2025-11-25): an `initialize` request
+//!   opens a session whose id comes back in `Mcp-Session-Id`; later requests carry it (and
+//!   `MCP-Protocol-Version`), `DELETE` ends it;
+//! - the stateless 2026-07-28 revision: `server/discover`, then self-contained requests whose
+//!   `params._meta` names the protocol version, with `MCP-Protocol-Version`, `Mcp-Method`
+//!   and (for `tools/call`) `Mcp-Name` headers that must agree with the body.
+//!
+//! Every request is checked in this order: `Origin` (403), credentials (401 with
+//! `WWW-Authenticate`), body shape (JSON-RPC errors), session or envelope; then for
+//! `tools/call`: the tool's upstream, the caller's roles, rate limits, the tool's pin and
+//! threat findings, its `inputSchema` and the operator's constraints; the upstream's result
+//! is checked for size and threats before it is returned. Each request is written to the
+//! audit log before its answer leaves.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::{
+    audit::{self, AuditLog, Decision, Entry},
+    identity::{self, IssuerConfig, Verifier},
+    pins::{PinMode, PinState, PinStore},
+    policy::ToolPolicy,
+    threats::{self, Check, Context, Finding, ToolDef},
+    upstream::{Upstream, UpstreamConfig, UpstreamError},
+};
+
+/// Session revisions a client may ask for in `initialize`, oldest first.
+pub const SESSION_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
+/// Stateless revisions (per-request envelope).
+pub const STATELESS_VERSIONS: &[&str] = &["2026-07-28"];
+/// The revision assumed when a session client sends no `MCP-Protocol-Version` header.
+const DEFAULT_VERSION: &str = "2025-03-26";
+/// `params._meta` key of the stateless envelope's protocol version.
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+
+/// JSON-RPC error codes: the standard ones, the stateless revision's, and the guard's own
+/// (server-defined range).
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL_ERROR: i64 = -32603;
+    pub const HEADER_MISMATCH: i64 = -32020;
+    pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
+    /// The caller's roles do not allow the tool.
+    pub const DENIED: i64 = -32003;
+    /// A threat check or a changed tool definition blocked the call or its result.
+    pub const BLOCKED: i64 = -32004;
+    /// A rate limit was reached; `data.retry_after_ms` says when to try again.
+    pub const RATE_LIMITED: i64 = -32005;
+    /// The tool's upstream is down (restarting) or unreachable.
+    pub const UPSTREAM_UNAVAILABLE: i64 = -32006;
+    /// The upstream did not answer within its timeout.
+    pub const UPSTREAM_TIMEOUT: i64 = -32007;
+    /// The result is larger than `max_result_bytes`.
+    pub const RESULT_TOO_LARGE: i64 = -32008;
+}
+
+/// A rate: `count` requests per `per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    /// `N/s`, `N/min` or `N/h` (also `second`, `minute`, `hour`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: a rate is N/s, N/min or N/h");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "min" | "m" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        if count == 0 {
+            return Err(format!("{s:?}: a rate must allow at least one request"));
+        }
+        Ok(Self { count, per })
+    }
+}
+
+/// What to do about threat findings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreatPolicy {
+    /// Hold back tools whose descriptions, and refuse results whose text, carry
+    /// prompt-injection findings (overrides, hidden characters, HTML comments, encoded
+    /// payloads). Off: such findings are only flagged in the audit log.
+    pub block_injection: bool,
+    /// The same for puppet attacks (text that instructs calls to other upstreams' tools).
+    pub block_puppet: bool,
+}
+
+impl Default for ThreatPolicy {
+    fn default() -> Self {
+        Self {
+            block_injection: true,
+            block_puppet: true,
+        }
+    }
+}
+
+/// The part of the configuration a reload replaces while sessions stay open.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GuardPolicy {
+    pub roles: ToolPolicy,
+    /// Per tool name (glob), per argument: a JSON Schema the argument must also satisfy.
+    pub constraints: BTreeMap<String, BTreeMap<String, Value>>,
+    pub per_identity: Option<Rate>,
+    /// Per tool name (glob): a rate for all callers together.
+    pub per_tool: BTreeMap<String, Rate>,
+    pub threats: ThreatPolicy,
+    pub max_result_bytes: usize,
+    pub pin_mode: PinMode,
+}
+
+/// The `[mcp]` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GuardConfig {
+    /// The endpoint's path, `/mcp` by default.
+    pub path: String,
+    /// `Origin` values accepted (`*` for any); requests without `Origin` are accepted.
+    pub allowed_origins: Vec<String>,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Token issuers; none: no credentials asked, every caller is `anonymous`.
+    pub issuers: Vec<IssuerConfig>,
+    /// Roles of callers when no issuer is configured.
+    pub anonymous_roles: Vec<String>,
+    pub pins: PathBuf,
+    pub audit: PathBuf,
+    pub audit_max_bytes: u64,
+    pub audit_keep: usize,
+    /// Largest request body (413 above).
+    pub max_body: usize,
+    /// Sessions unused this long are forgotten (404 afterwards).
+    pub session_idle: Duration,
+    pub policy: GuardPolicy,
+}
+
+/// Defaults of the optional keys.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+pub const DEFAULT_MAX_RESULT: usize = 4 << 20;
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(3600);
+
+/// Errors setting the guard up.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("MCP issuers: {0}")]
+    Identity(#[from] identity::IdentityError),
+    #[error("MCP pins: {0}")]
+    Pins(#[from] super::pins::PinError),
+    #[error("MCP audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("MCP constraint for {tool}.{argument}: {message}")]
+    Constraint {
+        tool: String,
+        argument: String,
+        message: String,
+    },
+}
+
+/// Who is calling.
+#[derive(Clone, Debug)]
+struct Caller {
+    subject: String,
+    roles: Vec<String>,
+}
+
+/// A session-era session.
+struct Session {
+    subject: String,
+    protocol: String,
+    last_used: Instant,
+}
+
+/// A tool as the guard last listed it.
+struct Tool {
+    upstream: usize,
+    /// The upstream's own name for it.
+    raw: String,
+    /// The definition as listed, its name replaced by the federated one.
+    listed: Value,
+    hash: String,
+    description: String,
+    findings: Vec<Finding>,
+    schema: Option<Arc<jsonschema::Validator>>,
+    schema_error: Option<String>,
+}
+
+/// A token bucket.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The audit log, written by its own thread: entries sent together share one `fdatasync`,
+/// and each request waits for its entry's.
+struct Auditor {
+    tx: std::sync::mpsc::Sender<(Entry, tokio::sync::oneshot::Sender<bool>)>,
+}
+
+impl Auditor {
+    fn start(mut log: AuditLog) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(Entry, tokio::sync::oneshot::Sender<bool>)>();
+        std::thread::Builder::new()
+            .name("mcp-audit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let entries: Vec<&Entry> = batch.iter().map(|(e, _)| e).collect();
+                    let ok = match log.record_all(&entries) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            log::error!("MCP audit log: {e}");
+                            false
+                        }
+                    };
+                    for (_, done) in batch {
+                        let _ = done.send(ok);
+                    }
+                }
+            })
+            .ok();
+        Self { tx }
+    }
+
+    /// Writes `entry`; true once it is on disk.
+    async fn record(&self, entry: Entry) -> bool {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.tx.send((entry, done)).is_err() {
+            return false;
+        }
+        wait.await.unwrap_or(false)
+    }
+}
+
+/// The guard.
+pub struct McpGuard {
+    path: String,
+    allowed_origins: Vec<String>,
+    upstreams: Vec<Arc<Upstream>>,
+    verifier: Verifier,
+    /// The issuers' names, for the protected-resource metadata.
+    issuers: Vec<String>,
+    anonymous_roles: Vec<String>,
+    max_body: usize,
+    session_idle: Duration,
+    policy: RwLock<Arc<Compiled>>,
+    sessions: Mutex<HashMap<String, Session>>,
+    tools: RwLock<Arc<BTreeMap<String, Tool>>>,
+    pins: Mutex<PinStore>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    auditor: Auditor,
+}
+
+/// A policy with its constraint schemas compiled.
+struct Compiled {
+    policy: GuardPolicy,
+    constraints: Vec<(String, String, jsonschema::Validator)>,
+}
+
+impl Compiled {
+    fn new(policy: GuardPolicy) -> Result<Self, GuardError> {
+        let mut constraints = Vec::new();
+        for (tool, args) in &policy.constraints {
+            for (argument, schema) in args {
+                let v =
+                    jsonschema::options()
+                        .build(schema)
+                        .map_err(|e| GuardError::Constraint {
+                            tool: tool.clone(),
+                            argument: argument.clone(),
+                            message: e.to_string(),
+                        })?;
+                constraints.push((tool.clone(), argument.clone(), v));
+            }
+        }
+        Ok(Self {
+            policy,
+            constraints,
+        })
+    }
+}
+
+/// An answer: HTTP status, JSON body (none for 202/204), extra headers.
+struct Answer {
+    status: u16,
+    body: Option<Value>,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Answer {
+    fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            body: Some(body),
+            headers: Vec::new(),
+        }
+    }
+
+    fn empty(status: u16) -> Self {
+        Self {
+            status,
+            body: None,
+            headers: Vec::new(),
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn into_response(self) -> http::Response<Bytes> {
+        let mut b = http::Response::builder().status(self.status);
+        if self.body.is_some() {
+            b = b.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        for (k, v) in self.headers {
+            b = b.header(k, v);
+        }
+        b.body(
+            self.body
+                .map_or_else(Bytes::new, |v| Bytes::from(v.to_string())),
+        )
+        .unwrap_or_default()
+    }
+}
+
+fn rpc_error(id: &Value, code: i64, message: impl Into<String>, data: Option<Value>) -> Value {
+    let mut error = json!({"code": code, "message": message.into()});
+    if let Some(d) = data {
+        error["data"] = d;
+    }
+    json!({"jsonrpc": "2.0", "id": id, "error": error})
+}
+
+/// The HTTP status a JSON-RPC error travels with (the stateless revision's table; other
+/// errors ride a 200).
+fn status_of(code: i64) -> u16 {
+    match code {
+        code::PARSE_ERROR
+        | code::INVALID_REQUEST
+        | code::INVALID_PARAMS
+        | code::HEADER_MISMATCH
+        | code::UNSUPPORTED_PROTOCOL_VERSION => 400,
+        code::METHOD_NOT_FOUND => 404,
+        _ => 200,
+    }
+}
+
+/// A failed request: its JSON-RPC error, and what the audit log says.
+struct Refusal {
+    code: i64,
+    message: String,
+    data: Option<Value>,
+    decision: Decision,
+}
+
+impl Refusal {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            data: None,
+            decision: Decision::Denied,
+        }
+    }
+
+    fn data(mut self, data: Value) -> Self {
+        self.data = Some(data);
+        self
+    }
+}
+
+/// What the audit entry of a `tools/call` records beyond the decision.
+#[derive(Default)]
+struct CallNote {
+    upstream: Option<String>,
+    tool: Option<String>,
+    arguments: Option<String>,
+}
+
+fn header<'a>(request: &'a http::Request<Bytes>, name: &str) -> Option<&'a str> {
+    request.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `=?base64?...?=` header values (non-ASCII names) decoded; others as they are.
+fn decode_header_value(v: &str) -> Option<String> {
+    use base64::Engine as _;
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
+        Some(payload) => base64::engine::general_purpose::STANDARD
+            .decode(payload)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok()),
+        None => Some(v.to_string()),
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn new_session_id() -> String {
+    let mut bytes = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        // The OS RNG failing is not survivable for TLS either; a time-based id still
+        // keeps sessions apart.
+        bytes = Instant::now().elapsed().as_nanos().to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl McpGuard {
+    /// Sets the guard up and starts its upstreams' supervisors (within a tokio runtime).
+    pub fn start(config: &GuardConfig) -> Result<Arc<Self>, GuardError> {
+        let verifier = Verifier::load(&config.issuers)?;
+        let mut pins = PinStore::open(&config.pins, config.policy.pin_mode)?;
+        pins.set_mode(config.policy.pin_mode);
+        let log = AuditLog::open(&config.audit, config.audit_max_bytes, config.audit_keep)
+            .map_err(|source| GuardError::Audit {
+                path: config.audit.clone(),
+                source,
+            })?;
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .cloned()
+            .map(Upstream::new)
+            .collect();
+        for u in &upstreams {
+            u.spawn();
+        }
+        Ok(Arc::new(Self {
+            path: config.path.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            upstreams,
+            verifier,
+            issuers: config.issuers.iter().map(|i| i.issuer.clone()).collect(),
+            anonymous_roles: config.anonymous_roles.clone(),
+            max_body: config.max_body,
+            session_idle: config.session_idle,
+            policy: RwLock::new(Arc::new(Compiled::new(config.policy.clone())?)),
+            sessions: Mutex::new(HashMap::new()),
+            tools: RwLock::new(Arc::default()),
+            pins: Mutex::new(pins),
+            buckets: Mutex::new(HashMap::new()),
+            auditor: Auditor::start(log),
+        }))
+    }
+
+    /// Waits until every upstream's first connection attempt has finished (or `limit`).
+    pub async fn ready(&self, limit: Duration) {
+        for u in &self.upstreams {
+            u.first_attempt(limit).await;
+        }
+    }
+
+    /// Replaces the policy (roles, constraints, limits, threat and pin settings); sessions
+    /// stay open. A policy whose constraints do not compile is refused and the running
+    /// one stays.
+    pub fn set_policy(&self, policy: GuardPolicy) -> Result<(), GuardError> {
+        let compiled = Compiled::new(policy)?;
+        self.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_mode(compiled.policy.pin_mode);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(compiled);
+        Ok(())
+    }
+
+    /// Whether `path` is served by the guard (its endpoint or its protected-resource
+    /// metadata).
+    pub fn serves(&self, path: &str) -> bool {
+        path == self.path || path.starts_with("/.well-known/oauth-protected-resource")
+    }
+
+    fn policy(&self) -> Arc<Compiled> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Answers one HTTP request for the guard's paths.
+    pub async fn handle(
+        &self,
+        request: http::Request<Bytes>,
+        peer: IpAddr,
+    ) -> http::Response<Bytes> {
+        let _ = peer;
+        self.answer(request).await.into_response()
+    }
+
+    fn metadata_url(&self, request: &http::Request<Bytes>) -> Option<String> {
+        let host = header(request, "host")
+            .map(str::to_string)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))?;
+        Some(format!(
+            "https://{host}/.well-known/oauth-protected-resource{}",
+            self.path
+        ))
+    }
+
+    async fn answer(&self, request: http::Request<Bytes>) -> Answer {
+        let path = request.uri().path();
+        if path != self.path {
+            // RFC 9728 protected-resource metadata: where tokens come from.
+            if request.method() != http::Method::GET {
+                return Answer::empty(405).header("allow", "GET");
+            }
+            let host = header(&request, "host").unwrap_or("localhost").to_string();
+            return Answer::json(
+                200,
+                json!({
+                    "resource": format!("https://{host}{}", self.path),
+                    "authorization_servers": self.issuers,
+                    "bearer_methods_supported": ["header"],
+                }),
+            );
+        }
+        if let Some(origin) = header(&request, "origin")
+            && !self
+                .allowed_origins
+                .iter()
+                .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+        {
+            self.audit_plain(
+                "-",
+                "-",
+                Decision::Denied,
+                &format!("origin {origin} not allowed"),
+            )
+            .await;
+            return Answer::json(
+                403,
+                json!({"error": format!("origin {origin} is not allowed")}),
+            );
+        }
+        let caller = match self.authenticate(&request) {
+            Ok(c) => c,
+            Err(answer) => return answer,
+        };
+        match *request.method() {
+            http::Method::POST => self.post(request, caller).await,
+            http::Method::DELETE => {
+                let Some(id) = header(&request, "mcp-session-id") else {
+                    return Answer::json(400, json!({"error": "Mcp-Session-Id header required"}));
+                };
+                let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                match sessions.get(id) {
+                    Some(s) if s.subject == caller.subject => {
+                        sessions.remove(id);
+                        Answer::empty(204)
+                    }
+                    _ => Answer::json(404, json!({"error": "no such session"})),
+                }
+            }
+            // No server-initiated stream is offered.
+            _ => Answer::empty(405).header("allow", "POST, DELETE"),
+        }
+    }
+
+    fn authenticate(&self, request: &http::Request<Bytes>) -> Result<Caller, Answer> {
+        if self.verifier.is_empty() {
+            return Ok(Caller {
+                subject: "anonymous".into(),
+                roles: self.anonymous_roles.clone(),
+            });
+        }
+        let metadata = self.metadata_url(request);
+        let refuse = |err: Option<&identity::TokenError>| {
+            let status = 401;
+            let mut a = Answer::json(
+                status,
+                json!({"error": err.map_or("credentials required".to_string(), |e| e.to_string())}),
+            );
+            a = a.header(
+                "www-authenticate",
+                identity::www_authenticate("cloudlet", err, metadata.as_deref()),
+            );
+            a
+        };
+        let Some(value) = header(request, "authorization") else {
+            return Err(refuse(None));
+        };
+        let token = identity::bearer(value).map_err(|e| refuse(Some(&e)))?;
+        match self.verifier.verify(token, now_unix()) {
+            Ok(id) => Ok(Caller {
+                subject: format!("{}#{}", id.issuer, id.subject),
+                roles: id.roles,
+            }),
+            Err(e) => {
+                log::info!(target: "cloudlet::mcp", "token refused: {e}");
+                Err(refuse(Some(&e)))
+            }
+        }
+    }
+
+    async fn post(&self, request: http::Request<Bytes>, caller: Caller) -> Answer {
+        if request.body().len() > self.max_body {
+            return Answer::json(
+                413,
+                rpc_error(
+                    &Value::Null,
+                    code::INVALID_REQUEST,
+                    format!("body over {} bytes", self.max_body),
+                    None,
+                ),
+            );
+        }
+        if let Some(kind) = header(&request, "content-type")
+            && !kind
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        {
+            return Answer::json(
+                415,
+                json!({"error": "Content-Type must be application/json"}),
+            );
+        }
+        if let Some(accept) = header(&request, "accept") {
+            let a = accept.to_ascii_lowercase();
+            if !(a.contains("application/json") || a.contains("*/*") || a.contains("application/*"))
+            {
+                return Answer::json(
+                    406,
+                    json!({"error": "Accept must include application/json"}),
+                );
+            }
+        }
+        let msg: Value = match serde_json::from_slice(request.body()) {
+            Ok(v) => v,
+            Err(e) => {
+                return Answer::json(
+                    400,
+                    rpc_error(
+                        &Value::Null,
+                        code::PARSE_ERROR,
+                        format!("parse error: {e}"),
+                        None,
+                    ),
+                );
+            }
+        };
+        let Value::Object(obj) = &msg else {
+            let why = if msg.is_array() {
+                "batches are not supported"
+            } else {
+                "a JSON-RPC message is an object"
+            };
+            return Answer::json(
+                400,
+                rpc_error(&Value::Null, code::INVALID_REQUEST, why, None),
+            );
+        };
+        let id = obj.get("id").cloned();
+        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0")
+            || id
+                .as_ref()
+                .is_some_and(|i| !(i.is_string() || i.is_i64() || i.is_u64()))
+        {
+            return Answer::json(
+                400,
+                rpc_error(
+                    &id.unwrap_or(Value::Null),
+                    code::INVALID_REQUEST,
+                    "not a JSON-RPC 2.0 message (jsonrpc must be \"2.0\", id a string or integer)",
+                    None,
+                ),
+            );
+        }
+        let method = obj.get("method").and_then(Value::as_str);
+        let Some(id) = id else {
+            // A notification: nothing is forwarded or answered.
+            return match method {
+                Some(_) => Answer::empty(202),
+                None => Answer::json(
+                    400,
+                    rpc_error(
+                        &Value::Null,
+                        code::INVALID_REQUEST,
+                        "no method and no id",
+                        None,
+                    ),
+                ),
+            };
+        };
+        let Some(method) = method else {
+            // A response to a request of ours: the guard sends none.
+            return Answer::empty(202);
+        };
+        let params = obj.get("params").cloned().unwrap_or(Value::Null);
+        if !(params.is_object() || params.is_null()) {
+            return Answer::json(
+                400,
+                rpc_error(&id, code::INVALID_REQUEST, "params must be an object", None),
+            );
+        }
+        let envelope = params
+            .get("_meta")
+            .and_then(|m| m.get(META_VERSION))
+            .cloned();
+        let stateless = envelope.is_some() || method == "server/discover";
+        if stateless {
+            if let Err((code, message, data)) =
+                check_envelope(&request, method, &params, envelope.as_ref())
+            {
+                return Answer::json(status_of(code), rpc_error(&id, code, message, data));
+            }
+        } else if method == "initialize" {
+            return self.initialize(&id, &params, &caller);
+        } else {
+            // Session era.
+            if let Err(a) = self.session(&request, &id, &caller) {
+                return a;
+            }
+        }
+        let result = self.dispatch(method, &params, &caller, stateless).await;
+        match result {
+            Ok(mut result) => {
+                if stateless && let Value::Object(r) = &mut result {
+                    r.entry("resultType").or_insert(json!("complete"));
+                }
+                Answer::json(200, json!({"jsonrpc": "2.0", "id": id, "result": result}))
+            }
+            Err(r) => Answer::json(status_of(r.code), rpc_error(&id, r.code, r.message, r.data)),
+        }
+    }
+
+    fn initialize(&self, id: &Value, params: &Value, caller: &Caller) -> Answer {
+        let asked = params
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_VERSION);
+        let version = if SESSION_VERSIONS.contains(&asked) {
+            asked
+        } else {
+            SESSION_VERSIONS[SESSION_VERSIONS.len() - 1]
+        };
+        let session = new_session_id();
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let idle = self.session_idle;
+            sessions.retain(|_, s| s.last_used.elapsed() < idle);
+            sessions.insert(
+                session.clone(),
+                Session {
+                    subject: caller.subject.clone(),
+                    protocol: version.to_string(),
+                    last_used: Instant::now(),
+                },
+            );
+        }
+        Answer::json(
+            200,
+            json!({"jsonrpc": "2.0", "id": id, "result": {
+                "protocolVersion": version,
+                "capabilities": {"tools": {"listChanged": false}},
+                "serverInfo": {"name": "cloudlet-mcp-guard", "version": env!("CARGO_PKG_VERSION")},
+            }}),
+        )
+        .header("mcp-session-id", session)
+    }
+
+    /// Checks a session-era request's session and version headers.
+    fn session(
+        &self,
+        request: &http::Request<Bytes>,
+        id: &Value,
+        caller: &Caller,
+    ) -> Result<(), Answer> {
+        let version = header(request, "mcp-protocol-version");
+        if let Some(v) = version
+            && !SESSION_VERSIONS.contains(&v)
+        {
+            return Err(Answer::json(
+                400,
+                rpc_error(
+                    id,
+                    code::INVALID_REQUEST,
+                    format!("unsupported MCP-Protocol-Version {v}"),
+                    Some(json!({"supported": SESSION_VERSIONS})),
+                ),
+            ));
+        }
+        let Some(sid) = header(request, "mcp-session-id") else {
+            return Err(Answer::json(
+                400,
+                rpc_error(
+                    id,
+                    code::INVALID_REQUEST,
+                    "Mcp-Session-Id header required (send initialize first)",
+                    None,
+                ),
+            ));
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match sessions.get_mut(sid) {
+            Some(s) if s.subject == caller.subject && s.last_used.elapsed() < self.session_idle => {
+                if let Some(v) = version
+                    && v != s.protocol
+                {
+                    return Err(Answer::json(
+                        400,
+                        rpc_error(
+                            id,
+                            code::INVALID_REQUEST,
+                            format!(
+                                "MCP-Protocol-Version {v} differs from the session's {}",
+                                s.protocol
+                            ),
+                            None,
+                        ),
+                    ));
+                }
+                s.last_used = Instant::now();
+                Ok(())
+            }
+            _ => Err(Answer::json(
+                404,
+                rpc_error(id, code::INVALID_REQUEST, "no such session", None),
+            )),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        method: &str,
+        params: &Value,
+        caller: &Caller,
+        stateless: bool,
+    ) -> Result<Value, Refusal> {
+        match method {
+            "ping" => Ok(json!({})),
+            "server/discover" => Ok(json!({
+                "supportedVersions": SESSION_VERSIONS.iter().chain(STATELESS_VERSIONS).collect::<Vec<_>>(),
+                "capabilities": {"tools": {"listChanged": false}},
+                "serverInfo": {"name": "cloudlet-mcp-guard", "version": env!("CARGO_PKG_VERSION")},
+                "ttlMs": 0,
+                "cacheScope": "private",
+            })),
+            "tools/list" => {
+                let since = Instant::now();
+                let tools = self.list(caller).await;
+                let mut entry = Entry::now(&caller.subject, method, Decision::Allowed, "listed");
+                entry.reason = format!("{} tools listed", tools.len());
+                entry.latency_ms = since.elapsed().as_secs_f64() * 1e3;
+                if !self.auditor.record(entry).await {
+                    return Err(Refusal::new(
+                        code::INTERNAL_ERROR,
+                        "the audit log cannot be written",
+                    ));
+                }
+                let mut result = json!({"tools": tools});
+                if stateless {
+                    result["ttlMs"] = json!(0);
+                    result["cacheScope"] = json!("private");
+                }
+                Ok(result)
+            }
+            "tools/call" => self.call(params, caller).await,
+            "resources/list" => Ok(json!({"resources": []})),
+            "resources/templates/list" => Ok(json!({"resourceTemplates": []})),
+            "prompts/list" => Ok(json!({"prompts": []})),
+            other => Err(Refusal::new(
+                code::METHOD_NOT_FOUND,
+                format!("method {other} is not supported by the guard"),
+            )),
+        }
+    }
+
+    /// Lists every upstream's tools again, pins and scans them, and keeps the listing.
+    async fn refresh(&self) -> Arc<BTreeMap<String, Tool>> {
+        let tasks: Vec<_> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let u = u.clone();
+                tokio::spawn(async move { u.list_tools().await })
+            })
+            .collect();
+        let mut listings = Vec::with_capacity(tasks.len());
+        for (task, u) in tasks.into_iter().zip(&self.upstreams) {
+            listings.push(task.await.unwrap_or_else(|e| {
+                Err(UpstreamError::Unavailable(
+                    u.config.name.clone(),
+                    e.to_string(),
+                ))
+            }));
+        }
+        let mut names: Vec<Vec<String>> = Vec::new();
+        for (u, listing) in self.upstreams.iter().zip(&listings) {
+            names.push(match listing {
+                Ok(tools) => tools
+                    .iter()
+                    .filter_map(|t| t.get("name").and_then(Value::as_str))
+                    .flat_map(|n| [n.to_string(), format!("{}__{n}", u.config.prefix)])
+                    .collect(),
+                Err(_) => Vec::new(),
+            });
+        }
+        let old = self.tools.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out = BTreeMap::new();
+        for (i, (u, listing)) in self.upstreams.iter().zip(listings).enumerate() {
+            let tools = match listing {
+                Ok(t) => t,
+                Err(e) => {
+                    log::warn!(target: "cloudlet::mcp", "{e}");
+                    // Keep what was listed before so a restarting upstream's tools are
+                    // still known (their calls fail as unavailable meanwhile).
+                    for (name, t) in old.iter().filter(|(_, t)| t.upstream == i) {
+                        out.insert(name.clone(), t.clone());
+                    }
+                    continue;
+                }
+            };
+            let ctx = Context {
+                foreign_tools: names
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .flat_map(|(_, n)| n.iter().cloned())
+                    .collect(),
+            };
+            for raw_tool in tools {
+                let Some(raw) = raw_tool
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                else {
+                    continue;
+                };
+                let name = format!("{}__{raw}", u.config.prefix);
+                let description = raw_tool
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let input_schema = raw_tool.get("inputSchema").cloned().unwrap_or(json!({}));
+                let hash = threats::pin(&ToolDef {
+                    name: raw.clone(),
+                    description: description.clone(),
+                    input_schema: input_schema.clone(),
+                });
+                let mut findings = threats::scan(&description, &ctx);
+                for text in schema_texts(&input_schema) {
+                    findings.extend(threats::scan(&text, &ctx));
+                }
+                let (schema, schema_error) = match old.get(&name) {
+                    Some(t) if t.hash == hash => (t.schema.clone(), t.schema_error.clone()),
+                    _ => match jsonschema::options().build(&input_schema) {
+                        Ok(v) => (Some(Arc::new(v)), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    },
+                };
+                let mut listed = raw_tool.clone();
+                listed["name"] = json!(name);
+                out.insert(
+                    name,
+                    Tool {
+                        upstream: i,
+                        raw,
+                        listed,
+                        hash,
+                        description,
+                        findings,
+                        schema,
+                        schema_error,
+                    },
+                );
+            }
+        }
+        let out = Arc::new(out);
+        *self.tools.write().unwrap_or_else(|e| e.into_inner()) = out.clone();
+        out
+    }
+
+    /// Why a tool is held back, if it is: its pin, or findings the policy blocks.
+    fn held(&self, name: &str, tool: &Tool, policy: &GuardPolicy) -> Option<Refusal> {
+        let state = {
+            let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+            pins.refresh();
+            pins.check(name, &tool.hash, &tool.description)
+        };
+        if let PinState::Pending { approved } = state {
+            let why = match approved {
+                Some(_) => format!(
+                    "the definition of {name} changed since it was approved; an operator must run `cloudlet mcp approve {name}`"
+                ),
+                None => format!(
+                    "{name} is not approved yet; an operator must run `cloudlet mcp approve {name}`"
+                ),
+            };
+            return Some(Refusal::new(code::BLOCKED, why));
+        }
+        let blocking = blocking(&tool.findings, &policy.threats);
+        if !blocking.is_empty() {
+            return Some(
+                Refusal::new(
+                    code::BLOCKED,
+                    format!(
+                        "{name}'s definition is blocked: {}",
+                        blocking
+                            .iter()
+                            .map(|f| f.reason.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                )
+                .data(json!({"findings": blocking})),
+            );
+        }
+        None
+    }
+
+    async fn list(&self, caller: &Caller) -> Vec<Value> {
+        let tools = self.refresh().await;
+        let compiled = self.policy();
+        let policy = &compiled.policy;
+        let mut out = Vec::new();
+        for (name, tool) in tools.iter() {
+            if !policy.roles.decide(&caller.roles, name).allowed {
+                continue;
+            }
+            if let Some(r) = self.held(name, tool, policy) {
+                log::warn!(target: "cloudlet::mcp", "held back: {}", r.message);
+                continue;
+            }
+            if !tool.findings.is_empty() {
+                log::warn!(
+                    target: "cloudlet::mcp",
+                    "{name} listed with findings: {}",
+                    tool.findings.iter().map(|f| f.reason.as_str()).collect::<Vec<_>>().join("; ")
+                );
+            }
+            out.push(tool.listed.clone());
+        }
+        out
+    }
+
+    /// Takes a token from the bucket `key` (`rate`); `Err(wait)` when empty.
+    fn take(&self, key: String, rate: Rate) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let per_token = rate.per.as_secs_f64() / f64::from(rate.count);
+        let b = buckets.entry(key).or_insert(Bucket {
+            tokens: f64::from(rate.count),
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() / per_token)
+            .min(f64::from(rate.count));
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) * per_token))
+        }
+    }
+
+    async fn call(&self, params: &Value, caller: &Caller) -> Result<Value, Refusal> {
+        let since = Instant::now();
+        let mut note = CallNote::default();
+        let outcome = self.call_checked(params, caller, &mut note).await;
+        let (decision, reason) = match &outcome {
+            Ok((_, findings)) if !findings.is_empty() => (
+                Decision::Flagged,
+                findings
+                    .iter()
+                    .map(|f| f.reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            Ok(_) => (Decision::Allowed, "allowed".to_string()),
+            Err(r) => (r.decision, r.message.clone()),
+        };
+        let mut entry = Entry::now(&caller.subject, "tools/call", decision, &reason);
+        entry.upstream = note.upstream;
+        entry.tool = note.tool;
+        entry.arguments_sha256 = note.arguments;
+        entry.latency_ms = since.elapsed().as_secs_f64() * 1e3;
+        if !self.auditor.record(entry).await {
+            return Err(Refusal::new(
+                code::INTERNAL_ERROR,
+                "the audit log cannot be written",
+            ));
+        }
+        outcome.map(|(r, _)| r)
+    }
+
+    async fn call_checked(
+        &self,
+        params: &Value,
+        caller: &Caller,
+        note: &mut CallNote,
+    ) -> Result<(Value, Vec<Finding>), Refusal> {
+        let Some(name) = params.get("name").and_then(Value::as_str) else {
+            return Err(Refusal::new(
+                code::INVALID_PARAMS,
+                "tools/call needs a string `name`",
+            ));
+        };
+        note.tool = Some(name.to_string());
+        let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
+        if !arguments.is_object() {
+            return Err(Refusal::new(
+                code::INVALID_PARAMS,
+                "`arguments` must be an object",
+            ));
+        }
+        note.arguments = Some(audit::digest(&arguments));
+        let upstream = name.split_once("__").and_then(|(prefix, _)| {
+            self.upstreams
+                .iter()
+                .position(|u| u.config.prefix == prefix)
+        });
+        let Some(ui) = upstream else {
+            return Err(Refusal::new(
+                code::INVALID_PARAMS,
+                format!("unknown tool {name}"),
+            ));
+        };
+        note.upstream = Some(self.upstreams[ui].config.name.clone());
+        let compiled = self.policy();
+        let policy = &compiled.policy;
+        let verdict = policy.roles.decide(&caller.roles, name);
+        if !verdict.allowed {
+            return Err(Refusal::new(
+                code::DENIED,
+                format!(
+                    "{name} is not allowed for {}: {}",
+                    caller.subject, verdict.reason
+                ),
+            ));
+        }
+        if let Some(rate) = policy.per_identity
+            && let Err(wait) = self.take(format!("identity:{}", caller.subject), rate)
+        {
+            return Err(rate_limited(
+                &format!("{} is over its rate", caller.subject),
+                wait,
+            ));
+        }
+        if let Some((pattern, rate)) = policy
+            .per_tool
+            .iter()
+            .find(|(p, _)| super::policy::glob(p, name))
+            && let Err(wait) = self.take(format!("tool:{pattern}"), *rate)
+        {
+            return Err(rate_limited(
+                &format!("{name} is over its rate ({pattern})"),
+                wait,
+            ));
+        }
+        let mut tools = self.tools.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !tools.contains_key(name) {
+            tools = self.refresh().await;
+        }
+        let Some(tool) = tools.get(name) else {
+            return Err(Refusal::new(
+                code::INVALID_PARAMS,
+                format!("unknown tool {name}"),
+            ));
+        };
+        if let Some(r) = self.held(name, tool, policy) {
+            return Err(r);
+        }
+        let mut violations = Vec::new();
+        match (&tool.schema, &tool.schema_error) {
+            (Some(v), _) => violations.extend(
+                v.iter_errors(&arguments)
+                    .map(|e| format!("{}: {e}", pointer(&e.instance_path().to_string()))),
+            ),
+            (None, Some(e)) => {
+                return Err(Refusal::new(
+                    code::BLOCKED,
+                    format!("{name}'s inputSchema is not a valid JSON Schema: {e}"),
+                ));
+            }
+            (None, None) => {}
+        }
+        for (pattern, argument, v) in &compiled.constraints {
+            if super::policy::glob(pattern, name)
+                && let Some(value) = arguments.get(argument)
+            {
+                violations.extend(v.iter_errors(value).map(|e| {
+                    format!(
+                        "/{argument}{}: {e} (operator constraint)",
+                        e.instance_path()
+                    )
+                }));
+            }
+        }
+        if !violations.is_empty() {
+            return Err(Refusal::new(
+                code::INVALID_PARAMS,
+                format!(
+                    "arguments of {name} do not match its schema: {}",
+                    violations.join("; ")
+                ),
+            )
+            .data(json!({"violations": violations})));
+        }
+        let upstream = &self.upstreams[ui];
+        let mut forward = json!({"name": tool.raw, "arguments": arguments});
+        if let Some(token) = params.get("_meta").and_then(|m| m.get("progressToken")) {
+            forward["_meta"] = json!({"progressToken": token});
+        }
+        let result = upstream
+            .request("tools/call", Some(forward))
+            .await
+            .map_err(|e| match e {
+                UpstreamError::Rpc {
+                    code,
+                    message,
+                    data,
+                    ..
+                } => Refusal {
+                    code,
+                    message,
+                    data,
+                    decision: Decision::Allowed,
+                },
+                UpstreamError::Timeout(..) => Refusal {
+                    decision: Decision::Allowed,
+                    ..Refusal::new(code::UPSTREAM_TIMEOUT, e.to_string())
+                },
+                other => Refusal {
+                    decision: Decision::Allowed,
+                    ..Refusal::new(code::UPSTREAM_UNAVAILABLE, other.to_string())
+                },
+            })?;
+        let size = result.to_string().len();
+        if size > policy.max_result_bytes {
+            return Err(Refusal::new(
+                code::RESULT_TOO_LARGE,
+                format!(
+                    "the result of {name} is {size} bytes, over the limit of {}",
+                    policy.max_result_bytes
+                ),
+            ));
+        }
+        let ctx = Context {
+            foreign_tools: tools
+                .iter()
+                .filter(|(_, t)| t.upstream != ui)
+                .flat_map(|(n, t)| [n.clone(), t.raw.clone()])
+                .collect(),
+        };
+        let mut findings = Vec::new();
+        for text in result_texts(&result) {
+            findings.extend(threats::scan(&text, &ctx));
+        }
+        let blocked = blocking(&findings, &policy.threats);
+        if !blocked.is_empty() {
+            return Err(Refusal::new(
+                code::BLOCKED,
+                format!(
+                    "the result of {name} is blocked: {}",
+                    blocked
+                        .iter()
+                        .map(|f| f.reason.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )
+            .data(json!({"findings": blocked})));
+        }
+        Ok((result, findings))
+    }
+
+    async fn audit_plain(&self, identity: &str, method: &str, decision: Decision, reason: &str) {
+        self.auditor
+            .record(Entry::now(identity, method, decision, reason))
+            .await;
+    }
+}
+
+impl Clone for Tool {
+    fn clone(&self) -> Self {
+        Self {
+            upstream: self.upstream,
+            raw: self.raw.clone(),
+            listed: self.listed.clone(),
+            hash: self.hash.clone(),
+            description: self.description.clone(),
+            findings: self.findings.clone(),
+            schema: self.schema.clone(),
+            schema_error: self.schema_error.clone(),
+        }
+    }
+}
+
+fn rate_limited(why: &str, wait: Duration) -> Refusal {
+    let ms = wait.as_millis().max(1) as u64;
+    Refusal::new(
+        code::RATE_LIMITED,
+        format!("rate limited: {why}; retry in {ms} ms"),
+    )
+    .data(json!({"retry_after_ms": ms}))
+}
+
+/// `""` (the root) shown as `/`.
+fn pointer(p: &str) -> String {
+    if p.is_empty() {
+        "/".into()
+    } else {
+        p.to_string()
+    }
+}
+
+/// The findings `policy` blocks.
+fn blocking(findings: &[Finding], policy: &ThreatPolicy) -> Vec<Finding> {
+    findings
+        .iter()
+        .filter(|f| {
+            if f.check == Check::PuppetAttack {
+                policy.block_puppet
+            } else {
+                policy.block_injection
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// The texts of a tool's schema a model reads: `description` and `title` values.
+fn schema_texts(schema: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("description" | "title", Value::String(s)) => out.push(s.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(schema, &mut out);
+    out
+}
+
+/// The texts of a tool result the model reads: text contents, embedded text resources, and
+/// the structured content's strings.
+fn result_texts(result: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(Value::Array(content)) = result.get("content") {
+        for c in content {
+            if let Some(t) = c.get("text").and_then(Value::as_str) {
+                out.push(t.to_string());
+            }
+            if let Some(t) = c
+                .get("resource")
+                .and_then(|r| r.get("text"))
+                .and_then(Value::as_str)
+            {
+                out.push(t.to_string());
+            }
+        }
+    }
+    fn strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            Value::Object(m) => m.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    if let Some(s) = result.get("structuredContent") {
+        let mut found = Vec::new();
+        strings(s, &mut found);
+        // Structured content usually repeats the text content: scan what is new.
+        out.extend(
+            found
+                .into_iter()
+                .filter(|s| !out.contains(s))
+                .collect::<Vec<_>>(),
+        );
+    }
+    out
+}
+
+/// The stateless revision's checks of one request: envelope, header agreement, version.
+fn check_envelope(
+    request: &http::Request<Bytes>,
+    method: &str,
+    params: &Value,
+    envelope: Option<&Value>,
+) -> Result<(), (i64, String, Option<Value>)> {
+    let meta = params.get("_meta");
+    let Some(version) = envelope else {
+        // `server/discover` without an envelope: answered as a probe.
+        return Ok(());
+    };
+    if meta.and_then(|m| m.get(META_CAPABILITIES)).is_none() {
+        return Err((
+            code::INVALID_PARAMS,
+            format!("params._meta is missing the required envelope key {META_CAPABILITIES}"),
+            None,
+        ));
+    }
+    let version_header = header(request, "mcp-protocol-version");
+    if version_header.is_none() || version_header.map(|h| json!(h)).as_ref() != Some(version) {
+        return Err((
+            code::HEADER_MISMATCH,
+            "MCP-Protocol-Version header does not match the request envelope's protocol version"
+                .into(),
+            None,
+        ));
+    }
+    if header(request, "mcp-method") != Some(method) {
+        return Err((
+            code::HEADER_MISMATCH,
+            "Mcp-Method header does not match the request body's method".into(),
+            None,
+        ));
+    }
+    let name_key = match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        _ => None,
+    };
+    if let Some(key) = name_key
+        && let Some(body) = params.get(key).and_then(Value::as_str)
+        && header(request, "mcp-name")
+            .and_then(decode_header_value)
+            .as_deref()
+            != Some(body)
+    {
+        return Err((
+            code::HEADER_MISMATCH,
+            format!("Mcp-Name header does not match the request body's {key:?} parameter"),
+            None,
+        ));
+    }
+    let v = version.as_str().unwrap_or("");
+    if !STATELESS_VERSIONS.contains(&v) {
+        return Err((
+            code::UNSUPPORTED_PROTOCOL_VERSION,
+            format!("unsupported protocol version {version}"),
+            Some(json!({"supported": STATELESS_VERSIONS, "requested": version})),
+        ));
+    }
+    Ok(())
+}

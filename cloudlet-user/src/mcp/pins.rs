@@ -1,0 +1,344 @@
+//! Tool-definition pins: for each tool (by the name clients see), the SHA-256 of its
+//! definition as an operator approved it (see [`super::threats::pin`]). A definition that
+//! differs from its pin is held back from clients and its calls refused until an operator
+//! approves the new one with `cloudlet mcp approve`: a "rug pull", a server that changes
+//! what a tool says it does after it was trusted, cannot take effect silently.
+//!
+//! The store is one JSON file shared by cloudletd (which records what it sees) and
+//! `cloudlet mcp approve` (which moves a pending definition to approved). Every change is a
+//! read-modify-write under an exclusive `flock` of `FILE.lock`, written to a temporary
+//! file, synced and renamed over the old one, so a crash leaves either version whole.
+//! cloudletd re-reads the file when its modification time or size changes.
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+/// One tool's record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinEntry {
+    /// SHA-256 (hex) of the approved definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<String>,
+    /// SHA-256 of a definition seen since that differs from `approved`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    /// The pending definition's description, for the operator to read before approving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_description: Option<String>,
+    /// Unix time (ms) the pending definition was first seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since_ms: Option<u64>,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinFile {
+    pub tools: BTreeMap<String, PinEntry>,
+}
+
+/// Whether new tools are trusted as first seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PinMode {
+    /// A tool seen for the first time is pinned as it is; later changes need approval.
+    #[default]
+    TrustFirst,
+    /// Every tool needs an operator's approval before it is shown or called.
+    Approve,
+}
+
+/// Where a definition stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinState {
+    /// Matches its approved pin.
+    Approved,
+    /// Not approved: never seen under `approve` mode, or changed since its approval.
+    Pending { approved: Option<String> },
+}
+
+/// Errors reading or writing the store.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a pin file: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("no pending definition for {0}")]
+    NothingPending(String),
+}
+
+/// The store as cloudletd keeps it: the file's contents and the stamp they were read at.
+pub struct PinStore {
+    path: PathBuf,
+    mode: PinMode,
+    file: PinFile,
+    stamp: Option<(SystemTime, u64)>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
+    move |source| PinError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// An exclusive lock on `PATH.lock`, held until dropped.
+struct Lock(File);
+
+impl Lock {
+    fn take(path: &Path) -> Result<Self, PinError> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let lock_path = PathBuf::from(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(&lock_path)(std::io::Error::last_os_error()));
+        }
+        Ok(Self(file))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        // SAFETY: as in `take`; closing the file would release it too.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Reads the file (an absent file is an empty store).
+pub fn read(path: &Path) -> Result<PinFile, PinError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PinError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PinFile::default()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn write(path: &Path, file: &PinFile) -> Result<(), PinError> {
+    let mut text = serde_json::to_vec_pretty(file).map_err(|e| PinError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    text.push(b'\n');
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&text).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Applies `change` to the file under its lock.
+pub fn update<T>(
+    path: &Path,
+    change: impl FnOnce(&mut PinFile) -> Result<T, PinError>,
+) -> Result<(T, PinFile), PinError> {
+    let _lock = Lock::take(path)?;
+    let mut file = read(path)?;
+    let before = file.clone();
+    let out = change(&mut file)?;
+    if file != before {
+        write(path, &file)?;
+    }
+    Ok((out, file))
+}
+
+/// Approves the pending definitions of `tools` (all pending ones when empty). Returns the
+/// names approved.
+pub fn approve(path: &Path, tools: &[String]) -> Result<Vec<String>, PinError> {
+    update(path, |file| {
+        let mut done = Vec::new();
+        for name in tools {
+            if !file.tools.get(name).is_some_and(|e| e.pending.is_some()) {
+                return Err(PinError::NothingPending(name.clone()));
+            }
+        }
+        for (name, entry) in &mut file.tools {
+            if (tools.is_empty() || tools.contains(name))
+                && let Some(p) = entry.pending.take()
+            {
+                entry.approved = Some(p);
+                entry.pending_description = None;
+                entry.pending_since_ms = None;
+                done.push(name.clone());
+            }
+        }
+        Ok(done)
+    })
+    .map(|(done, _)| done)
+}
+
+impl PinStore {
+    /// The store at `path` (read now; an absent file is empty).
+    pub fn open(path: &Path, mode: PinMode) -> Result<Self, PinError> {
+        let file = read(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mode,
+            file,
+            stamp: stamp(path),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn set_mode(&mut self, mode: PinMode) {
+        self.mode = mode;
+    }
+
+    /// Re-reads the file if it changed on disk (an approval).
+    pub fn refresh(&mut self) {
+        let now = stamp(&self.path);
+        if now != self.stamp {
+            match read(&self.path) {
+                Ok(f) => {
+                    self.file = f;
+                    self.stamp = now;
+                }
+                Err(e) => log::warn!("MCP pins: {e}; keeping the pins read before"),
+            }
+        }
+    }
+
+    /// Where the definition of `tool` with hash `hash` stands (recording it as first seen or
+    /// pending on the way).
+    pub fn check(&mut self, tool: &str, hash: &str, description: &str) -> PinState {
+        let entry = self.file.tools.get(tool);
+        if entry.and_then(|e| e.approved.as_deref()) == Some(hash) {
+            return PinState::Approved;
+        }
+        if entry.and_then(|e| e.pending.as_deref()) == Some(hash) {
+            return PinState::Pending {
+                approved: entry.and_then(|e| e.approved.clone()),
+            };
+        }
+        let trust = self.mode == PinMode::TrustFirst;
+        let recorded = update(&self.path, |file| {
+            let e = file.tools.entry(tool.to_string()).or_default();
+            if e.approved.is_none() && trust {
+                e.approved = Some(hash.to_string());
+            } else if e.approved.as_deref() != Some(hash) {
+                e.pending = Some(hash.to_string());
+                e.pending_description = Some(description.to_string());
+                e.pending_since_ms = Some(
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                );
+            }
+            Ok(())
+        });
+        match recorded {
+            Ok(((), file)) => {
+                self.file = file;
+                self.stamp = stamp(&self.path);
+            }
+            Err(e) => log::error!("MCP pins: cannot record {tool}: {e}"),
+        }
+        let entry = self.file.tools.get(tool);
+        if entry.and_then(|e| e.approved.as_deref()) == Some(hash) {
+            PinState::Approved
+        } else {
+            PinState::Pending {
+                approved: entry.and_then(|e| e.approved.clone()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cloudlet-pins-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("pins.json")
+    }
+
+    #[test]
+    fn first_seen_is_trusted_and_a_change_waits_for_approval() {
+        let path = temp("tofu");
+        let mut store = PinStore::open(&path, PinMode::TrustFirst).unwrap();
+        assert_eq!(store.check("a__t", "h1", "d1"), PinState::Approved);
+        assert_eq!(store.check("a__t", "h1", "d1"), PinState::Approved);
+        let changed = store.check("a__t", "h2", "evil");
+        assert_eq!(
+            changed,
+            PinState::Pending {
+                approved: Some("h1".into())
+            }
+        );
+        let on_disk = read(&path).unwrap();
+        assert_eq!(on_disk.tools["a__t"].pending.as_deref(), Some("h2"));
+        assert_eq!(
+            on_disk.tools["a__t"].pending_description.as_deref(),
+            Some("evil")
+        );
+        // The old definition still passes meanwhile.
+        assert_eq!(store.check("a__t", "h1", "d1"), PinState::Approved);
+        assert!(matches!(
+            approve(&path, &["a__x".into()]),
+            Err(PinError::NothingPending(_))
+        ));
+        assert_eq!(approve(&path, &[]).unwrap(), vec!["a__t".to_string()]);
+        store.refresh();
+        assert_eq!(store.check("a__t", "h2", "evil"), PinState::Approved);
+        assert_ne!(store.check("a__t", "h1", "d1"), PinState::Approved);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn approve_mode_holds_new_tools() {
+        let path = temp("approve");
+        let mut store = PinStore::open(&path, PinMode::Approve).unwrap();
+        assert_eq!(
+            store.check("b__t", "h1", "d"),
+            PinState::Pending { approved: None }
+        );
+        assert_eq!(approve(&path, &["b__t".into()]).unwrap(), vec!["b__t"]);
+        store.refresh();
+        assert_eq!(store.check("b__t", "h1", "d"), PinState::Approved);
+        std::fs::write(&path, "not json").unwrap();
+        assert!(matches!(read(&path), Err(PinError::Parse { .. })));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}

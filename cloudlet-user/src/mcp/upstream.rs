@@ -1,0 +1,913 @@
+//! The MCP servers behind the guard: processes cloudletd starts and talks to over stdio
+//! (newline-delimited JSON-RPC), and remote servers reached over Streamable HTTP.
+//!
+//! Each upstream has a supervisor task that connects (starting the process, or opening a
+//! session), runs the `initialize` handshake and keeps the connection. When the process
+//! exits or the remote stops answering, requests in flight fail at once with
+//! [`UpstreamError::Unavailable`], and the supervisor reconnects after a backoff that
+//! doubles from 250 ms to 30 s and resets once a connection has stayed up. Other upstreams
+//! are not affected.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    process::Stdio,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    sync::{Notify, oneshot, watch},
+};
+
+/// The protocol revision the guard asks upstreams for.
+pub const UPSTREAM_PROTOCOL: &str = "2025-11-25";
+/// Longest upstream message read (one JSON-RPC line or HTTP body).
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// First and longest wait between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// How an upstream is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A process cloudletd starts, speaking MCP on its stdin and stdout.
+    Stdio {
+        command: Vec<String>,
+        env: BTreeMap<String, String>,
+        cwd: Option<PathBuf>,
+    },
+    /// A Streamable HTTP endpoint (`http://` or `https://`).
+    Http {
+        url: String,
+        /// CA certificates (PEM) an `https://` server's certificate must chain to.
+        ca: Option<PathBuf>,
+        headers: BTreeMap<String, String>,
+    },
+}
+
+/// One `[[mcp.upstreams]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Name in logs, metrics and the audit log.
+    pub name: String,
+    /// Tool names are shown to clients as `PREFIX__TOOL`.
+    pub prefix: String,
+    pub transport: Transport,
+    /// How long a request may wait for the upstream's answer.
+    pub timeout: Duration,
+}
+
+/// Why an upstream request failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Not connected (starting, restarting after a crash, or unreachable).
+    #[error("upstream {0} is unavailable: {1}")]
+    Unavailable(String, String),
+    #[error("upstream {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    /// The upstream answered with a JSON-RPC error.
+    #[error("upstream {upstream} answered error {code}: {message}")]
+    Rpc {
+        upstream: String,
+        code: i64,
+        message: String,
+        data: Option<Value>,
+    },
+    /// The upstream answered something that is not MCP.
+    #[error("upstream {0} broke the protocol: {1}")]
+    Protocol(String, String),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+
+/// A live stdio connection.
+struct StdioConn {
+    stdin: tokio::sync::Mutex<tokio::process::ChildStdin>,
+    pending: Pending,
+}
+
+/// A live Streamable HTTP session.
+struct HttpConn {
+    client: HttpClient,
+    session: Option<String>,
+    protocol: String,
+}
+
+enum Conn {
+    Stdio(StdioConn),
+    Http(HttpConn),
+}
+
+/// One upstream: its configuration, live connection and last tool listing.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    conn: tokio::sync::RwLock<Option<Arc<Conn>>>,
+    /// Woken when the live connection is found broken.
+    broken: Notify,
+    /// Becomes true once the first connection attempt has finished (either way).
+    tried: watch::Sender<bool>,
+    next_id: AtomicU64,
+    /// Why the last connection attempt or connection failed.
+    last_error: Mutex<String>,
+    restarts: AtomicU64,
+}
+
+impl Upstream {
+    /// The upstream, not yet connected: [`spawn`](Self::spawn) its supervisor.
+    pub fn new(config: UpstreamConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            conn: tokio::sync::RwLock::new(None),
+            broken: Notify::new(),
+            tried: watch::channel(false).0,
+            next_id: AtomicU64::new(1),
+            last_error: Mutex::new("not connected yet".into()),
+            restarts: AtomicU64::new(0),
+        })
+    }
+
+    /// Starts the supervisor on the current tokio runtime; it runs until the runtime ends.
+    pub fn spawn(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.supervise().await });
+    }
+
+    /// Waits (up to `limit`) until the first connection attempt has finished.
+    pub async fn first_attempt(&self, limit: Duration) {
+        let mut rx = self.tried.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|t| *t)).await;
+    }
+
+    /// Whether a connection is up.
+    pub async fn is_up(&self) -> bool {
+        self.conn.read().await.is_some()
+    }
+
+    /// Times the upstream has been reconnected after a failure.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let since = Instant::now();
+            match self.connect().await {
+                Ok((conn, exited)) => {
+                    log::info!(
+                        "MCP upstream {} connected ({})",
+                        self.config.name,
+                        self.describe()
+                    );
+                    *self.conn.write().await = Some(conn);
+                    let _ = self.tried.send(true);
+                    let why = match exited {
+                        Some(exited) => tokio::select! {
+                            status = exited => status.unwrap_or_else(|_| "exited".into()),
+                            () = self.broken.notified() => "stopped answering".into(),
+                        },
+                        None => {
+                            self.broken.notified().await;
+                            "stopped answering".into()
+                        }
+                    };
+                    *self.conn.write().await = None;
+                    log::warn!("MCP upstream {} {why}; reconnecting", self.config.name);
+                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = why;
+                    self.restarts.fetch_add(1, Ordering::Relaxed);
+                    if since.elapsed() >= STABLE {
+                        backoff = BACKOFF_MIN;
+                    }
+                }
+                Err(e) => {
+                    log::warn!(
+                        "MCP upstream {}: {e}; retrying in {backoff:?}",
+                        self.config.name
+                    );
+                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
+                    let _ = self.tried.send(true);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.config.transport {
+            Transport::Stdio { command, .. } => format!("stdio: {}", command.join(" ")),
+            Transport::Http { url, .. } => url.clone(),
+        }
+    }
+
+    fn unavailable(&self, why: impl Into<String>) -> UpstreamError {
+        UpstreamError::Unavailable(self.config.name.clone(), why.into())
+    }
+
+    /// Connects and runs the handshake. For a process, also returns a receiver that
+    /// resolves with its exit status.
+    async fn connect(
+        &self,
+    ) -> Result<(Arc<Conn>, Option<oneshot::Receiver<String>>), UpstreamError> {
+        match &self.config.transport {
+            Transport::Stdio { command, env, cwd } => {
+                let (conn, exited) = self.start_process(command, env, cwd.as_ref())?;
+                let conn = Arc::new(Conn::Stdio(conn));
+                let init = self.exchange(&conn, "initialize", Some(initialize_params()));
+                match init.await {
+                    Ok(_) => {
+                        self.notify(&conn, "notifications/initialized").await?;
+                        Ok((conn, Some(exited)))
+                    }
+                    // Dropping the connection closes the process's stdin; kill_on_drop
+                    // ends it.
+                    Err(e) => Err(e),
+                }
+            }
+            Transport::Http { url, ca, headers } => {
+                let client =
+                    HttpClient::new(url, ca.as_ref(), headers).map_err(|e| self.unavailable(e))?;
+                let mut conn = HttpConn {
+                    client,
+                    session: None,
+                    protocol: UPSTREAM_PROTOCOL.into(),
+                };
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let msg = json!({"jsonrpc": "2.0", "id": id, "method": "initialize",
+                    "params": initialize_params()});
+                let reply = conn
+                    .client
+                    .post(&msg, None, None, self.config.timeout)
+                    .await
+                    .map_err(|e| self.unavailable(e.to_string()))?;
+                let session = reply.session.clone();
+                let answer = reply.answer(id).map_err(|e| self.protocol(e))?;
+                let result = rpc_result(&self.config.name, answer)?;
+                if let Some(v) = result.get("protocolVersion").and_then(Value::as_str) {
+                    conn.protocol = v.to_string();
+                }
+                conn.session = session;
+                let conn = Arc::new(Conn::Http(conn));
+                self.notify(&conn, "notifications/initialized").await?;
+                Ok((conn, None))
+            }
+        }
+    }
+
+    fn protocol(&self, why: impl Into<String>) -> UpstreamError {
+        UpstreamError::Protocol(self.config.name.clone(), why.into())
+    }
+
+    fn start_process(
+        &self,
+        command: &[String],
+        env: &BTreeMap<String, String>,
+        cwd: Option<&PathBuf>,
+    ) -> Result<(StdioConn, oneshot::Receiver<String>), UpstreamError> {
+        let (program, args) = command
+            .split_first()
+            .ok_or_else(|| self.unavailable("empty command"))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| self.unavailable(format!("cannot start {program}: {e}")))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(self.unavailable("no pipes to the process"));
+        };
+        let pending: Pending = Arc::default();
+        let name = self.config.name.clone();
+        tokio::spawn({
+            let name = name.clone();
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    log::info!(target: "cloudlet::mcp::upstream", "{name}: {line}");
+                }
+            }
+        });
+        let (exit_tx, exit_rx) = oneshot::channel();
+        tokio::spawn({
+            let pending = pending.clone();
+            async move {
+                let mut reader = BufReader::new(stdout);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match (&mut reader)
+                        .take(MAX_MESSAGE as u64)
+                        .read_until(b'\n', &mut line)
+                        .await
+                    {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    if line.last() != Some(&b'\n') && line.len() >= MAX_MESSAGE {
+                        log::warn!("MCP upstream {name} sent a message over {MAX_MESSAGE} bytes");
+                        break;
+                    }
+                    let Ok(msg) = serde_json::from_slice::<Value>(&line) else {
+                        log::debug!(
+                            "MCP upstream {name}: not JSON: {}",
+                            String::from_utf8_lossy(&line)
+                        );
+                        continue;
+                    };
+                    route_reply(&name, &pending, msg);
+                }
+                // Fail everything in flight at once: the senders are dropped.
+                pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                let status = match child.wait().await {
+                    Ok(s) => format!("exited ({s})"),
+                    Err(e) => format!("exited (status unknown: {e})"),
+                };
+                let _ = exit_tx.send(status);
+            }
+        });
+        Ok((
+            StdioConn {
+                stdin: tokio::sync::Mutex::new(stdin),
+                pending,
+            },
+            exit_rx,
+        ))
+    }
+
+    /// Sends a request on `conn` and waits for its result.
+    async fn exchange(
+        &self,
+        conn: &Conn,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<Value, UpstreamError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({"jsonrpc": "2.0", "id": id, "method": method});
+        if let Some(p) = params {
+            msg["params"] = p;
+        }
+        let timeout = self.config.timeout;
+        let answer = match conn {
+            Conn::Stdio(c) => {
+                let (tx, rx) = oneshot::channel();
+                c.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, tx);
+                let sent = async {
+                    let mut line =
+                        serde_json::to_vec(&msg).map_err(|e| self.protocol(e.to_string()))?;
+                    line.push(b'\n');
+                    let mut stdin = c.stdin.lock().await;
+                    stdin.write_all(&line).await?;
+                    stdin.flush().await?;
+                    Ok::<_, UpstreamError>(())
+                };
+                if let Err(e) = sent.await {
+                    c.pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    return Err(e);
+                }
+                match tokio::time::timeout(timeout, rx).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(_)) => return Err(self.unavailable("the process exited")),
+                    Err(_) => {
+                        c.pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
+                        return Err(UpstreamError::Timeout(self.config.name.clone(), timeout));
+                    }
+                }
+            }
+            Conn::Http(c) => {
+                let reply = c
+                    .client
+                    .post(&msg, c.session.as_deref(), Some(&c.protocol), timeout)
+                    .await;
+                let reply = match reply {
+                    Ok(r) => r,
+                    Err(HttpFailure::Timeout) => {
+                        return Err(UpstreamError::Timeout(self.config.name.clone(), timeout));
+                    }
+                    Err(e) => {
+                        // Connection refused, session gone (404): reconnect.
+                        self.broken.notify_one();
+                        return Err(self.unavailable(e.to_string()));
+                    }
+                };
+                reply.answer(id).map_err(|e| self.protocol(e))?
+            }
+        };
+        rpc_result(&self.config.name, answer)
+    }
+
+    async fn notify(&self, conn: &Conn, method: &str) -> Result<(), UpstreamError> {
+        let msg = json!({"jsonrpc": "2.0", "method": method});
+        match conn {
+            Conn::Stdio(c) => {
+                let mut line =
+                    serde_json::to_vec(&msg).map_err(|e| self.protocol(e.to_string()))?;
+                line.push(b'\n');
+                let mut stdin = c.stdin.lock().await;
+                stdin.write_all(&line).await?;
+                stdin.flush().await?;
+                Ok(())
+            }
+            Conn::Http(c) => c
+                .client
+                .post(
+                    &msg,
+                    c.session.as_deref(),
+                    Some(&c.protocol),
+                    self.config.timeout,
+                )
+                .await
+                .map(drop)
+                .map_err(|e| self.unavailable(e.to_string())),
+        }
+    }
+
+    /// Sends `method` with `params` to the upstream and returns its result.
+    pub async fn request(
+        &self,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<Value, UpstreamError> {
+        let conn = self.conn.read().await.clone();
+        let Some(conn) = conn else {
+            let why = self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(self.unavailable(why));
+        };
+        self.exchange(&conn, method, params).await
+    }
+
+    /// All of the upstream's tools (following `nextCursor`), as it describes them.
+    pub async fn list_tools(&self) -> Result<Vec<Value>, UpstreamError> {
+        let mut tools = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let params = cursor.as_ref().map(|c| json!({ "cursor": c }));
+            let result = self.request("tools/list", params).await?;
+            match result.get("tools") {
+                Some(Value::Array(page)) => tools.extend(page.iter().cloned()),
+                _ => return Err(self.protocol("tools/list result has no `tools` list")),
+            }
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if cursor.is_none() {
+                return Ok(tools);
+            }
+        }
+        Err(self.protocol("tools/list pages never end"))
+    }
+}
+
+impl From<std::io::Error> for UpstreamError {
+    fn from(e: std::io::Error) -> Self {
+        UpstreamError::Unavailable("?".into(), e.to_string())
+    }
+}
+
+fn initialize_params() -> Value {
+    json!({
+        "protocolVersion": UPSTREAM_PROTOCOL,
+        "capabilities": {},
+        "clientInfo": {"name": "cloudlet-mcp-guard", "version": env!("CARGO_PKG_VERSION")},
+    })
+}
+
+/// Hands an upstream's message to the request waiting for it. Requests from the upstream
+/// (sampling, elicitation) are not supported by the guard and go unanswered here; the
+/// upstream's own timeout ends them.
+fn route_reply(name: &str, pending: &Pending, msg: Value) {
+    let is_reply = msg.get("result").is_some() || msg.get("error").is_some();
+    match msg.get("id").and_then(Value::as_u64) {
+        Some(id) if is_reply => {
+            if let Some(tx) = pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id)
+            {
+                let _ = tx.send(msg);
+            }
+        }
+        _ => log::debug!(
+            "MCP upstream {name}: ignored {}",
+            msg.get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("a message")
+        ),
+    }
+}
+
+/// The `result` of a JSON-RPC answer, or its error.
+fn rpc_result(upstream: &str, mut answer: Value) -> Result<Value, UpstreamError> {
+    if let Some(error) = answer.get("error") {
+        return Err(UpstreamError::Rpc {
+            upstream: upstream.to_string(),
+            code: error.get("code").and_then(Value::as_i64).unwrap_or(-32603),
+            message: error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            data: error.get("data").cloned(),
+        });
+    }
+    match answer.get_mut("result") {
+        Some(r) => Ok(r.take()),
+        None => Err(UpstreamError::Protocol(
+            upstream.to_string(),
+            "an answer with neither result nor error".into(),
+        )),
+    }
+}
+
+/// Why an HTTP exchange failed.
+#[derive(Debug, thiserror::Error)]
+enum HttpFailure {
+    #[error("{0}")]
+    Connect(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("HTTP {0}: {1}")]
+    Status(u16, String),
+    #[error("{0}")]
+    Body(String),
+}
+
+/// One POST's outcome.
+struct HttpReply {
+    session: Option<String>,
+    /// JSON-RPC messages in the body (one for a JSON answer, any number in an SSE stream).
+    messages: Vec<Value>,
+}
+
+impl HttpReply {
+    /// The answer to request `id`.
+    fn answer(self, id: u64) -> Result<Value, String> {
+        self.messages
+            .into_iter()
+            .find(|m| {
+                m.get("id").and_then(Value::as_u64) == Some(id)
+                    && (m.get("result").is_some() || m.get("error").is_some())
+            })
+            .ok_or_else(|| format!("no answer to request {id} in the response"))
+    }
+}
+
+/// A small HTTP/1.1 client for one Streamable HTTP endpoint, keeping idle connections.
+struct HttpClient {
+    url: http::Uri,
+    authority: String,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    idle: Mutex<Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
+}
+
+impl HttpClient {
+    fn new(
+        url: &str,
+        ca: Option<&PathBuf>,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+        let host = uri.host().ok_or_else(|| format!("no host in {url}"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{url}: only http:// and https:// are supported")),
+        };
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let authority = if bare.contains(':') {
+            format!("[{bare}]:{port}")
+        } else {
+            format!("{bare}:{port}")
+        };
+        let tls = if https {
+            let mut roots = rustls::RootCertStore::empty();
+            let ca = ca.ok_or_else(|| format!("{url}: an https:// upstream needs `ca`"))?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+            for cert in
+                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
+            {
+                roots
+                    .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let config =
+                crate::quic::client_config(crate::quic::PqMode::Preferred, roots, &[b"http/1.1"])
+                    .map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::try_from(bare.to_string())
+                .map_err(|e| format!("{url}: {e}"))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        let headers = headers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    http::HeaderName::try_from(k.as_str())
+                        .map_err(|e| format!("header {k}: {e}"))?,
+                    http::HeaderValue::try_from(v.as_str())
+                        .map_err(|e| format!("header {k}: {e}"))?,
+                ))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            url: uri,
+            authority,
+            tls,
+            headers,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn connection(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, HttpFailure> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match idle {
+                Some(s) if !s.is_closed() => return Ok(s),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let tcp = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| HttpFailure::Connect(format!("connecting to {}: {e}", self.authority)))?;
+        let _ = tcp.set_nodelay(true);
+        macro_rules! handshake {
+            ($io:expr) => {{
+                let (send, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new($io))
+                        .await
+                        .map_err(|e| HttpFailure::Connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                send
+            }};
+        }
+        Ok(match &self.tls {
+            Some((connector, name)) => {
+                let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                    HttpFailure::Connect(format!("TLS with {}: {e}", self.authority))
+                })?;
+                handshake!(tls)
+            }
+            None => handshake!(tcp),
+        })
+    }
+
+    async fn post(
+        &self,
+        msg: &Value,
+        session: Option<&str>,
+        protocol: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HttpReply, HttpFailure> {
+        tokio::time::timeout(timeout, self.post_now(msg, session, protocol))
+            .await
+            .map_err(|_| HttpFailure::Timeout)?
+    }
+
+    async fn post_now(
+        &self,
+        msg: &Value,
+        session: Option<&str>,
+        protocol: Option<&str>,
+    ) -> Result<HttpReply, HttpFailure> {
+        let body = serde_json::to_vec(msg).map_err(|e| HttpFailure::Body(e.to_string()))?;
+        let mut request =
+            http::Request::post(self.url.path_and_query().map_or("/", |p| p.as_str()))
+                .header(http::header::HOST, &self.authority)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::ACCEPT, "application/json, text/event-stream");
+        if let Some(s) = session {
+            request = request.header("mcp-session-id", s);
+        }
+        if let Some(p) = protocol {
+            request = request.header("mcp-protocol-version", p);
+        }
+        let mut request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| HttpFailure::Body(e.to_string()))?;
+        for (k, v) in &self.headers {
+            request.headers_mut().insert(k.clone(), v.clone());
+        }
+        let mut send = self.connection().await?;
+        let response = send
+            .send_request(request)
+            .await
+            .map_err(|e| HttpFailure::Connect(e.to_string()))?;
+        let (parts, body) = response.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_MESSAGE)
+            .collect()
+            .await
+            .map_err(|e| HttpFailure::Body(e.to_string()))?
+            .to_bytes();
+        if send.is_ready() || !send.is_closed() {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(send);
+        }
+        let status = parts.status.as_u16();
+        if !parts.status.is_success() {
+            return Err(HttpFailure::Status(
+                status,
+                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            ));
+        }
+        let session = parts
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let kind = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let messages = if status == 202 || body.is_empty() {
+            Vec::new()
+        } else if kind.starts_with("text/event-stream") {
+            sse_messages(&body)
+        } else {
+            vec![serde_json::from_slice(&body).map_err(|e| HttpFailure::Body(e.to_string()))?]
+        };
+        Ok(HttpReply { session, messages })
+    }
+}
+
+/// The JSON messages in an SSE body: each event's `data:` lines joined with newlines.
+fn sse_messages(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    let mut out = Vec::new();
+    let mut data = String::new();
+    for line in text.lines().chain(std::iter::once("")) {
+        if line.is_empty() {
+            if !data.is_empty() {
+                if let Ok(v) = serde_json::from_str(&data) {
+                    out.push(v);
+                }
+                data.clear();
+            }
+        } else if let Some(rest) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_bodies_give_their_json_messages() {
+        let body = b": comment\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\n\ndata: not json\n\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\ndata: \"result\":{}}\n\n";
+        let msgs = sse_messages(body);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0]["id"], 7);
+        let reply = HttpReply {
+            session: None,
+            messages: msgs,
+        };
+        assert!(reply.answer(7).is_ok());
+    }
+
+    #[test]
+    fn json_rpc_errors_are_kept() {
+        let e = rpc_result(
+            "u",
+            json!({"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"bad"}}),
+        )
+        .unwrap_err();
+        assert!(matches!(e, UpstreamError::Rpc { code: -32602, .. }), "{e}");
+        assert_eq!(
+            rpc_result("u", json!({"jsonrpc":"2.0","id":1,"result":{"a":1}})).unwrap(),
+            json!({"a":1})
+        );
+        assert!(rpc_result("u", json!({"jsonrpc":"2.0","id":1})).is_err());
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A shell-script MCP server: answers `initialize` and `tools/list`, exits on `tools/call`.
+    fn script_upstream(dir: &std::path::Path) -> Arc<Upstream> {
+        let script = dir.join("server.sh");
+        std::fs::write(
+            &script,
+            r#"while read -r line; do
+  id=$(printf '%s' "$line" | sed -n 's/.*"id":\([0-9]*\).*/\1/p')
+  case "$line" in
+    *'"initialize"'*) echo "{\"jsonrpc\":\"2.0\",\"id\":$id,\"result\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"serverInfo\":{\"name\":\"sh\",\"version\":\"1\"}}}" ;;
+    *'"tools/list"'*) echo "{\"jsonrpc\":\"2.0\",\"id\":$id,\"result\":{\"tools\":[{\"name\":\"t\",\"inputSchema\":{\"type\":\"object\"}}]}}" ;;
+    *'"tools/call"'*) exit 3 ;;
+  esac
+done
+"#,
+        )
+        .unwrap();
+        Upstream::new(UpstreamConfig {
+            name: "sh".into(),
+            prefix: "sh".into(),
+            transport: Transport::Stdio {
+                command: vec!["sh".into(), script.display().to_string()],
+                env: BTreeMap::new(),
+                cwd: None,
+            },
+            timeout: Duration::from_secs(5),
+        })
+    }
+
+    #[test]
+    fn a_crashed_process_fails_its_requests_and_is_restarted() {
+        let dir = std::env::temp_dir().join(format!("cloudlet-upstream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let up = script_upstream(&dir);
+        runtime().block_on(async {
+            up.spawn();
+            up.first_attempt(Duration::from_secs(5)).await;
+            let tools = up.list_tools().await.unwrap();
+            assert_eq!(tools[0]["name"], "t");
+            let e = up
+                .request("tools/call", Some(json!({"name":"t"})))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, UpstreamError::Unavailable(..)), "{e}");
+            // Back within the first backoff step.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while up.restarts() == 0 || !up.is_up().await {
+                assert!(Instant::now() < deadline, "not restarted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(up.list_tools().await.unwrap().len(), 1);
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_is_unavailable() {
+        let up = Upstream::new(UpstreamConfig {
+            name: "none".into(),
+            prefix: "none".into(),
+            transport: Transport::Stdio {
+                command: vec!["/nonexistent/mcp-server".into()],
+                env: BTreeMap::new(),
+                cwd: None,
+            },
+            timeout: Duration::from_secs(1),
+        });
+        runtime().block_on(async {
+            up.spawn();
+            up.first_attempt(Duration::from_secs(5)).await;
+            let e = up.list_tools().await.unwrap_err();
+            assert!(e.to_string().contains("cannot start"), "{e}");
+        });
+    }
+}
