@@ -264,6 +264,23 @@ url = "http://127.0.0.1:{port}/mcp"
     }
 }
 
+/// The example configuration parses, with both kinds of upstream.
+#[test]
+fn the_example_configuration_is_valid() {
+    let config = cloudlet::config::Config::load(&root().join("examples/mcp-guard.toml")).unwrap();
+    let mcp = config.mcp.expect("no [mcp]");
+    assert_eq!(mcp.upstreams.len(), 2);
+    assert!(matches!(
+        mcp.upstreams[0].transport,
+        cloudlet::mcp::upstream::Transport::Stdio { .. }
+    ));
+    assert!(matches!(
+        mcp.upstreams[1].transport,
+        cloudlet::mcp::upstream::Transport::Http { .. }
+    ));
+    assert!(mcp.policy.roles.roles.contains_key("agent"));
+}
+
 fn list() -> Value {
     json!({"list": true})
 }

@@ -316,6 +316,15 @@ fn main() -> Result<()> {
                 embed_bench.arg("--quick");
             }
             run(&mut embed_bench)?;
+            // tools/call through the MCP guard against straight to the same upstream (the
+            // MCP Python SDK's server, from setup's virtual environment).
+            let mut mcp_bench = Command::new(root.join("target/release/mcp-bench"));
+            mcp_bench.args(["--out", "target/cloudlet-bench", "--python"]);
+            mcp_bench.arg(setup::mcp_python(&root));
+            if quick {
+                mcp_bench.arg("--quick");
+            }
+            run(&mut mcp_bench)?;
             let mut criterion = cargo();
             criterion.args(["bench", "-p", "cloudlet-benches", "--bench", "userspace"]);
             criterion.args(["--bench", "mlkem"]);

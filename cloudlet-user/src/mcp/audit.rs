@@ -99,6 +99,14 @@ impl AuditLog {
 
     /// Appends `entries` and waits until they are on disk (one sync for all of them).
     pub fn record_all(&mut self, entries: &[&Entry]) -> std::io::Result<()> {
+        self.append(entries)?;
+        self.sync()
+    }
+
+    /// Hands `entries` to the kernel (one `write`, rotating first when the file would pass
+    /// its limit): from then on a crash of this process cannot lose them, a crash of the
+    /// machine can until [`sync`](Self::sync).
+    pub fn append(&mut self, entries: &[&Entry]) -> std::io::Result<()> {
         let mut lines = Vec::new();
         for entry in entries {
             let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
@@ -113,9 +121,13 @@ impl AuditLog {
             lines.extend_from_slice(&line);
         }
         self.file.write_all(&lines)?;
-        self.file.sync_data()?;
         self.size += lines.len() as u64;
         Ok(())
+    }
+
+    /// Waits until everything appended is on disk (`fdatasync`).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
     }
 
     /// Appends `entry` and waits until it is on disk.

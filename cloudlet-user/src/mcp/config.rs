@@ -39,6 +39,8 @@ pub(crate) struct RawMcp {
     audit: Option<String>,
     audit_max_bytes: Option<u64>,
     audit_keep: Option<usize>,
+    #[serde(default)]
+    audit_sync: guard::AuditSync,
     max_body: Option<usize>,
     max_result_bytes: Option<usize>,
     session_idle_s: Option<u64>,
@@ -126,6 +128,12 @@ impl RawMcp {
                             "`mcp.upstreams` {:?}: `ca` and `headers` are for `url` upstreams",
                             u.name
                         ));
+                    }
+                    // A relative program path with a folder in it is the configuration's
+                    // own (`../bin/server`); a bare name is looked up in PATH.
+                    let mut command = command;
+                    if command[0].contains('/') && !command[0].starts_with('/') {
+                        command[0] = resolve(&command[0]).display().to_string();
                     }
                     Transport::Stdio {
                         command,
@@ -227,6 +235,7 @@ impl RawMcp {
                 .map_or_else(|| PathBuf::from(DEFAULT_AUDIT), &resolve),
             audit_max_bytes: self.audit_max_bytes.unwrap_or(64 << 20),
             audit_keep: self.audit_keep.unwrap_or(5),
+            audit_sync: self.audit_sync,
             max_body,
             session_idle: self
                 .session_idle_s
@@ -255,6 +264,7 @@ mod tests {
             r#"
 allowed_origins = ["https://app.example"]
 pins = "state/pins.json"
+audit_sync = "write"
 rate_per_identity = "60/min"
 block_puppet = false
 [rate_per_tool]
@@ -265,7 +275,7 @@ audience = "cloudlet-mcp"
 jwks = "keys/a.jwks.json"
 [[upstreams]]
 name = "files"
-command = ["python3", "server.py"]
+command = ["bin/python3", "server.py"]
 timeout_ms = 500
 [[upstreams]]
 name = "web"
@@ -282,11 +292,16 @@ path = { type = "string", pattern = "^/srv/" }
         assert_eq!(c.path, "/mcp");
         assert_eq!(c.pins, Path::new("/etc/cloudlet/state/pins.json"));
         assert_eq!(c.audit, Path::new(DEFAULT_AUDIT));
+        assert_eq!(c.audit_sync, guard::AuditSync::Write);
         assert_eq!(
             c.issuers[0].jwks,
             Path::new("/etc/cloudlet/keys/a.jwks.json")
         );
         assert_eq!(c.upstreams[0].prefix, "files");
+        let Transport::Stdio { command, .. } = &c.upstreams[0].transport else {
+            panic!("not stdio")
+        };
+        assert_eq!(command, &["/etc/cloudlet/bin/python3", "server.py"]);
         assert_eq!(c.upstreams[0].timeout, Duration::from_millis(500));
         assert_eq!(c.upstreams[1].prefix, "w");
         assert!(matches!(c.upstreams[1].transport, Transport::Http { .. }));
@@ -336,6 +351,7 @@ path = { type = "string", pattern = "^/srv/" }
                 "mcp.constraints.t.a",
             ),
             ("surprise = 1\n", "unknown field"),
+            ("audit_sync = \"sometimes\"\n", "unknown variant"),
         ] {
             let e = parse(text, Path::new("/")).unwrap_err();
             assert!(e.contains(expect), "{text:?}: {e}");

@@ -148,6 +148,7 @@ pub struct GuardConfig {
     pub audit: PathBuf,
     pub audit_max_bytes: u64,
     pub audit_keep: usize,
+    pub audit_sync: AuditSync,
     /// Largest request body (413 above).
     pub max_body: usize,
     /// Sessions unused this long are forgotten (404 afterwards).
@@ -215,25 +216,68 @@ struct Bucket {
     at: Instant,
 }
 
-/// The audit log, written by its own thread: entries sent together share one `fdatasync`,
-/// and each request waits for its entry's.
+/// When an audit entry counts as written, so that its request may be answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditSync {
+    /// On disk (`fdatasync`): no crash, of cloudletd or of the machine, loses an answered
+    /// request's entry. Costs a disk flush per answer (shared by answers that wait
+    /// together).
+    #[default]
+    Fdatasync,
+    /// Handed to the kernel (`write`): a crash of cloudletd loses no answered entry; a
+    /// crash of the machine may lose the entries of the last [`WRITE_FLUSH`], which are
+    /// flushed in the background.
+    Write,
+}
+
+/// How often [`AuditSync::Write`] flushes.
+pub const WRITE_FLUSH: Duration = Duration::from_millis(100);
+
+/// The audit log, written by its own thread: entries sent together share one `write` (and
+/// one `fdatasync`), and each request waits until its entry counts as written.
 struct Auditor {
     tx: std::sync::mpsc::Sender<(Entry, tokio::sync::oneshot::Sender<bool>)>,
 }
 
 impl Auditor {
-    fn start(mut log: AuditLog) -> Self {
+    fn start(mut log: AuditLog, mode: AuditSync) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<(Entry, tokio::sync::oneshot::Sender<bool>)>();
         std::thread::Builder::new()
             .name("mcp-audit".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                let mut unsynced = false;
+                let mut synced_at = Instant::now();
+                loop {
+                    let first = match rx.recv_timeout(WRITE_FLUSH) {
+                        Ok(f) => f,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if unsynced {
+                                match log.sync() {
+                                    Ok(()) => unsynced = false,
+                                    Err(e) => log::error!("MCP audit log: {e}"),
+                                }
+                                synced_at = Instant::now();
+                            }
+                            continue;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
                     let mut batch = vec![first];
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
                     let entries: Vec<&Entry> = batch.iter().map(|(e, _)| e).collect();
-                    let ok = match log.record_all(&entries) {
+                    let mut written = log.append(&entries);
+                    unsynced = true;
+                    if written.is_ok()
+                        && (mode == AuditSync::Fdatasync || synced_at.elapsed() >= WRITE_FLUSH)
+                    {
+                        written = log.sync();
+                        unsynced = false;
+                        synced_at = Instant::now();
+                    }
+                    let ok = match written {
                         Ok(()) => true,
                         Err(e) => {
                             log::error!("MCP audit log: {e}");
@@ -244,12 +288,15 @@ impl Auditor {
                         let _ = done.send(ok);
                     }
                 }
+                if unsynced {
+                    let _ = log.sync();
+                }
             })
             .ok();
         Self { tx }
     }
 
-    /// Writes `entry`; true once it is on disk.
+    /// Writes `entry`; true once it counts as written.
     async fn record(&self, entry: Entry) -> bool {
         let (done, wait) = tokio::sync::oneshot::channel();
         if self.tx.send((entry, done)).is_err() {
@@ -475,7 +522,7 @@ impl McpGuard {
             tools: RwLock::new(Arc::default()),
             pins: Mutex::new(pins),
             buckets: Mutex::new(HashMap::new()),
-            auditor: Auditor::start(log),
+            auditor: Auditor::start(log, config.audit_sync),
         }))
     }
 

@@ -170,7 +170,7 @@ impl Upstream {
                         self.describe()
                     );
                     *self.conn.write().await = Some(conn);
-                    let _ = self.tried.send(true);
+                    self.tried.send_replace(true);
                     let why = match exited {
                         Some(exited) => tokio::select! {
                             status = exited => status.unwrap_or_else(|_| "exited".into()),
@@ -195,7 +195,7 @@ impl Upstream {
                         self.config.name
                     );
                     *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e.to_string();
-                    let _ = self.tried.send(true);
+                    self.tried.send_replace(true);
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -731,6 +731,13 @@ impl HttpClient {
             request.headers_mut().insert(k.clone(), v.clone());
         }
         let mut send = self.connection().await?;
+        if send.ready().await.is_err() {
+            // Closed while idle: one fresh connection.
+            send = self.connection().await?;
+            send.ready()
+                .await
+                .map_err(|e| HttpFailure::Connect(e.to_string()))?;
+        }
         let response = send
             .send_request(request)
             .await
@@ -741,7 +748,7 @@ impl HttpClient {
             .await
             .map_err(|e| HttpFailure::Body(e.to_string()))?
             .to_bytes();
-        if send.is_ready() || !send.is_closed() {
+        if !send.is_closed() {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -872,7 +879,13 @@ done
         let up = script_upstream(&dir);
         runtime().block_on(async {
             up.spawn();
+            let t = Instant::now();
             up.first_attempt(Duration::from_secs(5)).await;
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "first attempt not reported"
+            );
+            assert!(up.is_up().await);
             let tools = up.list_tools().await.unwrap();
             assert_eq!(tools[0]["name"], "t");
             let e = up
