@@ -112,6 +112,8 @@ struct RawFrontDoor {
     /// Default: none (nothing is proxied).
     #[serde(default)]
     backhaul: Vec<Spanned<RawBackhaul>>,
+    /// Default: none (no client certificates asked).
+    client_ca: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +306,7 @@ impl Config {
                     self_signed: fd.self_signed,
                     names,
                     backhaul: routes,
+                    client_ca: fd.client_ca.as_deref().map(resolve),
                 })
             }
         };
@@ -367,11 +370,20 @@ impl Config {
                             .to_string(),
                     ));
                 }
-                Some(
-                    m.into_inner()
-                        .into_config(|p| resolve(p))
-                        .map_err(|e| invalid(at, e))?,
-                )
+                let m = m
+                    .into_inner()
+                    .into_config(|p| resolve(p))
+                    .map_err(|e| invalid(at, e))?;
+                if !m.cert_roles.is_empty()
+                    && front_door.as_ref().is_some_and(|f| f.client_ca.is_none())
+                {
+                    return Err(invalid(
+                        at,
+                        "`mcp.cert_roles` needs `front_door.client_ca` (the CAs client certificates are verified against)"
+                            .to_string(),
+                    ));
+                }
+                Some(m)
             }
         };
         Ok(Self {

@@ -93,7 +93,12 @@ def parse_headers(args) -> dict[str, str]:
 
 
 def tls(args):
-    return ssl.create_default_context(cafile=args.cafile) if args.cafile else True
+    if not (args.cafile or args.cert):
+        return True
+    ctx = ssl.create_default_context(cafile=args.cafile)
+    if args.cert:
+        ctx.load_cert_chain(args.cert, args.key)
+    return ctx
 
 
 class HttpErrors:
@@ -235,6 +240,8 @@ def main() -> int:
     parser.add_argument("--url", required=True)
     parser.add_argument("--cafile", help="PEM certificate(s) to trust instead of the system's")
     parser.add_argument("--token", help="sent as Authorization: Bearer TOKEN")
+    parser.add_argument("--cert", help="client certificate (PEM) presented in the TLS handshake")
+    parser.add_argument("--key", help="the client certificate's private key (PEM)")
     parser.add_argument("--mode", choices=MODES, default="auto")
     parser.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")

@@ -13,6 +13,12 @@
     a.jwks.json {"keys": [a-rsa, a-ec]}   public keys, each with kid, alg and use "sig"
     b.jwks.json {"keys": [b-ed]}
 
+`certs DIR` writes client certificates for TLS (ECDSA P-256, PEM) into DIR:
+
+    ca.pem                  a CA (its certificate only)
+    agent.pem, agent-key.pem    a client certificate for DNS name agent-1.agents.example, from ca
+    rogue.pem, rogue-key.pem    the same name from another CA, which no one trusts
+
 `token` prints one compact JWS to stdout. Its header is {"alg", "typ": "JWT", "kid"}; its
 claims are iss, aud, sub, iat, jti, exp = now + --exp-in (default 300; negative gives an
 expired token; --no-exp leaves exp out), nbf = now + --nbf-in when given, and roles (a
@@ -112,6 +118,74 @@ def cmd_token(args) -> None:
     print(token)
 
 
+def cmd_certs(args) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def ca(cn):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return key, cert
+
+    def client(ca_key, ca_cert, dns):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(dns))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        return key, cert
+
+    def write(stem, key, cert):
+        (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            (out / f"{stem}-key.pem").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+
+    ca_key, ca_cert = ca("Cloudlet test client CA")
+    rogue_key, rogue_ca = ca("Rogue CA")
+    (out / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    write("agent", *client(ca_key, ca_cert, "agent-1.agents.example"))
+    write("rogue", *client(rogue_key, rogue_ca, "agent-1.agents.example"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +193,10 @@ def main() -> None:
     keys = sub.add_parser("keys", help="write keys and JWKS files into DIR")
     keys.add_argument("dir")
     keys.set_defaults(run=cmd_keys)
+
+    certs = sub.add_parser("certs", help="write a client CA and client certificates into DIR")
+    certs.add_argument("dir")
+    certs.set_defaults(run=cmd_certs)
 
     token = sub.add_parser("token", help="print a signed JWT")
     token.add_argument("--key", help="private key PEM (for HS*, any file: its bytes are the secret)")

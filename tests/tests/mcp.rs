@@ -76,11 +76,26 @@ path = { type = "string", pattern = "^/srv/" }
 
 impl Guard {
     fn start(name: &str, policy: &str) -> Self {
+        Self::start_with(name, "", policy)
+    }
+
+    /// `front_door` is added to the `[front_door]` section.
+    fn start_with(name: &str, front_door: &str, policy: &str) -> Self {
         let dir = TempDir::new(name);
         let d = &dir.0;
         let out = Command::new(python())
             .args([&script("mint.py"), "keys"])
             .arg(d.join("keys"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(python())
+            .args([&script("mint.py"), "certs"])
+            .arg(d.join("certs"))
             .output()
             .unwrap();
         assert!(
@@ -114,7 +129,7 @@ impl Guard {
             &config,
             daemon_config(&format!(
                 r#"pq = "preferred"
-
+{front_door}
 [mcp]
 pins = "pins.json"
 audit = "audit.jsonl"
@@ -192,10 +207,27 @@ url = "http://127.0.0.1:{port}/mcp"
     /// Runs `steps` in one SDK session; one JSON value per step (or the one line printed
     /// when the session could not open).
     fn session(&self, token: Option<&str>, mode: &str, steps: &[Value]) -> Vec<Value> {
+        self.session_with(token, None, mode, steps)
+    }
+
+    /// [`session`](Self::session), presenting the client certificate `cert` (`agent` or
+    /// `rogue`, from `mint.py certs`).
+    fn session_with(
+        &self,
+        token: Option<&str>,
+        cert: Option<&str>,
+        mode: &str,
+        steps: &[Value],
+    ) -> Vec<Value> {
         let mut cmd = Command::new(python());
         cmd.args([&script("client.py"), "--url", &self.url(), "--mode", mode])
             .arg("--cafile")
             .arg(self.path("tls/cert.pem"));
+        if let Some(c) = cert {
+            let certs = self.path("certs");
+            cmd.arg("--cert").arg(certs.join(format!("{c}.pem")));
+            cmd.arg("--key").arg(certs.join(format!("{c}-key.pem")));
+        }
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
@@ -719,4 +751,50 @@ fn rate_limits_and_reloads_keep_sessions() {
             .contains("deleted /srv/x"),
         "{body}"
     );
+}
+
+/// Client certificates as identities: a certificate from the configured CA names the
+/// caller (its roles from `cert_roles`); one from another CA fails the handshake; without a
+/// certificate or token the answer is 401; a token, when sent, is the identity.
+#[test]
+fn client_certificates_name_callers() {
+    let g = Guard::start_with(
+        "certs",
+        "client_ca = \"certs/ca.pem\"\n",
+        &format!("{POLICY}\n[mcp.cert_roles]\n\"*.agents.example\" = [\"reader\"]\n"),
+    );
+    let out = g.session_with(
+        None,
+        Some("agent"),
+        "legacy",
+        &[list(), call("web__search", json!({"query": "by cert"}))],
+    );
+    assert!(
+        names(&out[0]).contains(&"web__search".to_string()),
+        "{out:?}"
+    );
+    assert_eq!(out[1]["text"], "results for by cert", "{out:?}");
+    let rogue = g.session_with(None, Some("rogue"), "legacy", &[list()]);
+    assert!(rogue[0].get("connect_error").is_some(), "{rogue:?}");
+    let none = g.session(None, "legacy", &[list()]);
+    assert_eq!(none[0]["http_error"], 401, "{none:?}");
+    let alice = g.token('a', "alice", "admin", &[]);
+    let both = g.session_with(
+        Some(&alice),
+        Some("agent"),
+        "legacy",
+        &[call("files__delete_file", json!({"path": "/srv/x"}))],
+    );
+    assert_eq!(both[0]["text"], "deleted /srv/x", "{both:?}");
+    let audit = g.audit();
+    let by_cert = audit
+        .iter()
+        .find(|e| e["tool"] == "web__search")
+        .expect("no audit entry");
+    assert_eq!(by_cert["identity"], "cert:agent-1.agents.example");
+    let by_token = audit
+        .iter()
+        .find(|e| e["tool"] == "files__delete_file")
+        .expect("no audit entry");
+    assert_eq!(by_token["identity"], format!("{ISSUER_A}#alice"));
 }

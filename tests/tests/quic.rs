@@ -836,6 +836,7 @@ mod front_door {
             self_signed: true,
             names: vec!["localhost".to_string()],
             backhaul: Vec::new(),
+            client_ca: None,
         }
     }
 

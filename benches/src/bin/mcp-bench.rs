@@ -123,6 +123,7 @@ fn start_guard(
         }],
         issuers: Vec::new(),
         anonymous_roles: vec!["bench".into()],
+        cert_roles: Default::default(),
         pins: dir.join("mcp-pins.json"),
         audit: dir.join("mcp-audit.jsonl"),
         audit_max_bytes: 64 << 20,
@@ -155,6 +156,7 @@ fn start_guard(
         self_signed: false,
         names: vec!["localhost".into()],
         backhaul: Vec::new(),
+        client_ca: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()

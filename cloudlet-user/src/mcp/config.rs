@@ -52,6 +52,8 @@ pub(crate) struct RawMcp {
     #[serde(default)]
     issuers: Vec<IssuerConfig>,
     #[serde(default)]
+    cert_roles: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     roles: BTreeMap<String, Role>,
@@ -225,6 +227,7 @@ impl RawMcp {
             upstreams,
             issuers,
             anonymous_roles: self.anonymous_roles,
+            cert_roles: self.cert_roles,
             pins: self
                 .pins
                 .as_deref()

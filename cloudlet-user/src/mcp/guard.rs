@@ -142,8 +142,11 @@ pub struct GuardConfig {
     pub upstreams: Vec<UpstreamConfig>,
     /// Token issuers; none: no credentials asked, every caller is `anonymous`.
     pub issuers: Vec<IssuerConfig>,
-    /// Roles of callers when no issuer is configured.
+    /// Roles of callers when no issuer and no `cert_roles` are configured.
     pub anonymous_roles: Vec<String>,
+    /// Client certificates as identities: roles by glob over the certificate's first DNS
+    /// name (the front door's `client_ca` verifies the certificates).
+    pub cert_roles: BTreeMap<String, Vec<String>>,
     pub pins: PathBuf,
     pub audit: PathBuf,
     pub audit_max_bytes: u64,
@@ -315,6 +318,7 @@ pub struct McpGuard {
     /// The issuers' names, for the protected-resource metadata.
     issuers: Vec<String>,
     anonymous_roles: Vec<String>,
+    cert_roles: BTreeMap<String, Vec<String>>,
     max_body: usize,
     session_idle: Duration,
     policy: RwLock<Arc<Compiled>>,
@@ -515,6 +519,7 @@ impl McpGuard {
             verifier,
             issuers: config.issuers.iter().map(|i| i.issuer.clone()).collect(),
             anonymous_roles: config.anonymous_roles.clone(),
+            cert_roles: config.cert_roles.clone(),
             max_body: config.max_body,
             session_idle: config.session_idle,
             policy: RwLock::new(Arc::new(Compiled::new(config.policy.clone())?)),
@@ -559,14 +564,15 @@ impl McpGuard {
             .clone()
     }
 
-    /// Answers one HTTP request for the guard's paths.
+    /// Answers one HTTP request for the guard's paths; `client` is the first DNS name of the
+    /// client certificate the connection presented and the front door verified.
     pub async fn handle(
         &self,
         request: http::Request<Bytes>,
-        peer: IpAddr,
+        _peer: IpAddr,
+        client: Option<&str>,
     ) -> http::Response<Bytes> {
-        let _ = peer;
-        self.answer(request).await.into_response()
+        self.answer(request, client).await.into_response()
     }
 
     fn metadata_url(&self, request: &http::Request<Bytes>) -> Option<String> {
@@ -579,7 +585,7 @@ impl McpGuard {
         ))
     }
 
-    async fn answer(&self, request: http::Request<Bytes>) -> Answer {
+    async fn answer(&self, request: http::Request<Bytes>, client: Option<&str>) -> Answer {
         let path = request.uri().path();
         if path != self.path {
             // RFC 9728 protected-resource metadata: where tokens come from.
@@ -614,7 +620,7 @@ impl McpGuard {
                 json!({"error": format!("origin {origin} is not allowed")}),
             );
         }
-        let caller = match self.authenticate(&request) {
+        let caller = match self.authenticate(&request, client) {
             Ok(c) => c,
             Err(answer) => return answer,
         };
@@ -638,12 +644,45 @@ impl McpGuard {
         }
     }
 
-    fn authenticate(&self, request: &http::Request<Bytes>) -> Result<Caller, Answer> {
-        if self.verifier.is_empty() {
+    /// Who calls: a bearer token's identity when one is sent (and issuers are configured),
+    /// else a verified client certificate's (when `cert_roles` are configured), else
+    /// anonymous when neither is configured.
+    fn authenticate(
+        &self,
+        request: &http::Request<Bytes>,
+        client: Option<&str>,
+    ) -> Result<Caller, Answer> {
+        if self.verifier.is_empty() && self.cert_roles.is_empty() {
             return Ok(Caller {
                 subject: "anonymous".into(),
                 roles: self.anonymous_roles.clone(),
             });
+        }
+        let token = request.headers().contains_key(http::header::AUTHORIZATION)
+            && !self.verifier.is_empty();
+        if !self.cert_roles.is_empty() && !token {
+            if let Some(name) = client {
+                let mut roles: Vec<String> = Vec::new();
+                for (pattern, granted) in &self.cert_roles {
+                    if super::policy::glob(pattern, name) {
+                        for role in granted {
+                            if !roles.contains(role) {
+                                roles.push(role.clone());
+                            }
+                        }
+                    }
+                }
+                return Ok(Caller {
+                    subject: format!("cert:{name}"),
+                    roles,
+                });
+            }
+            if self.verifier.is_empty() {
+                return Err(Answer::json(
+                    403,
+                    json!({"error": "a client certificate is required"}),
+                ));
+            }
         }
         let metadata = self.metadata_url(request);
         let refuse = |err: Option<&identity::TokenError>| {

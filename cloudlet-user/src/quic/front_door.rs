@@ -63,6 +63,10 @@ pub struct FrontDoorConfig {
     pub names: Vec<String>,
     /// Path prefixes proxied to origins (`[[front_door.backhaul]]`).
     pub backhaul: Vec<BackhaulConfig>,
+    /// CA certificates (PEM) that client certificates must chain to. When set, both
+    /// listeners ask clients for a certificate (optional: a client may send none), and the
+    /// first DNS name of a verified one names the client to the services (the MCP guard).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Errors from starting the front door.
@@ -233,6 +237,30 @@ pub fn group_name(group: NamedGroup) -> String {
     }
 }
 
+/// The CA certificates of `path` (PEM), for client certificates.
+fn client_roots(path: &Path) -> Result<rustls::RootCertStore, FrontDoorError> {
+    let pem = |message: String| FrontDoorError::Pem {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| pem(e.to_string()))? {
+        roots
+            .add(cert.map_err(|e| pem(e.to_string()))?)
+            .map_err(|e| pem(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(pem("no certificate".into()));
+    }
+    Ok(roots)
+}
+
+/// The first DNS name of a (verified) client certificate.
+fn client_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+    cert.valid_dns_names().next().map(str::to_string)
+}
+
 /// What a request handler knows of the connection it came on.
 #[derive(Debug)]
 struct ConnectionInfo {
@@ -244,6 +272,8 @@ struct ConnectionInfo {
     remote: SocketAddr,
     /// Requests served so far.
     requests: AtomicU64,
+    /// The first DNS name of the client's verified certificate.
+    client_name: Option<String>,
 }
 
 /// A JSON answer.
@@ -300,6 +330,7 @@ impl Service {
         protocol: &'static str,
         group: Option<NamedGroup>,
         remote: SocketAddr,
+        client_name: Option<String>,
     ) -> ConnectionInfo {
         let group_label = group.map_or_else(|| "-".to_string(), group_name);
         self.metrics.handshake(protocol, &group_label);
@@ -309,6 +340,7 @@ impl Service {
             group,
             remote,
             requests: AtomicU64::new(0),
+            client_name,
         }
     }
 
@@ -328,7 +360,9 @@ impl Service {
         if let Some(guard) = &self.mcp
             && guard.serves(path)
         {
-            return guard.handle(request, conn.remote.ip()).await;
+            return guard
+                .handle(request, conn.remote.ip(), conn.client_name.as_deref())
+                .await;
         }
         if let Some(route) = self.backhaul.route(path) {
             return route.forward(request, conn.remote).await;
@@ -393,16 +427,25 @@ impl FrontDoor {
             .transpose()?
             .unwrap_or_default();
         let backhaul = Backhaul::new(&config.backhaul, &metrics)?;
-        let quic = super::quinn_server_config(
+        let client_roots = config
+            .client_ca
+            .as_deref()
+            .map(client_roots)
+            .transpose()?
+            .map(Arc::new);
+        let quic = super::quinn_server_config_from(super::server_config_with(
             config.pq,
             identity.chain.clone(),
             identity.key.clone_key(),
-        )?;
-        let tls = super::server_config(
+            &[super::ALPN_H3],
+            client_roots.clone(),
+        )?)?;
+        let tls = super::server_config_with(
             config.pq,
             identity.chain,
             identity.key,
             &[ALPN_H2, ALPN_HTTP11],
+            client_roots,
         )?;
         let service = Arc::new(Service {
             pq: config.pq,
@@ -513,7 +556,11 @@ pub(crate) fn quic_group(conn: &quinn::Connection) -> Option<NamedGroup> {
 async fn h3_connection(conn: quinn::Connection, service: Arc<Service>) {
     let since = Instant::now();
     let _open = service.metrics.open("quic");
-    let info = Arc::new(service.connection("h3", quic_group(&conn), conn.remote_address()));
+    let client = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(client_name));
+    let info = Arc::new(service.connection("h3", quic_group(&conn), conn.remote_address(), client));
     let mut h3 = match h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(
         conn.clone(),
     ))
@@ -671,8 +718,16 @@ async fn serve_tcp(
             let connection = tls.get_ref().1;
             let group = connection.negotiated_key_exchange_group().map(|g| g.name());
             let h2 = connection.alpn_protocol() == Some(ALPN_H2);
-            let info =
-                Arc::new(service.connection(if h2 { "h2" } else { "http/1.1" }, group, remote));
+            let client = connection
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(client_name);
+            let info = Arc::new(service.connection(
+                if h2 { "h2" } else { "http/1.1" },
+                group,
+                remote,
+                client,
+            ));
             let handler = {
                 let (service, info) = (service.clone(), info.clone());
                 hyper::service::service_fn(move |request: http::Request<Incoming>| {
@@ -754,6 +809,7 @@ mod tests {
             self_signed,
             names: vec!["localhost".to_string()],
             backhaul: Vec::new(),
+            client_ca: None,
         }
     }
 
@@ -817,6 +873,7 @@ mod tests {
             "h3",
             Some(NamedGroup::X25519MLKEM768),
             "127.0.0.1:1".parse().unwrap(),
+            None,
         );
         assert_eq!(conn.id, 1);
         let ask = |method: &str, path: &str| {

@@ -68,6 +68,9 @@ pub enum QuicError {
     /// packets need).
     #[error("TLS configuration unusable for QUIC: {0}")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The CA certificates for client certificates cannot be used.
+    #[error("client certificate CAs: {0}")]
+    ClientCa(String),
 }
 
 /// The key exchange groups of `mode`, most preferred first.
@@ -95,10 +98,31 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, QuicError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(crypto_provider(mode)))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(cert_chain, key)?;
+    server_config_with(mode, cert_chain, key, alpn, None)
+}
+
+/// [`server_config`], also asking clients for certificates that chain to `client_roots`
+/// (when given): a client may present none, but one it presents must verify.
+pub fn server_config_with(
+    mode: PqMode,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+    client_roots: Option<Arc<RootCertStore>>,
+) -> Result<rustls::ServerConfig, QuicError> {
+    let provider = Arc::new(crypto_provider(mode));
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| QuicError::ClientCa(e.to_string()))?,
+        ),
+    };
+    let mut config = builder.with_single_cert(cert_chain, key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
