@@ -59,6 +59,7 @@ struct Guard {
     dir: TempDir,
     running: Running,
     _web: Daemon,
+    _keys: Daemon,
     config: PathBuf,
 }
 
@@ -103,6 +104,32 @@ impl Guard {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Issuer B publishes its keys over HTTP.
+        let mut keys = Command::new(python())
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(d.join("keys"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = keys.stdout.take().unwrap();
+        let keys = Daemon(keys);
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).unwrap();
+        let keys_port: u16 = first
+            .split(" port ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {first:?}"));
         // The web upstream: Streamable HTTP on a port it picks.
         let mut web = Command::new(python())
             .args([&script("upstream.py"), "--profile", "web", "--http", "0"])
@@ -144,7 +171,7 @@ jwks = "keys/a.jwks.json"
 [[mcp.issuers]]
 issuer = "{ISSUER_B}"
 audience = "{AUDIENCE}"
-jwks = "keys/b.jwks.json"
+jwks_url = "http://127.0.0.1:{keys_port}/b.jwks.json"
 
 [[mcp.upstreams]]
 name = "files"
@@ -167,6 +194,7 @@ url = "http://127.0.0.1:{port}/mcp"
             dir,
             running,
             _web: web,
+            _keys: keys,
             config,
         }
     }

@@ -150,12 +150,6 @@ impl RawMcp {
                             u.name
                         ));
                     }
-                    if url.starts_with("https://") && u.ca.is_none() {
-                        return Err(format!(
-                            "`mcp.upstreams` {:?}: an https:// upstream needs `ca` (the CA certificates its certificate chains to)",
-                            u.name
-                        ));
-                    }
                     if !u.env.is_empty() || u.cwd.is_some() {
                         return Err(format!(
                             "`mcp.upstreams` {:?}: `env` and `cwd` are for `command` upstreams",
@@ -184,7 +178,35 @@ impl RawMcp {
         }
         let mut issuers = self.issuers;
         for i in &mut issuers {
-            i.jwks = resolve(&i.jwks.to_string_lossy());
+            match (&i.jwks, &i.jwks_url) {
+                (Some(path), None) => i.jwks = Some(resolve(&path.to_string_lossy())),
+                (None, Some(url)) => {
+                    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                        .iter()
+                        .any(|p| url.starts_with(p));
+                    if !(url.starts_with("https://") || loopback) {
+                        return Err(format!(
+                            "`mcp.issuers` {:?}: `jwks_url` must be https:// (http:// only on loopback)",
+                            i.issuer
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "`mcp.issuers` {:?}: give exactly one of `jwks` and `jwks_url`",
+                        i.issuer
+                    ));
+                }
+            }
+            if let Some(ca) = &i.jwks_ca {
+                i.jwks_ca = Some(resolve(&ca.to_string_lossy()));
+            }
+            if i.jwks_refresh_s == 0 {
+                return Err(format!(
+                    "`mcp.issuers` {:?}: `jwks_refresh_s` must be at least 1",
+                    i.issuer
+                ));
+            }
         }
         let rate = |s: &str, key: &str| s.parse::<Rate>().map_err(|e| format!("`{key}`: {e}"));
         let per_identity = self
@@ -297,8 +319,8 @@ path = { type = "string", pattern = "^/srv/" }
         assert_eq!(c.audit, Path::new(DEFAULT_AUDIT));
         assert_eq!(c.audit_sync, guard::AuditSync::Write);
         assert_eq!(
-            c.issuers[0].jwks,
-            Path::new("/etc/cloudlet/keys/a.jwks.json")
+            c.issuers[0].jwks.as_deref(),
+            Some(Path::new("/etc/cloudlet/keys/a.jwks.json"))
         );
         assert_eq!(c.upstreams[0].prefix, "files");
         let Transport::Stdio { command, .. } = &c.upstreams[0].transport else {
@@ -343,8 +365,12 @@ path = { type = "string", pattern = "^/srv/" }
                 "http://",
             ),
             (
-                "[[upstreams]]\nname = \"a\"\nurl = \"https://h/\"\n",
-                "needs `ca`",
+                "[[issuers]]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://idp.example/k\"\n",
+                "only on loopback",
+            ),
+            (
+                "[[issuers]]\nissuer = \"i\"\naudience = \"a\"\n",
+                "exactly one of `jwks` and `jwks_url`",
             ),
             ("rate_per_identity = \"often\"\n", "a rate is"),
             ("rate_per_identity = \"0/s\"\n", "at least one"),

@@ -314,7 +314,13 @@ pub struct McpGuard {
     path: String,
     allowed_origins: Vec<String>,
     upstreams: Vec<Arc<Upstream>>,
-    verifier: Verifier,
+    /// Rebuilt when an issuer's JWKS is fetched again.
+    verifier: RwLock<Arc<Verifier>>,
+    /// The JWKS text of each issuer whose keys are known.
+    jwks: Mutex<Vec<(IssuerConfig, String)>>,
+    /// First fetch attempts of `jwks_url` issuers made so far.
+    jwks_attempts: tokio::sync::watch::Sender<usize>,
+    url_issuers: usize,
     /// The issuers' names, for the protected-resource metadata.
     issuers: Vec<String>,
     anonymous_roles: Vec<String>,
@@ -495,7 +501,8 @@ fn new_session_id() -> String {
 impl McpGuard {
     /// Sets the guard up and starts its upstreams' supervisors (within a tokio runtime).
     pub fn start(config: &GuardConfig) -> Result<Arc<Self>, GuardError> {
-        let verifier = Verifier::load(&config.issuers)?;
+        let files = identity::read_jwks_files(&config.issuers)?;
+        let verifier = Verifier::from_jwks(&files)?;
         let mut pins = PinStore::open(&config.pins, config.policy.pin_mode)?;
         pins.set_mode(config.policy.pin_mode);
         let log = AuditLog::open(&config.audit, config.audit_max_bytes, config.audit_keep)
@@ -512,11 +519,18 @@ impl McpGuard {
         for u in &upstreams {
             u.spawn();
         }
-        Ok(Arc::new(Self {
+        let guard = Arc::new(Self {
             path: config.path.clone(),
             allowed_origins: config.allowed_origins.clone(),
             upstreams,
-            verifier,
+            verifier: RwLock::new(Arc::new(verifier)),
+            jwks: Mutex::new(files),
+            jwks_attempts: tokio::sync::watch::channel(0).0,
+            url_issuers: config
+                .issuers
+                .iter()
+                .filter(|i| i.jwks_url.is_some())
+                .count(),
             issuers: config.issuers.iter().map(|i| i.issuer.clone()).collect(),
             anonymous_roles: config.anonymous_roles.clone(),
             cert_roles: config.cert_roles.clone(),
@@ -528,14 +542,39 @@ impl McpGuard {
             pins: Mutex::new(pins),
             buckets: Mutex::new(HashMap::new()),
             auditor: Auditor::start(log, config.audit_sync),
-        }))
+        });
+        for issuer in config.issuers.iter().filter(|i| i.jwks_url.is_some()) {
+            let (weak, issuer) = (Arc::downgrade(&guard), issuer.clone());
+            tokio::spawn(async move { refresh_jwks(weak, issuer).await });
+        }
+        Ok(guard)
     }
 
-    /// Waits until every upstream's first connection attempt has finished (or `limit`).
+    /// Waits until every upstream's first connection attempt, and every issuer's first JWKS
+    /// fetch, has finished (or `limit`).
     pub async fn ready(&self, limit: Duration) {
         for u in &self.upstreams {
             u.first_attempt(limit).await;
         }
+        let mut attempts = self.jwks_attempts.subscribe();
+        let wanted = self.url_issuers;
+        let _ = tokio::time::timeout(limit, attempts.wait_for(|n| *n >= wanted)).await;
+    }
+
+    /// Takes `text` as `issuer`'s JWKS; a JWKS without a usable key is refused and the keys
+    /// had stay.
+    fn set_jwks(&self, issuer: &IssuerConfig, text: String) -> Result<(), GuardError> {
+        let mut all = self.jwks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next: Vec<(IssuerConfig, String)> = all
+            .iter()
+            .filter(|(c, _)| c.issuer != issuer.issuer)
+            .cloned()
+            .collect();
+        next.push((issuer.clone(), text));
+        let verifier = Verifier::from_jwks(&next)?;
+        *all = next;
+        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(verifier);
+        Ok(())
     }
 
     /// Replaces the policy (roles, constraints, limits, threat and pin settings); sessions
@@ -652,14 +691,14 @@ impl McpGuard {
         request: &http::Request<Bytes>,
         client: Option<&str>,
     ) -> Result<Caller, Answer> {
-        if self.verifier.is_empty() && self.cert_roles.is_empty() {
+        if self.issuers.is_empty() && self.cert_roles.is_empty() {
             return Ok(Caller {
                 subject: "anonymous".into(),
                 roles: self.anonymous_roles.clone(),
             });
         }
-        let token = request.headers().contains_key(http::header::AUTHORIZATION)
-            && !self.verifier.is_empty();
+        let token =
+            request.headers().contains_key(http::header::AUTHORIZATION) && !self.issuers.is_empty();
         if !self.cert_roles.is_empty() && !token {
             if let Some(name) = client {
                 let mut roles: Vec<String> = Vec::new();
@@ -677,7 +716,7 @@ impl McpGuard {
                     roles,
                 });
             }
-            if self.verifier.is_empty() {
+            if self.issuers.is_empty() {
                 return Err(Answer::json(
                     403,
                     json!({"error": "a client certificate is required"}),
@@ -701,7 +740,12 @@ impl McpGuard {
             return Err(refuse(None));
         };
         let token = identity::bearer(value).map_err(|e| refuse(Some(&e)))?;
-        match self.verifier.verify(token, now_unix()) {
+        let verifier = self
+            .verifier
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match verifier.verify(token, now_unix()) {
             Ok(id) => Ok(Caller {
                 subject: format!("{}#{}", id.issuer, id.subject),
                 roles: id.roles,
@@ -1406,6 +1450,48 @@ impl Clone for Tool {
             schema: self.schema.clone(),
             schema_error: self.schema_error.clone(),
         }
+    }
+}
+
+/// Fetches `issuer`'s `jwks_url` now and every `jwks_refresh_s` (every 30 s while fetches
+/// fail), for as long as the guard lives.
+async fn refresh_jwks(guard: std::sync::Weak<McpGuard>, issuer: IssuerConfig) {
+    let Some(url) = issuer.jwks_url.clone() else {
+        return;
+    };
+    let mut first = true;
+    loop {
+        let fetched =
+            super::upstream::fetch_text(&url, issuer.jwks_ca.as_ref(), Duration::from_secs(10))
+                .await;
+        let Some(g) = guard.upgrade() else { return };
+        let ok = match fetched {
+            Ok(text) => match g.set_jwks(&issuer, text) {
+                Ok(()) => {
+                    log::info!(target: "cloudlet::mcp", "keys of {} fetched from {url}", issuer.issuer);
+                    true
+                }
+                Err(e) => {
+                    log::error!(target: "cloudlet::mcp", "{url}: {e}; keeping the keys had");
+                    false
+                }
+            },
+            Err(e) => {
+                log::error!(target: "cloudlet::mcp", "fetching the keys of {}: {e}", issuer.issuer);
+                false
+            }
+        };
+        if first {
+            g.jwks_attempts.send_modify(|n| *n += 1);
+            first = false;
+        }
+        drop(g);
+        let wait = if ok {
+            issuer.jwks_refresh_s
+        } else {
+            issuer.jwks_refresh_s.min(30)
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
     }
 }
 

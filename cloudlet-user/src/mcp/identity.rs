@@ -51,7 +51,19 @@ pub struct IssuerConfig {
     /// This service's name at the issuer: it must be in the token's `aud`.
     pub audience: String,
     /// A JWKS file (`{"keys": [...]}`) holding the issuer's signing keys.
-    pub jwks: PathBuf,
+    #[serde(default)]
+    pub jwks: Option<PathBuf>,
+    /// Or the URL the issuer publishes its JWKS at (`https://`, or `http://` on loopback),
+    /// fetched at start and every `jwks_refresh_s`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// CA certificates (PEM) for an `https://` `jwks_url`; default: the system's bundle.
+    #[serde(default)]
+    pub jwks_ca: Option<PathBuf>,
+    /// Seconds between fetches of `jwks_url` (a failed fetch keeps the keys had and is
+    /// retried sooner).
+    #[serde(default = "default_refresh")]
+    pub jwks_refresh_s: u64,
     /// The claim holding the roles: an array of strings, or a space-separated string.
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
@@ -76,6 +88,27 @@ fn default_subject_claim() -> String {
 
 fn default_leeway() -> u64 {
     30
+}
+
+fn default_refresh() -> u64 {
+    300
+}
+
+/// The JWKS text of each issuer configured with a file (those with a URL are left out).
+pub fn read_jwks_files(
+    issuers: &[IssuerConfig],
+) -> Result<Vec<(IssuerConfig, String)>, IdentityError> {
+    let mut with_jwks = Vec::with_capacity(issuers.len());
+    for config in issuers {
+        let Some(path) = &config.jwks else { continue };
+        let json = std::fs::read_to_string(path).map_err(|source| IdentityError::ReadJwks {
+            issuer: config.issuer.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        with_jwks.push((config.clone(), json));
+    }
+    Ok(with_jwks)
 }
 
 /// A verified caller.
@@ -255,19 +288,10 @@ pub struct Verifier {
 impl Verifier {
     /// Reads each issuer's JWKS file (relative paths must already be resolved) and parses
     /// the keys. Blocking file I/O: call it at startup or reload, not on a request path.
+    /// Issuers with a `jwks_url` instead of a file are left out: build those with
+    /// [`from_jwks`](Self::from_jwks) once their keys are fetched.
     pub fn load(issuers: &[IssuerConfig]) -> Result<Self, IdentityError> {
-        let mut with_jwks = Vec::with_capacity(issuers.len());
-        for config in issuers {
-            let json = std::fs::read_to_string(&config.jwks).map_err(|source| {
-                IdentityError::ReadJwks {
-                    issuer: config.issuer.clone(),
-                    path: config.jwks.clone(),
-                    source,
-                }
-            })?;
-            with_jwks.push((config.clone(), json));
-        }
-        Self::from_jwks(&with_jwks)
+        Self::from_jwks(&read_jwks_files(issuers)?)
     }
 
     /// Builds the verifier from each issuer's JWKS text (the `jwks` path is not read).
@@ -848,7 +872,10 @@ mod tests {
         IssuerConfig {
             issuer: issuer.to_string(),
             audience: "cloudlet".to_string(),
-            jwks: PathBuf::from("unused.json"),
+            jwks: Some(PathBuf::from("unused.json")),
+            jwks_url: None,
+            jwks_ca: None,
+            jwks_refresh_s: default_refresh(),
             roles_claim: default_roles_claim(),
             subject_claim: default_subject_claim(),
             default_roles: vec!["reader".to_string()],
@@ -1358,7 +1385,7 @@ mod tests {
         std::fs::write(&path, json!({"keys": [ed.jwk("k")]}).to_string()).unwrap();
 
         let verifier = Verifier::load(&[IssuerConfig {
-            jwks: path.clone(),
+            jwks: Some(path.clone()),
             ..config(ISS)
         }])
         .unwrap();
@@ -1366,7 +1393,7 @@ mod tests {
         assert_eq!(verifier.verify(&token, NOW).unwrap().subject, "alice");
 
         let missing = Verifier::load(&[IssuerConfig {
-            jwks: dir.join("absent.json"),
+            jwks: Some(dir.join("absent.json")),
             ..config(ISS)
         }]);
         assert!(matches!(missing, Err(IdentityError::ReadJwks { .. })));
@@ -1386,6 +1413,7 @@ mod tests {
         assert_eq!(config.roles_claim, "roles");
         assert_eq!(config.subject_claim, "sub");
         assert_eq!(config.leeway_s, 30);
+        assert_eq!(config.jwks_refresh_s, 300);
         assert!(config.default_roles.is_empty());
         assert!(
             toml::from_str::<IssuerConfig>(

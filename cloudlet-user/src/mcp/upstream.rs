@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     sync::{
         Arc, Mutex,
@@ -27,6 +27,8 @@ use tokio::{
     sync::{Notify, oneshot, watch},
 };
 
+/// The CA certificates trusted for `https://` when no `ca` is given (Debian's bundle).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The protocol revision the guard asks upstreams for.
 pub const UPSTREAM_PROTOCOL: &str = "2025-11-25";
 /// Longest upstream message read (one JSON-RPC line or HTTP body).
@@ -618,7 +620,7 @@ impl HttpClient {
         };
         let tls = if https {
             let mut roots = rustls::RootCertStore::empty();
-            let ca = ca.ok_or_else(|| format!("{url}: an https:// upstream needs `ca`"))?;
+            let ca = ca.map_or(Path::new(SYSTEM_CA_BUNDLE), PathBuf::as_path);
             use rustls::pki_types::{CertificateDer, pem::PemObject as _};
             for cert in
                 CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
@@ -692,6 +694,35 @@ impl HttpClient {
             }
             None => handshake!(tcp),
         })
+    }
+
+    /// `GET` of the URL's path; the body as text (2xx only).
+    async fn get(&self, timeout: Duration) -> Result<String, HttpFailure> {
+        let fetch = async {
+            let request = http::Request::get(self.url.path_and_query().map_or("/", |p| p.as_str()))
+                .header(http::header::HOST, &self.authority)
+                .header(http::header::ACCEPT, "application/json")
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| HttpFailure::Body(e.to_string()))?;
+            let mut send = self.connection().await?;
+            let response = send
+                .send_request(request)
+                .await
+                .map_err(|e| HttpFailure::Connect(e.to_string()))?;
+            let (parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_MESSAGE)
+                .collect()
+                .await
+                .map_err(|e| HttpFailure::Body(e.to_string()))?
+                .to_bytes();
+            if !parts.status.is_success() {
+                return Err(HttpFailure::Status(parts.status.as_u16(), String::new()));
+            }
+            String::from_utf8(body.to_vec()).map_err(|e| HttpFailure::Body(e.to_string()))
+        };
+        tokio::time::timeout(timeout, fetch)
+            .await
+            .map_err(|_| HttpFailure::Timeout)?
     }
 
     async fn post(
@@ -803,6 +834,17 @@ fn sse_messages(body: &[u8]) -> Vec<Value> {
         }
     }
     out
+}
+
+/// Fetches `url` (`http://` or `https://`, trusting `ca` or the system's bundle) and returns
+/// its body as text: a JWKS, for the guard's issuers.
+pub async fn fetch_text(
+    url: &str,
+    ca: Option<&PathBuf>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let client = HttpClient::new(url, ca, &BTreeMap::new())?;
+    client.get(timeout).await.map_err(|e| format!("{url}: {e}"))
 }
 
 #[cfg(test)]
