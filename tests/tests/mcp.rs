@@ -544,6 +544,14 @@ fn bad_tokens_get_401_and_good_ones_of_every_issuer_pass() {
             .any(|e| e["identity"] == format!("{ISSUER_B}#carol")),
         "{audit:?}"
     );
+    // Refused credentials are audited, with the reason.
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["decision"] == "denied"
+                && e["reason"].as_str().unwrap_or("").contains("expired")),
+        "{audit:?}"
+    );
 }
 
 /// The transport's error answers, with requests no SDK would send.
@@ -573,7 +581,15 @@ fn protocol_errors_get_their_status_and_codes() {
             400,
             Some(-32600),
         ),
-        (vec![&with_session], r#"{"jsonrpc":"2.0","id":3,"method":"no/such"}"#.into(), 404, Some(-32601)),
+        // A dispatched request's error rides a 200 in the session revisions, and the
+        // stateless revision's status table applies to its requests.
+        (vec![&with_session], r#"{"jsonrpc":"2.0","id":3,"method":"no/such"}"#.into(), 200, Some(-32601)),
+        (
+            vec!["MCP-Protocol-Version: 2026-07-28", "Mcp-Method: no/such"],
+            r#"{"jsonrpc":"2.0","id":6,"method":"no/such","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#.into(),
+            404,
+            Some(-32601),
+        ),
         (vec![], format!("{{\"pad\":\"{}\"}}", "x".repeat(70_000)), 413, None),
         // The stateless revision: headers must agree with the body.
         (

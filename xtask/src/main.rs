@@ -25,7 +25,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install every prerequisite (apt packages, toolchains, bpf-linker, GeoIP data).
+    /// Install every prerequisite (apt packages, toolchains, bpf-linker, GeoIP data, the
+    /// embedding model, the MCP Python SDK's virtual environment).
     Setup {
         /// Print only what changes.
         #[arg(long)]

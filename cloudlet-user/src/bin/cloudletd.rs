@@ -92,9 +92,24 @@ fn start_front_door(
 /// Re-reads the configuration and applies its `[mcp]` policy (roles, constraints, limits,
 /// threat and pin settings); open sessions stay. Upstreams, issuers and paths need a
 /// restart. On any error the running policy stays.
-fn reload_mcp(guard: &cloudlet::mcp::guard::McpGuard, path: &std::path::Path) {
+fn reload_mcp(
+    guard: &cloudlet::mcp::guard::McpGuard,
+    running: &cloudlet::mcp::guard::GuardConfig,
+    path: &std::path::Path,
+) {
     let policy = match Config::load(path) {
-        Ok(Config { mcp: Some(m), .. }) => m.policy,
+        Ok(Config { mcp: Some(m), .. }) => {
+            let restart_only = cloudlet::mcp::guard::GuardConfig {
+                policy: running.policy.clone(),
+                ..m.clone()
+            };
+            if restart_only != *running {
+                log::warn!(
+                    "SIGHUP: [mcp] keys other than the policy changed (upstreams, issuers, paths, origins, limits): they take effect at the next start"
+                );
+            }
+            m.policy
+        }
         Ok(_) => {
             log::error!(
                 "SIGHUP: {} has no [mcp] any more; the running MCP policy stays (restart to remove the guard)",
@@ -254,10 +269,13 @@ async fn run(
                         .map(|u| format!("{} (tools {}__*)", u.name, u.prefix))
                         .collect::<Vec<_>>()
                         .join(", "),
-                    if m.issuers.is_empty() {
-                        "no credentials asked".to_string()
-                    } else {
-                        format!("bearer tokens from {} issuer(s)", m.issuers.len())
+                    match (m.issuers.len(), m.cert_roles.is_empty()) {
+                        (0, true) => "no credentials asked".to_string(),
+                        (0, false) => "client certificates".to_string(),
+                        (n, true) => format!("bearer tokens from {n} issuer(s)"),
+                        (n, false) => {
+                            format!("bearer tokens from {n} issuer(s) or client certificates")
+                        }
                     },
                     m.audit.display()
                 );
@@ -384,11 +402,13 @@ async fn run(
             _ = int.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = term.recv() => { log::info!("SIGTERM: shutting down"); break; }
             _ = hup.recv() => {
-                if let Some(guard) = &mcp {
-                    reload_mcp(guard, &config_path);
+                if let (Some(guard), Some(running)) = (&mcp, &config.mcp) {
+                    reload_mcp(guard, running, &config_path);
                 }
                 let (Some(node), Some(path)) = (node.clone(), config.policy.clone()) else {
-                    log::info!("SIGHUP: no policy configured, nothing to reload");
+                    if mcp.is_none() {
+                        log::info!("SIGHUP: no policy configured, nothing to reload");
+                    }
                     continue;
                 };
                 log::info!("SIGHUP: reloading {}", path.display());

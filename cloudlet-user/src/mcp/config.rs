@@ -177,14 +177,24 @@ impl RawMcp {
             });
         }
         let mut issuers = self.issuers;
+        let mut issuer_names = BTreeSet::new();
         for i in &mut issuers {
+            if i.issuer.is_empty() || i.audience.is_empty() {
+                return Err("`mcp.issuers`: `issuer` and `audience` must not be empty".into());
+            }
+            if !issuer_names.insert(i.issuer.clone()) {
+                return Err(format!("`mcp.issuers`: {:?} is configured twice", i.issuer));
+            }
             match (&i.jwks, &i.jwks_url) {
                 (Some(path), None) => i.jwks = Some(resolve(&path.to_string_lossy())),
                 (None, Some(url)) => {
-                    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-                        .iter()
-                        .any(|p| url.starts_with(p));
-                    if !(url.starts_with("https://") || loopback) {
+                    let uri: Option<http::Uri> = url.parse().ok();
+                    let scheme = uri.as_ref().and_then(|u| u.scheme_str());
+                    let loopback = uri
+                        .as_ref()
+                        .and_then(|u| u.host())
+                        .is_some_and(|h| matches!(h, "127.0.0.1" | "localhost" | "[::1]" | "::1"));
+                    if !(scheme == Some("https") || (scheme == Some("http") && loopback)) {
                         return Err(format!(
                             "`mcp.issuers` {:?}: `jwks_url` must be https:// (http:// only on loopback)",
                             i.issuer
@@ -371,6 +381,14 @@ path = { type = "string", pattern = "^/srv/" }
             (
                 "[[issuers]]\nissuer = \"i\"\naudience = \"a\"\n",
                 "exactly one of `jwks` and `jwks_url`",
+            ),
+            (
+                "[[issuers]]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"http://localhost.evil.example/k\"\n",
+                "only on loopback",
+            ),
+            (
+                "[[issuers]]\nissuer = \"i\"\naudience = \"a\"\njwks_url = \"https://i/k\"\n[[issuers]]\nissuer = \"i\"\naudience = \"b\"\njwks_url = \"https://i/k2\"\n",
+                "configured twice",
             ),
             ("rate_per_identity = \"often\"\n", "a rate is"),
             ("rate_per_identity = \"0/s\"\n", "at least one"),

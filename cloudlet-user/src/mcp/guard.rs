@@ -13,7 +13,8 @@
 //! `WWW-Authenticate`), body shape (JSON-RPC errors), session or envelope; then for
 //! `tools/call`: the tool's upstream, the caller's roles, rate limits, the tool's pin and
 //! threat findings, its `inputSchema` and the operator's constraints; the upstream's result
-//! is checked for size and threats before it is returned. Each request is written to the
+//! is checked for size and threats before it is returned. Every `tools/call` and
+//! `tools/list`, and every request refused for its Origin or credentials, is written to the
 //! audit log before its answer leaves.
 
 use std::{
@@ -417,8 +418,9 @@ fn rpc_error(id: &Value, code: i64, message: impl Into<String>, data: Option<Val
     json!({"jsonrpc": "2.0", "id": id, "error": error})
 }
 
-/// The HTTP status a JSON-RPC error travels with (the stateless revision's table; other
-/// errors ride a 200).
+/// The HTTP status a JSON-RPC error of the guard's own travels with: the stateless
+/// revision's table there, and for errors found before a request is dispatched (body,
+/// session); other errors ride a 200.
 fn status_of(code: i64) -> u16 {
     match code {
         code::PARSE_ERROR
@@ -433,6 +435,8 @@ fn status_of(code: i64) -> u16 {
 
 /// A failed request: its JSON-RPC error, and what the audit log says.
 struct Refusal {
+    /// Relayed from the upstream, not the guard's own.
+    relayed: bool,
     code: i64,
     message: String,
     data: Option<Value>,
@@ -442,6 +446,7 @@ struct Refusal {
 impl Refusal {
     fn new(code: i64, message: impl Into<String>) -> Self {
         Self {
+            relayed: false,
             code,
             message: message.into(),
             data: None,
@@ -614,10 +619,16 @@ impl McpGuard {
         self.answer(request, client).await.into_response()
     }
 
-    fn metadata_url(&self, request: &http::Request<Bytes>) -> Option<String> {
-        let host = header(request, "host")
+    /// The host (and port) the client asked for: `Host` (HTTP/1.1) or the request's
+    /// authority (HTTP/2 and HTTP/3).
+    fn host(request: &http::Request<Bytes>) -> Option<String> {
+        header(request, "host")
             .map(str::to_string)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()))?;
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+    }
+
+    fn metadata_url(&self, request: &http::Request<Bytes>) -> Option<String> {
+        let host = Self::host(request)?;
         Some(format!(
             "https://{host}/.well-known/oauth-protected-resource{}",
             self.path
@@ -631,7 +642,7 @@ impl McpGuard {
             if request.method() != http::Method::GET {
                 return Answer::empty(405).header("allow", "GET");
             }
-            let host = header(&request, "host").unwrap_or("localhost").to_string();
+            let host = Self::host(&request).unwrap_or_else(|| "localhost".into());
             return Answer::json(
                 200,
                 json!({
@@ -661,7 +672,18 @@ impl McpGuard {
         }
         let caller = match self.authenticate(&request, client) {
             Ok(c) => c,
-            Err(answer) => return answer,
+            Err(answer) => {
+                // Refused credentials are audited too (why, not the token).
+                let why = answer
+                    .body
+                    .as_ref()
+                    .and_then(|b| b.get("error"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("credentials refused")
+                    .to_string();
+                self.audit_plain("-", "-", Decision::Denied, &why).await;
+                return answer;
+            }
         };
         match *request.method() {
             http::Method::POST => self.post(request, caller).await,
@@ -885,7 +907,16 @@ impl McpGuard {
                 }
                 Answer::json(200, json!({"jsonrpc": "2.0", "id": id, "result": result}))
             }
-            Err(r) => Answer::json(status_of(r.code), rpc_error(&id, r.code, r.message, r.data)),
+            Err(r) => {
+                // The session revisions answer errors of dispatched requests with 200; an
+                // upstream's own error is relayed as it is, with 200 too.
+                let status = if stateless && !r.relayed {
+                    status_of(r.code)
+                } else {
+                    200
+                };
+                Answer::json(status, rpc_error(&id, r.code, r.message, r.data))
+            }
         }
     }
 
@@ -1076,12 +1107,15 @@ impl McpGuard {
                     continue;
                 }
             };
+            // Other upstreams' tools, but not names this upstream has too (two servers
+            // may each have a `search`; mentioning its own is not an attack).
             let ctx = Context {
                 foreign_tools: names
                     .iter()
                     .enumerate()
                     .filter(|(j, _)| *j != i)
                     .flat_map(|(_, n)| n.iter().cloned())
+                    .filter(|n| !names[i].contains(n))
                     .collect(),
             };
             for raw_tool in tools {
@@ -1353,6 +1387,9 @@ impl McpGuard {
                 }));
             }
         }
+        // A constraint that repeats the tool's schema: each violation once.
+        let mut seen = std::collections::HashSet::new();
+        violations.retain(|v| seen.insert(v.clone()));
         if !violations.is_empty() {
             return Err(Refusal::new(
                 code::INVALID_PARAMS,
@@ -1378,6 +1415,7 @@ impl McpGuard {
                     data,
                     ..
                 } => Refusal {
+                    relayed: true,
                     code,
                     message,
                     data,
@@ -1407,9 +1445,15 @@ impl McpGuard {
                 .iter()
                 .filter(|(_, t)| t.upstream != ui)
                 .flat_map(|(n, t)| [n.clone(), t.raw.clone()])
+                .filter(|n| {
+                    !tools
+                        .values()
+                        .any(|own| own.upstream == ui && (own.raw == *n))
+                })
                 .collect(),
         };
-        let mut findings = Vec::new();
+        // Findings of the definition that the policy let through still flag the call.
+        let mut findings = tool.findings.clone();
         for text in result_texts(&result) {
             findings.extend(threats::scan(&text, &ctx));
         }

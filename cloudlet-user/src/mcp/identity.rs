@@ -7,7 +7,7 @@
 //! - it is at most 16 KiB and has three base64url parts (padding tolerated) whose first two
 //!   are JSON objects;
 //! - its header's `alg` is RS256, ES256 or EdDSA (never `none`, never HMAC: a shared secret
-//!   has no place in a JWKS), its `typ`, if any, is `JWT` or `at+jwt`, and it names no
+//!   has no place in a JWKS), its `typ`, if any, is `JWT` or `at+jwt` (or their `application/` media types), and it names no
 //!   `crit` extensions (none are understood);
 //! - its `iss` is exactly one of the configured issuers. This is the only claim read before
 //!   the signature is checked, and only to pick that issuer's keys: a token can never be
@@ -158,7 +158,7 @@ pub enum TokenError {
     /// The header's `alg` is not one we verify (`none` included).
     #[error("unsupported signing algorithm {0:?}")]
     UnsupportedAlg(String),
-    /// The header's `typ` is neither `JWT` nor `at+jwt`.
+    /// The header's `typ` is none of `JWT`, `at+jwt` and their `application/` forms.
     #[error("unsupported token type {0:?}")]
     UnsupportedType(String),
     /// The header lists `crit` extensions, none of which are understood.

@@ -158,6 +158,9 @@ const CALL_VERBS: &[&str] = &[
 pub fn scan(text: &str, ctx: &Context) -> Vec<Finding> {
     let mut out = Vec::new();
     scan_into(text, ctx, 0, &mut out);
+    // A comment's or payload's inside is scanned again: the same finding once.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|f| seen.insert((f.check, f.reason.clone())));
     out
 }
 
@@ -353,7 +356,7 @@ fn base64_runs(text: &str) -> Vec<(usize, &str)> {
             (None, true) => start = Some(i),
             (Some(s), false) => {
                 let run = &text[s..i];
-                // Plain words are base64 characters too: ask for mixed case or digits.
+                // Plain words are base64 characters too: ask for both cases.
                 let mixed = run.chars().any(|c| c.is_ascii_uppercase())
                     && run.chars().any(|c| c.is_ascii_lowercase());
                 if run.len() >= 24 && mixed {

@@ -325,7 +325,11 @@ impl Upstream {
                         Ok(_) => {}
                     }
                     if line.last() != Some(&b'\n') && line.len() >= MAX_MESSAGE {
-                        log::warn!("MCP upstream {name} sent a message over {MAX_MESSAGE} bytes");
+                        log::warn!(
+                            "MCP upstream {name} sent a message over {MAX_MESSAGE} bytes; stopping it"
+                        );
+                        // Ended, so the supervisor restarts it.
+                        let _ = child.start_kill();
                         break;
                     }
                     let Ok(msg) = serde_json::from_slice::<Value>(&line) else {
@@ -375,16 +379,7 @@ impl Upstream {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(id, tx);
-                let sent = async {
-                    let mut line =
-                        serde_json::to_vec(&msg).map_err(|e| self.protocol(e.to_string()))?;
-                    line.push(b'\n');
-                    let mut stdin = c.stdin.lock().await;
-                    stdin.write_all(&line).await?;
-                    stdin.flush().await?;
-                    Ok::<_, UpstreamError>(())
-                };
-                if let Err(e) = sent.await {
+                if let Err(e) = self.write_line(c, &msg).await {
                     c.pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -425,18 +420,24 @@ impl Upstream {
         rpc_result(&self.config.name, answer)
     }
 
+    /// Writes one message, a line, to the process's stdin.
+    async fn write_line(&self, c: &StdioConn, msg: &Value) -> Result<(), UpstreamError> {
+        let mut line = serde_json::to_vec(msg).map_err(|e| self.protocol(e.to_string()))?;
+        line.push(b'\n');
+        let mut stdin = c.stdin.lock().await;
+        let written = async {
+            stdin.write_all(&line).await?;
+            stdin.flush().await
+        };
+        written
+            .await
+            .map_err(|e| self.unavailable(format!("writing to the process: {e}")))
+    }
+
     async fn notify(&self, conn: &Conn, method: &str) -> Result<(), UpstreamError> {
         let msg = json!({"jsonrpc": "2.0", "method": method});
         match conn {
-            Conn::Stdio(c) => {
-                let mut line =
-                    serde_json::to_vec(&msg).map_err(|e| self.protocol(e.to_string()))?;
-                line.push(b'\n');
-                let mut stdin = c.stdin.lock().await;
-                stdin.write_all(&line).await?;
-                stdin.flush().await?;
-                Ok(())
-            }
+            Conn::Stdio(c) => self.write_line(c, &msg).await,
             Conn::Http(c) => c
                 .client
                 .post(
@@ -489,12 +490,6 @@ impl Upstream {
             }
         }
         Err(self.protocol("tools/list pages never end"))
-    }
-}
-
-impl From<std::io::Error> for UpstreamError {
-    fn from(e: std::io::Error) -> Self {
-        UpstreamError::Unavailable("?".into(), e.to_string())
     }
 }
 
