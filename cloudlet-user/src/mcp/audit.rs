@@ -1,10 +1,12 @@
 //! The guard's audit log: one JSON line per request (identity, upstream, tool, a digest of
 //! the arguments, the decision and its reason, latency).
 //!
-//! An entry is acknowledged only once it is on disk: [`AuditLog::record`] appends the line
-//! with one `write` and `fdatasync`s before it returns, so a crash loses no entry a request
-//! was answered after. When the file passes `max_bytes` it is rotated: `audit.log` becomes
-//! `audit.log.1`, `.1` becomes `.2`, and so on up to `keep` files.
+//! [`AuditLog::append`] hands lines to the kernel with one `write`: from then on a crash of
+//! the process cannot lose them. [`AuditLog::sync`] waits until they are on disk, and
+//! [`AuditLog::record`] does both, so a crash of the machine cannot lose them either (the
+//! guard's `audit_sync` picks which an answer waits for). When the file passes `max_bytes`
+//! it is rotated: `audit.log` becomes `audit.log.1`, `.1` becomes `.2`, and so on up to
+//! `keep` files.
 
 use std::{
     fs::{File, OpenOptions},
@@ -123,6 +125,11 @@ impl AuditLog {
         self.file.write_all(&lines)?;
         self.size += lines.len() as u64;
         Ok(())
+    }
+
+    /// Another descriptor of the current file (to flush it from another thread).
+    pub fn file_clone(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Waits until everything appended is on disk (`fdatasync`).

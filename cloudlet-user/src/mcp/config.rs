@@ -299,7 +299,7 @@ mod tests {
             r#"
 allowed_origins = ["https://app.example"]
 pins = "state/pins.json"
-audit_sync = "write"
+audit_sync = "fdatasync"
 rate_per_identity = "60/min"
 block_puppet = false
 [rate_per_tool]
@@ -327,7 +327,7 @@ path = { type = "string", pattern = "^/srv/" }
         assert_eq!(c.path, "/mcp");
         assert_eq!(c.pins, Path::new("/etc/cloudlet/state/pins.json"));
         assert_eq!(c.audit, Path::new(DEFAULT_AUDIT));
-        assert_eq!(c.audit_sync, guard::AuditSync::Write);
+        assert_eq!(c.audit_sync, guard::AuditSync::Fdatasync);
         assert_eq!(
             c.issuers[0].jwks.as_deref(),
             Some(Path::new("/etc/cloudlet/keys/a.jwks.json"))

@@ -224,89 +224,124 @@ struct Bucket {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditSync {
-    /// On disk (`fdatasync`): no crash, of cloudletd or of the machine, loses an answered
-    /// request's entry. Costs a disk flush per answer (shared by answers that wait
-    /// together).
+    /// Handed to the kernel (`write`) before the answer: a crash of cloudletd loses no
+    /// answered request's entry; a crash of the machine (power, kernel) may lose those of
+    /// the last [`WRITE_FLUSH`], which a background thread flushes to disk.
     #[default]
-    Fdatasync,
-    /// Handed to the kernel (`write`): a crash of cloudletd loses no answered entry; a
-    /// crash of the machine may lose the entries of the last [`WRITE_FLUSH`], which are
-    /// flushed in the background.
     Write,
+    /// On disk (`fdatasync`) before the answer: no crash, of cloudletd or of the machine,
+    /// loses an answered request's entry. Costs a disk flush per answer (shared by answers
+    /// that wait together).
+    Fdatasync,
 }
 
 /// How often [`AuditSync::Write`] flushes.
 pub const WRITE_FLUSH: Duration = Duration::from_millis(100);
 
-/// The audit log, written by its own thread: entries sent together share one `write` (and
-/// one `fdatasync`), and each request waits until its entry counts as written.
-struct Auditor {
-    tx: std::sync::mpsc::Sender<(Entry, tokio::sync::oneshot::Sender<bool>)>,
+/// The audit log. With [`AuditSync::Write`] a request appends its entry itself (one
+/// `write`) and a thread flushes the file every [`WRITE_FLUSH`]; with
+/// [`AuditSync::Fdatasync`] a thread writes the entries sent to it, those sent together
+/// sharing one `write` and one `fdatasync`, and each request waits for its entry's.
+enum Auditor {
+    Write {
+        log: Arc<Mutex<AuditLog>>,
+        dirty: Arc<std::sync::atomic::AtomicBool>,
+    },
+    Fdatasync {
+        tx: std::sync::mpsc::Sender<(Entry, tokio::sync::oneshot::Sender<bool>)>,
+    },
 }
 
 impl Auditor {
-    fn start(mut log: AuditLog, mode: AuditSync) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(Entry, tokio::sync::oneshot::Sender<bool>)>();
-        std::thread::Builder::new()
-            .name("mcp-audit".into())
-            .spawn(move || {
-                let mut unsynced = false;
-                let mut synced_at = Instant::now();
-                loop {
-                    let first = match rx.recv_timeout(WRITE_FLUSH) {
-                        Ok(f) => f,
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            if unsynced {
-                                match log.sync() {
-                                    Ok(()) => unsynced = false,
-                                    Err(e) => log::error!("MCP audit log: {e}"),
-                                }
-                                synced_at = Instant::now();
+    fn start(log: AuditLog, mode: AuditSync) -> Self {
+        match mode {
+            AuditSync::Write => {
+                let log = Arc::new(Mutex::new(log));
+                let dirty = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (weak, flag) = (Arc::downgrade(&log), dirty.clone());
+                let _ = std::thread::Builder::new()
+                    .name("mcp-audit-flush".into())
+                    .spawn(move || {
+                        loop {
+                            std::thread::sleep(WRITE_FLUSH);
+                            let Some(log) = weak.upgrade() else { return };
+                            if !flag.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                                continue;
                             }
-                            continue;
+                            // Sync a duplicate of the descriptor, so writers do not wait on
+                            // the flush.
+                            let file = log.lock().unwrap_or_else(|e| e.into_inner()).file_clone();
+                            drop(log);
+                            if let Err(e) = file.and_then(|f| f.sync_data()) {
+                                log::error!("MCP audit log: {e}");
+                            }
                         }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                    };
-                    let mut batch = vec![first];
-                    while let Ok(more) = rx.try_recv() {
-                        batch.push(more);
-                    }
-                    let entries: Vec<&Entry> = batch.iter().map(|(e, _)| e).collect();
-                    let mut written = log.append(&entries);
-                    unsynced = true;
-                    if written.is_ok()
-                        && (mode == AuditSync::Fdatasync || synced_at.elapsed() >= WRITE_FLUSH)
-                    {
-                        written = log.sync();
-                        unsynced = false;
-                        synced_at = Instant::now();
-                    }
-                    let ok = match written {
-                        Ok(()) => true,
-                        Err(e) => {
-                            log::error!("MCP audit log: {e}");
-                            false
+                    });
+                Self::Write { log, dirty }
+            }
+            AuditSync::Fdatasync => {
+                let (tx, rx) =
+                    std::sync::mpsc::channel::<(Entry, tokio::sync::oneshot::Sender<bool>)>();
+                let mut log = log;
+                let _ = std::thread::Builder::new()
+                    .name("mcp-audit".into())
+                    .spawn(move || {
+                        while let Ok(first) = rx.recv() {
+                            let mut batch = vec![first];
+                            while let Ok(more) = rx.try_recv() {
+                                batch.push(more);
+                            }
+                            let entries: Vec<&Entry> = batch.iter().map(|(e, _)| e).collect();
+                            let ok = match log.record_all(&entries) {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    log::error!("MCP audit log: {e}");
+                                    false
+                                }
+                            };
+                            for (_, done) in batch {
+                                let _ = done.send(ok);
+                            }
                         }
-                    };
-                    for (_, done) in batch {
-                        let _ = done.send(ok);
-                    }
-                }
-                if unsynced {
-                    let _ = log.sync();
-                }
-            })
-            .ok();
-        Self { tx }
+                    });
+                Self::Fdatasync { tx }
+            }
+        }
     }
 
     /// Writes `entry`; true once it counts as written.
     async fn record(&self, entry: Entry) -> bool {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        if self.tx.send((entry, done)).is_err() {
-            return false;
+        match self {
+            Self::Write { log, dirty } => {
+                let written = log
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .append(&[&entry]);
+                dirty.store(true, std::sync::atomic::Ordering::Release);
+                match written {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::error!("MCP audit log: {e}");
+                        false
+                    }
+                }
+            }
+            Self::Fdatasync { tx } => {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                if tx.send((entry, done)).is_err() {
+                    return false;
+                }
+                wait.await.unwrap_or(false)
+            }
         }
-        wait.await.unwrap_or(false)
+    }
+}
+
+impl Drop for Auditor {
+    fn drop(&mut self) {
+        if let Self::Write { log, .. } = self {
+            let _ = log.lock().unwrap_or_else(|e| e.into_inner()).sync();
+        }
     }
 }
 
@@ -1695,4 +1730,50 @@ fn check_envelope(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both durability modes: an entry is in the file when `record` returns, and the
+    /// `write` mode's thread flushes without holding writers up.
+    #[test]
+    fn audit_entries_are_in_the_file_when_recorded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for mode in [AuditSync::Write, AuditSync::Fdatasync] {
+            let dir = std::env::temp_dir()
+                .join(format!("cloudlet-auditor-{mode:?}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let path = dir.join("audit.jsonl");
+            let auditor = Auditor::start(AuditLog::open(&path, 1 << 20, 2).unwrap(), mode);
+            rt.block_on(async {
+                for i in 0..3 {
+                    let reason = format!("entry {i}");
+                    assert!(
+                        auditor
+                            .record(Entry::now("me", "tools/call", Decision::Allowed, &reason))
+                            .await
+                    );
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    assert_eq!(text.lines().count(), i + 1, "{mode:?}: {text}");
+                    assert!(text.lines().last().unwrap().contains(&reason));
+                }
+                // The flush thread runs meanwhile and the writers are not held up by it.
+                tokio::time::sleep(WRITE_FLUSH * 2).await;
+                assert!(
+                    auditor
+                        .record(Entry::now("me", "tools/list", Decision::Denied, "after"))
+                        .await
+                );
+            });
+            drop(auditor);
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(text.lines().count(), 4, "{mode:?}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 }
