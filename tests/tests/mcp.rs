@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloudlet_tests::daemon::{Daemon, Running, daemon_config};
+use cloudlet_tests::daemon::{Daemon, Running, TempDir, daemon_config};
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
@@ -30,24 +30,6 @@ fn python() -> PathBuf {
 
 fn script(name: &str) -> String {
     root().join("tests/mcp").join(name).display().to_string()
-}
-
-/// A folder removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("cloudlet-mcp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 const ISSUER_A: &str = "https://a.example";
@@ -82,28 +64,20 @@ impl Guard {
 
     /// `front_door` is added to the `[front_door]` section.
     fn start_with(name: &str, front_door: &str, policy: &str) -> Self {
-        let dir = TempDir::new(name);
+        let dir = TempDir::new("mcp", name);
         let d = &dir.0;
-        let out = Command::new(python())
-            .args([&script("mint.py"), "keys"])
-            .arg(d.join("keys"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = Command::new(python())
-            .args([&script("mint.py"), "certs"])
-            .arg(d.join("certs"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for what in ["keys", "certs"] {
+            let out = Command::new(python())
+                .args([&script("mint.py"), what])
+                .arg(d.join(what))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         // Issuer B publishes its keys over HTTP.
         let mut keys = Command::new(python())
             .args([

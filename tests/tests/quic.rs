@@ -799,33 +799,11 @@ mod front_door {
         front_door::{self, FrontDoor, FrontDoorConfig},
         metrics::FrontDoorMetrics,
     };
-    use cloudlet_tests::daemon::{Running, daemon_config};
+    use cloudlet_tests::daemon::{Running, TempDir, daemon_config};
     use prometheus_client::registry::Registry;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-
-    /// A folder under the system's temporary folder, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "cloudlet-quic-{name}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn config(dir: &Path, pq: PqMode) -> FrontDoorConfig {
         FrontDoorConfig {
@@ -977,7 +955,7 @@ mod front_door {
 
     #[test]
     fn healthz_over_h3_and_https_names_the_hybrid() {
-        let dir = TempDir::new("required");
+        let dir = TempDir::new("quic", "required");
         runtime().block_on(async {
             let (addr, roots, serving) = start(&dir.0, PqMode::Required);
 
@@ -1036,7 +1014,7 @@ mod front_door {
     /// With `pq = "preferred"` each connection reports its own group.
     #[test]
     fn healthz_reports_each_connections_group() {
-        let dir = TempDir::new("preferred");
+        let dir = TempDir::new("quic", "preferred");
         runtime().block_on(async {
             let (addr, roots, serving) = start(&dir.0, PqMode::Preferred);
             for (groups, expected) in [
@@ -1067,7 +1045,7 @@ mod front_door {
     #[test]
     fn healthz_over_h2() {
         use http_body_util::BodyExt as _;
-        let dir = TempDir::new("h2");
+        let dir = TempDir::new("quic", "h2");
         runtime().block_on(async {
             let metrics = FrontDoorMetrics::default();
             let mut registry = Registry::default();
@@ -1132,7 +1110,7 @@ mod front_door {
     /// the certificate across a restart.
     #[test]
     fn cloudletd_runs_a_front_door_without_a_policy() {
-        let dir = TempDir::new("daemon");
+        let dir = TempDir::new("quic", "daemon");
         let config = dir.0.join("cloudlet.toml");
         std::fs::write(&config, daemon_config("pq = \"required\"\n")).unwrap();
         let mut hashes = Vec::new();
@@ -1305,7 +1283,10 @@ mod front_door {
     /// several requests; a dead origin gives 502 and a stalled one 504 in time.
     #[test]
     fn backhaul_through_two_front_doors() {
-        let (dir_a, dir_b) = (TempDir::new("backhaul-a"), TempDir::new("backhaul-b"));
+        let (dir_a, dir_b) = (
+            TempDir::new("quic", "backhaul-a"),
+            TempDir::new("quic", "backhaul-b"),
+        );
         runtime().block_on(async {
             let metrics_b = FrontDoorMetrics::default();
             let mut registry_b = Registry::default();
@@ -1436,7 +1417,7 @@ mod front_door {
     /// Handshakes by group, failures by reason, open connections and bytes move.
     #[test]
     fn metrics_count_handshakes_failures_and_bytes() {
-        let dir = TempDir::new("metrics");
+        let dir = TempDir::new("quic", "metrics");
         runtime().block_on(async {
             let metrics = FrontDoorMetrics::default();
             let mut registry = Registry::default();
@@ -1526,7 +1507,7 @@ mod front_door {
     #[test]
     fn chromium_fetches_healthz_over_h3_with_the_hybrid() {
         use std::os::unix::process::CommandExt as _;
-        let dir = TempDir::new("chromium");
+        let dir = TempDir::new("quic", "chromium");
         let config = dir.0.join("cloudlet.toml");
         std::fs::write(
             &config,
@@ -1677,7 +1658,7 @@ mod front_door {
     /// `Retry-After`, and the compute metrics.
     #[test]
     fn cloudletd_serves_embeddings() {
-        let dir = TempDir::new("embeddings");
+        let dir = TempDir::new("quic", "embeddings");
         let config = dir.0.join("cloudlet.toml");
         let model = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("..")

@@ -201,6 +201,7 @@ struct Session {
 }
 
 /// A tool as the guard last listed it.
+#[derive(Clone)]
 struct Tool {
     upstream: usize,
     /// The upstream's own name for it.
@@ -1514,21 +1515,6 @@ impl McpGuard {
         self.auditor
             .record(Entry::now(identity, method, decision, reason))
             .await;
-    }
-}
-
-impl Clone for Tool {
-    fn clone(&self) -> Self {
-        Self {
-            upstream: self.upstream,
-            raw: self.raw.clone(),
-            listed: self.listed.clone(),
-            hash: self.hash.clone(),
-            description: self.description.clone(),
-            findings: self.findings.clone(),
-            schema: self.schema.clone(),
-            schema_error: self.schema_error.clone(),
-        }
     }
 }
 

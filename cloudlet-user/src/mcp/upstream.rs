@@ -691,6 +691,46 @@ impl HttpClient {
         })
     }
 
+    /// Sends `request` on an idle connection (or a new one) and reads the whole answer;
+    /// the connection goes back to the idle ones if it stays open. Non-2xx answers are
+    /// errors carrying the start of their body.
+    async fn exchange(
+        &self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<(http::response::Parts, Bytes), HttpFailure> {
+        let mut send = self.connection().await?;
+        if send.ready().await.is_err() {
+            // Closed while idle: one fresh connection.
+            send = self.connection().await?;
+            send.ready()
+                .await
+                .map_err(|e| HttpFailure::Connect(e.to_string()))?;
+        }
+        let response = send
+            .send_request(request)
+            .await
+            .map_err(|e| HttpFailure::Connect(e.to_string()))?;
+        let (parts, body) = response.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_MESSAGE)
+            .collect()
+            .await
+            .map_err(|e| HttpFailure::Body(e.to_string()))?
+            .to_bytes();
+        if !send.is_closed() {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(send);
+        }
+        if !parts.status.is_success() {
+            return Err(HttpFailure::Status(
+                parts.status.as_u16(),
+                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            ));
+        }
+        Ok((parts, body))
+    }
+
     /// `GET` of the URL's path; the body as text (2xx only).
     async fn get(&self, timeout: Duration) -> Result<String, HttpFailure> {
         let fetch = async {
@@ -699,20 +739,7 @@ impl HttpClient {
                 .header(http::header::ACCEPT, "application/json")
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| HttpFailure::Body(e.to_string()))?;
-            let mut send = self.connection().await?;
-            let response = send
-                .send_request(request)
-                .await
-                .map_err(|e| HttpFailure::Connect(e.to_string()))?;
-            let (parts, body) = response.into_parts();
-            let body = http_body_util::Limited::new(body, MAX_MESSAGE)
-                .collect()
-                .await
-                .map_err(|e| HttpFailure::Body(e.to_string()))?
-                .to_bytes();
-            if !parts.status.is_success() {
-                return Err(HttpFailure::Status(parts.status.as_u16(), String::new()));
-            }
+            let (_, body) = self.exchange(request).await?;
             String::from_utf8(body.to_vec()).map_err(|e| HttpFailure::Body(e.to_string()))
         };
         tokio::time::timeout(timeout, fetch)
@@ -756,37 +783,8 @@ impl HttpClient {
         for (k, v) in &self.headers {
             request.headers_mut().insert(k.clone(), v.clone());
         }
-        let mut send = self.connection().await?;
-        if send.ready().await.is_err() {
-            // Closed while idle: one fresh connection.
-            send = self.connection().await?;
-            send.ready()
-                .await
-                .map_err(|e| HttpFailure::Connect(e.to_string()))?;
-        }
-        let response = send
-            .send_request(request)
-            .await
-            .map_err(|e| HttpFailure::Connect(e.to_string()))?;
-        let (parts, body) = response.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_MESSAGE)
-            .collect()
-            .await
-            .map_err(|e| HttpFailure::Body(e.to_string()))?
-            .to_bytes();
-        if !send.is_closed() {
-            self.idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(send);
-        }
+        let (parts, body) = self.exchange(request).await?;
         let status = parts.status.as_u16();
-        if !parts.status.is_success() {
-            return Err(HttpFailure::Status(
-                status,
-                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
-            ));
-        }
         let session = parts
             .headers
             .get("mcp-session-id")
