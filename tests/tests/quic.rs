@@ -788,7 +788,7 @@ fn quic_required_server_refuses_classical_client() {
 
 mod front_door {
     use std::{
-        path::{Path, PathBuf},
+        path::Path,
         process::{Child, Command, Stdio},
         time::{Duration, Instant},
     };
