@@ -332,6 +332,13 @@ fn names(listing: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The message of a step's MCP error.
+fn message(step: &Value) -> &str {
+    step["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an MCP error: {step}"))
+}
+
 fn error_code(step: &Value) -> i64 {
     step["error"]["code"]
         .as_i64()
@@ -387,25 +394,15 @@ fn tools_are_listed_and_called_through_the_guard_in_both_eras() {
         assert_eq!(error_code(&out[3]), -32003, "{}", out[3]);
         assert_eq!(error_code(&out[4]), -32602, "{}", out[4]);
         assert!(
-            out[4]["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("operator constraint"),
+            message(&out[4]).contains("operator constraint"),
             "{}",
             out[4]
         );
         assert_eq!(error_code(&out[5]), -32602, "{}", out[5]);
-        assert!(
-            out[5]["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("/query"),
-            "{}",
-            out[5]
-        );
+        assert!(message(&out[5]).contains("/query"), "{}", out[5]);
         assert_eq!(out[6]["isError"], false, "{}", out[6]);
         assert_eq!(error_code(&out[7]), -32004, "{}", out[7]);
-        let why = out[7]["error"]["message"].as_str().unwrap();
+        let why = message(&out[7]);
         assert!(
             why.contains("instruction override") && why.contains("HTML comment"),
             "{why}"
@@ -416,10 +413,7 @@ fn tools_are_listed_and_called_through_the_guard_in_both_eras() {
         );
         assert_eq!(error_code(&out[8]), -32004, "{}", out[8]);
         assert!(
-            out[8]["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("files__delete_file"),
+            message(&out[8]).contains("files__delete_file"),
             "{}",
             out[8]
         );
@@ -657,12 +651,7 @@ fn rug_pulls_wait_for_approval_and_crashed_upstreams_come_back() {
         "{listed:?}"
     );
     assert_eq!(error_code(&listed[1]), -32004, "{listed:?}");
-    assert!(
-        listed[1]["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("changed since it was approved")
-    );
+    assert!(message(&listed[1]).contains("changed since it was approved"));
     assert!(g.calls("files").iter().all(|c| c["tool"] != "weather"));
     // The operator reads and approves it.
     let cloudlet = root().join("target/debug/cloudlet");
