@@ -150,3 +150,46 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Which output of a process to watch.
+#[derive(Clone, Copy)]
+pub enum Output {
+    Stdout,
+    Stderr,
+}
+
+/// Starts `cmd` with `output` piped and waits (up to `limit`) for a line with `marker`;
+/// returns the process (stopped on drop) and the rest of that line after the marker. The
+/// output goes on being read (and dropped) so the process never blocks on it.
+pub fn spawn_until(
+    cmd: &mut Command,
+    output: Output,
+    marker: &str,
+    limit: Duration,
+) -> (Daemon, String) {
+    match output {
+        Output::Stdout => cmd.stdout(Stdio::piped()).stderr(Stdio::null()),
+        Output::Stderr => cmd.stdout(Stdio::null()).stderr(Stdio::piped()),
+    };
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let stream: Box<dyn std::io::Read + Send> = match output {
+        Output::Stdout => Box::new(child.stdout.take().unwrap()),
+        Output::Stderr => Box::new(child.stderr.take().unwrap()),
+    };
+    let daemon = Daemon(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker_owned = marker.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some((_, rest)) = line.split_once(marker_owned.as_str()) {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    let rest = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("no {marker:?} from {cmd:?}"));
+    (daemon, rest)
+}

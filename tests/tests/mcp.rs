@@ -5,13 +5,12 @@
 //! The SDK lives in `target/mcp-venv`, which `cargo xtask setup` creates.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use cloudlet_tests::daemon::{Daemon, Running, TempDir, daemon_config};
+use cloudlet_tests::daemon::{Daemon, Output, Running, TempDir, daemon_config, spawn_until};
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
@@ -79,52 +78,37 @@ impl Guard {
             );
         }
         // Issuer B publishes its keys over HTTP.
-        let mut keys = Command::new(python())
-            .args([
-                "-u",
-                "-m",
-                "http.server",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-            ])
-            .arg(d.join("keys"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = keys.stdout.take().unwrap();
-        let keys = Daemon(keys);
-        let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first).unwrap();
-        let keys_port: u16 = first
-            .split(" port ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
+        let (keys, rest) = spawn_until(
+            Command::new(python())
+                .args([
+                    "-u",
+                    "-m",
+                    "http.server",
+                    "0",
+                    "--bind",
+                    "127.0.0.1",
+                    "--directory",
+                ])
+                .arg(d.join("keys")),
+            Output::Stdout,
+            " port ",
+            Duration::from_secs(30),
+        );
+        let keys_port: u16 = rest
+            .split_whitespace()
+            .next()
             .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {first:?}"));
+            .unwrap_or_else(|| panic!("no port in {rest:?}"));
         // The web upstream: Streamable HTTP on a port it picks.
-        let mut web = Command::new(python())
-            .args([&script("upstream.py"), "--profile", "web", "--http", "0"])
-            .env("MCP_UPSTREAM_LOG", d.join("web-calls.jsonl"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = web.stderr.take().unwrap();
-        let web = Daemon(web);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(p) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(p.trim().to_string());
-                }
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the web upstream did not start");
+        let (web, port) = spawn_until(
+            Command::new(python())
+                .args([&script("upstream.py"), "--profile", "web", "--http", "0"])
+                .env("MCP_UPSTREAM_LOG", d.join("web-calls.jsonl")),
+            Output::Stderr,
+            "listening on ",
+            Duration::from_secs(30),
+        );
+        let port = port.trim().to_string();
         let config = d.join("cloudletd.toml");
         std::fs::write(
             &config,

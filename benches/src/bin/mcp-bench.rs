@@ -15,10 +15,9 @@
 //! `fdatasync` per answer costs on this machine's disk.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -36,6 +35,7 @@ use cloudlet::{
     },
 };
 use cloudlet_benches::{Figure, merge_results};
+use cloudlet_tests::daemon::{Daemon, Output, spawn_until};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 
@@ -64,39 +64,21 @@ fn opts() -> Result<Opts> {
     Ok(o)
 }
 
-/// Kills the upstream on drop.
-struct Upstream(Child);
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// The web upstream, serving Streamable HTTP with JSON answers on a port it picks.
+fn start_upstream(python: &Path) -> Result<(Daemon, u16)> {
+    if !python.exists() {
+        bail!("{} missing: run `cargo xtask setup`", python.display());
     }
-}
-
-fn start_upstream(python: &Path) -> Result<(Upstream, u16)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mcp/upstream.py");
-    let mut child = Command::new(python)
-        .arg(&script)
-        .args(["--profile", "web", "--http", "0", "--json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {} (run `cargo xtask setup`)", python.display()))?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let up = Upstream(child);
-    let mut lines = BufReader::new(stderr).lines();
-    let port = loop {
-        let line = lines
-            .next()
-            .context("the upstream exited before listening")??;
-        if let Some(p) = line.strip_prefix("listening on ") {
-            break p.trim().parse()?;
-        }
-    };
-    // Drain the rest so the upstream never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    Ok((up, port))
+    let (up, port) = spawn_until(
+        Command::new(python)
+            .arg(&script)
+            .args(["--profile", "web", "--http", "0", "--json"]),
+        Output::Stderr,
+        "listening on ",
+        Duration::from_secs(30),
+    );
+    Ok((up, port.trim().parse()?))
 }
 
 /// Starts the front door with the guard on a thread of its own; returns its address.

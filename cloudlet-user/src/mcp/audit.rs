@@ -3,7 +3,7 @@
 //!
 //! [`AuditLog::append`] hands lines to the kernel with one `write`: from then on a crash of
 //! the process cannot lose them. [`AuditLog::sync`] waits until they are on disk, and
-//! [`AuditLog::record`] does both, so a crash of the machine cannot lose them either (the
+//! [`AuditLog::record_all`] does both, so a crash of the machine cannot lose them either (the
 //! guard's `audit_sync` picks which an answer waits for). When the file passes `max_bytes`
 //! it is rotated: `audit.log` becomes `audit.log.1`, `.1` becomes `.2`, and so on up to
 //! `keep` files.
@@ -137,11 +137,6 @@ impl AuditLog {
         self.file.sync_data()
     }
 
-    /// Appends `entry` and waits until it is on disk.
-    pub fn record(&mut self, entry: &Entry) -> std::io::Result<()> {
-        self.record_all(&[entry])
-    }
-
     fn rotate(&mut self) -> std::io::Result<()> {
         let numbered = |n: usize| {
             let mut p = self.path.clone().into_os_string();
@@ -194,7 +189,7 @@ mod tests {
             e.tool = Some(format!("read_{i}"));
             e.arguments_sha256 = Some(digest(&serde_json::json!({"path": "/tmp/x"})));
             e.latency_ms = 1.5;
-            log.record(&e).unwrap();
+            log.record_all(&[&e]).unwrap();
         }
         drop(log);
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
@@ -235,12 +230,12 @@ mod tests {
         assert_eq!(tools, expected);
         // Reopening appends.
         let mut log = AuditLog::open(&path, 600, 2).unwrap();
-        log.record(&Entry::now(
+        log.record_all(&[&Entry::now(
             "bob",
             "tools/list",
             Decision::Denied,
             "no role",
-        ))
+        )])
         .unwrap();
         assert!(read(&path).ends_with("\"reason\":\"no role\",\"latency_ms\":0.0}\n"));
         let _ = std::fs::remove_dir_all(&dir);

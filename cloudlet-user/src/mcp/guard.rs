@@ -19,7 +19,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
@@ -200,6 +199,14 @@ struct Session {
     last_used: Instant,
 }
 
+/// What the guard last listed: the tools by federated name, and for each upstream the
+/// names its texts are scanned against as other upstreams' tools.
+#[derive(Default)]
+struct Listing {
+    tools: BTreeMap<String, Tool>,
+    contexts: Vec<Context>,
+}
+
 /// A tool as the guard last listed it.
 #[derive(Clone)]
 struct Tool {
@@ -366,7 +373,7 @@ pub struct McpGuard {
     session_idle: Duration,
     policy: RwLock<Arc<Compiled>>,
     sessions: Mutex<HashMap<String, Session>>,
-    tools: RwLock<Arc<BTreeMap<String, Tool>>>,
+    listing: RwLock<Arc<Listing>>,
     pins: Mutex<PinStore>,
     buckets: Mutex<HashMap<String, Bucket>>,
     auditor: Auditor,
@@ -544,8 +551,7 @@ impl McpGuard {
     pub fn start(config: &GuardConfig) -> Result<Arc<Self>, GuardError> {
         let files = identity::read_jwks_files(&config.issuers)?;
         let verifier = Verifier::from_jwks(&files)?;
-        let mut pins = PinStore::open(&config.pins, config.policy.pin_mode)?;
-        pins.set_mode(config.policy.pin_mode);
+        let pins = PinStore::open(&config.pins, config.policy.pin_mode)?;
         let log = AuditLog::open(&config.audit, config.audit_max_bytes, config.audit_keep)
             .map_err(|source| GuardError::Audit {
                 path: config.audit.clone(),
@@ -579,7 +585,7 @@ impl McpGuard {
             session_idle: config.session_idle,
             policy: RwLock::new(Arc::new(Compiled::new(config.policy.clone())?)),
             sessions: Mutex::new(HashMap::new()),
-            tools: RwLock::new(Arc::default()),
+            listing: RwLock::new(Arc::default()),
             pins: Mutex::new(pins),
             buckets: Mutex::new(HashMap::new()),
             auditor: Auditor::start(log, config.audit_sync),
@@ -649,7 +655,6 @@ impl McpGuard {
     pub async fn handle(
         &self,
         request: http::Request<Bytes>,
-        _peer: IpAddr,
         client: Option<&str>,
     ) -> http::Response<Bytes> {
         self.answer(request, client).await.into_response()
@@ -1099,7 +1104,7 @@ impl McpGuard {
     }
 
     /// Lists every upstream's tools again, pins and scans them, and keeps the listing.
-    async fn refresh(&self) -> Arc<BTreeMap<String, Tool>> {
+    async fn refresh(&self) -> Arc<Listing> {
         let tasks: Vec<_> = self
             .upstreams
             .iter()
@@ -1117,18 +1122,47 @@ impl McpGuard {
                 ))
             }));
         }
+        let old = self
+            .listing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Each upstream's tool names, as it calls them and as clients see them (an upstream
+        // that cannot be listed keeps the tools listed before).
         let mut names: Vec<Vec<String>> = Vec::new();
-        for (u, listing) in self.upstreams.iter().zip(&listings) {
-            names.push(match listing {
+        for (i, (u, listing)) in self.upstreams.iter().zip(&listings).enumerate() {
+            let raw: Vec<String> = match listing {
                 Ok(tools) => tools
                     .iter()
                     .filter_map(|t| t.get("name").and_then(Value::as_str))
-                    .flat_map(|n| [n.to_string(), format!("{}__{n}", u.config.prefix)])
+                    .map(str::to_string)
                     .collect(),
-                Err(_) => Vec::new(),
-            });
+                Err(_) => old
+                    .tools
+                    .values()
+                    .filter(|t| t.upstream == i)
+                    .map(|t| t.raw.clone())
+                    .collect(),
+            };
+            names.push(
+                raw.iter()
+                    .flat_map(|n| [n.clone(), format!("{}__{n}", u.config.prefix)])
+                    .collect(),
+            );
         }
-        let old = self.tools.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // Other upstreams' tools, but not names an upstream has too (two servers may each
+        // have a `search`; mentioning its own is not an attack).
+        let contexts: Vec<Context> = (0..names.len())
+            .map(|i| Context {
+                foreign_tools: names
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .flat_map(|(_, n)| n.iter().cloned())
+                    .filter(|n| !names[i].contains(n))
+                    .collect(),
+            })
+            .collect();
         let mut out = BTreeMap::new();
         for (i, (u, listing)) in self.upstreams.iter().zip(listings).enumerate() {
             let tools = match listing {
@@ -1137,23 +1171,13 @@ impl McpGuard {
                     log::warn!(target: "cloudlet::mcp", "{e}");
                     // Keep what was listed before so a restarting upstream's tools are
                     // still known (their calls fail as unavailable meanwhile).
-                    for (name, t) in old.iter().filter(|(_, t)| t.upstream == i) {
+                    for (name, t) in old.tools.iter().filter(|(_, t)| t.upstream == i) {
                         out.insert(name.clone(), t.clone());
                     }
                     continue;
                 }
             };
-            // Other upstreams' tools, but not names this upstream has too (two servers
-            // may each have a `search`; mentioning its own is not an attack).
-            let ctx = Context {
-                foreign_tools: names
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .flat_map(|(_, n)| n.iter().cloned())
-                    .filter(|n| !names[i].contains(n))
-                    .collect(),
-            };
+            let ctx = &contexts[i];
             for raw_tool in tools {
                 let Some(raw) = raw_tool
                     .get("name")
@@ -1174,11 +1198,11 @@ impl McpGuard {
                     description: description.clone(),
                     input_schema: input_schema.clone(),
                 });
-                let mut findings = threats::scan(&description, &ctx);
+                let mut findings = threats::scan(&description, ctx);
                 for text in schema_texts(&input_schema) {
-                    findings.extend(threats::scan(&text, &ctx));
+                    findings.extend(threats::scan(&text, ctx));
                 }
-                let (schema, schema_error) = match old.get(&name) {
+                let (schema, schema_error) = match old.tools.get(&name) {
                     Some(t) if t.hash == hash => (t.schema.clone(), t.schema_error.clone()),
                     _ => match jsonschema::options().build(&input_schema) {
                         Ok(v) => (Some(Arc::new(v)), None),
@@ -1202,18 +1226,25 @@ impl McpGuard {
                 );
             }
         }
-        let out = Arc::new(out);
-        *self.tools.write().unwrap_or_else(|e| e.into_inner()) = out.clone();
+        let out = Arc::new(Listing {
+            tools: out,
+            contexts,
+        });
+        *self.listing.write().unwrap_or_else(|e| e.into_inner()) = out.clone();
         out
     }
 
-    /// Why a tool is held back, if it is: its pin, or findings the policy blocks.
-    fn held(&self, name: &str, tool: &Tool, policy: &GuardPolicy) -> Option<Refusal> {
-        let state = {
-            let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
-            pins.refresh();
-            pins.check(name, &tool.hash, &tool.description)
-        };
+    /// The pin store, re-read if an approval changed it since.
+    fn pins(&self) -> std::sync::MutexGuard<'_, PinStore> {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.refresh();
+        pins
+    }
+
+    /// Why a tool is held back, if it is: its pin (in `pins`), or findings the policy
+    /// blocks.
+    fn held(pins: &mut PinStore, name: &str, tool: &Tool, policy: &GuardPolicy) -> Option<Refusal> {
+        let state = pins.check(name, &tool.hash, &tool.description);
         if let PinState::Pending { approved } = state {
             let why = match approved {
                 Some(_) => format!(
@@ -1246,15 +1277,16 @@ impl McpGuard {
     }
 
     async fn list(&self, caller: &Caller) -> Vec<Value> {
-        let tools = self.refresh().await;
+        let listing = self.refresh().await;
         let compiled = self.policy();
         let policy = &compiled.policy;
+        let mut pins = self.pins();
         let mut out = Vec::new();
-        for (name, tool) in tools.iter() {
+        for (name, tool) in &listing.tools {
             if !policy.roles.decide(&caller.roles, name).allowed {
                 continue;
             }
-            if let Some(r) = self.held(name, tool, policy) {
+            if let Some(r) = Self::held(&mut pins, name, tool, policy) {
                 log::warn!(target: "cloudlet::mcp", "held back: {}", r.message);
                 continue;
             }
@@ -1384,17 +1416,21 @@ impl McpGuard {
                 wait,
             ));
         }
-        let mut tools = self.tools.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if !tools.contains_key(name) {
-            tools = self.refresh().await;
+        let mut listing = self
+            .listing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !listing.tools.contains_key(name) {
+            listing = self.refresh().await;
         }
-        let Some(tool) = tools.get(name) else {
+        let Some(tool) = listing.tools.get(name) else {
             return Err(Refusal::new(
                 code::INVALID_PARAMS,
                 format!("unknown tool {name}"),
             ));
         };
-        if let Some(r) = self.held(name, tool, policy) {
+        if let Some(r) = Self::held(&mut self.pins(), name, tool, policy) {
             return Err(r);
         }
         let mut violations = Vec::new();
@@ -1476,22 +1512,11 @@ impl McpGuard {
                 ),
             ));
         }
-        let ctx = Context {
-            foreign_tools: tools
-                .iter()
-                .filter(|(_, t)| t.upstream != ui)
-                .flat_map(|(n, t)| [n.clone(), t.raw.clone()])
-                .filter(|n| {
-                    !tools
-                        .values()
-                        .any(|own| own.upstream == ui && (own.raw == *n))
-                })
-                .collect(),
-        };
         // Findings of the definition that the policy let through still flag the call.
         let mut findings = tool.findings.clone();
+        let ctx = &listing.contexts[tool.upstream];
         for text in result_texts(&result) {
-            findings.extend(threats::scan(&text, &ctx));
+            findings.extend(threats::scan(&text, ctx));
         }
         let blocked = blocking(&findings, &policy.threats);
         if !blocked.is_empty() {
@@ -1748,7 +1773,7 @@ mod tests {
                     assert_eq!(text.lines().count(), i + 1, "{mode:?}: {text}");
                     assert!(text.lines().last().unwrap().contains(&reason));
                 }
-                // The flush thread runs meanwhile and the writers are not held up by it.
+                // Past a flush of the `write` mode's thread, entries still go in.
                 tokio::time::sleep(WRITE_FLUSH * 2).await;
                 assert!(
                     auditor

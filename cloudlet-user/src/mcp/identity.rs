@@ -286,14 +286,6 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Reads each issuer's JWKS file (relative paths must already be resolved) and parses
-    /// the keys. Blocking file I/O: call it at startup or reload, not on a request path.
-    /// Issuers with a `jwks_url` instead of a file are left out: build those with
-    /// [`from_jwks`](Self::from_jwks) once their keys are fetched.
-    pub fn load(issuers: &[IssuerConfig]) -> Result<Self, IdentityError> {
-        Self::from_jwks(&read_jwks_files(issuers)?)
-    }
-
     /// Builds the verifier from each issuer's JWKS text (the `jwks` path is not read).
     /// Keys of unsupported types or uses are skipped; an issuer left without a usable key
     /// is an error.
@@ -1377,22 +1369,25 @@ mod tests {
     }
 
     #[test]
-    fn load_reads_jwks_files() {
+    fn jwks_files_are_read() {
         let ed = TestKey::ed();
         let dir = std::env::temp_dir().join(format!("cloudlet-identity-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("jwks.json");
         std::fs::write(&path, json!({"keys": [ed.jwk("k")]}).to_string()).unwrap();
 
-        let verifier = Verifier::load(&[IssuerConfig {
-            jwks: Some(path.clone()),
-            ..config(ISS)
-        }])
+        let verifier = Verifier::from_jwks(
+            &read_jwks_files(&[IssuerConfig {
+                jwks: Some(path.clone()),
+                ..config(ISS)
+            }])
+            .unwrap(),
+        )
         .unwrap();
         let token = sign(&header("EdDSA", "k"), &claims(ISS), &ed);
         assert_eq!(verifier.verify(&token, NOW).unwrap().subject, "alice");
 
-        let missing = Verifier::load(&[IssuerConfig {
+        let missing = read_jwks_files(&[IssuerConfig {
             jwks: Some(dir.join("absent.json")),
             ..config(ISS)
         }]);

@@ -614,16 +614,9 @@ impl HttpClient {
             format!("{bare}:{port}")
         };
         let tls = if https {
-            let mut roots = rustls::RootCertStore::empty();
             let ca = ca.map_or(Path::new(SYSTEM_CA_BUNDLE), PathBuf::as_path);
-            use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-            for cert in
-                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
-            {
-                roots
-                    .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
+            let roots =
+                crate::quic::roots_from_pem(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
             let config =
                 crate::quic::client_config(crate::quic::PqMode::Preferred, roots, &[b"http/1.1"])
                     .map_err(|e| e.to_string())?;

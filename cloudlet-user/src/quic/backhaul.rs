@@ -20,10 +20,10 @@ use std::{
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body_util::BodyExt as _;
 use rustls::{
-    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::WebPkiSupportedAlgorithms,
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject as _},
+    pki_types::{CertificateDer, ServerName, UnixTime},
 };
 use sha2::{Digest as _, Sha256};
 
@@ -271,15 +271,7 @@ fn tls_config(
                 path: path.clone(),
                 message,
             };
-            let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| ca_err(e.to_string()))? {
-                roots
-                    .add(cert.map_err(|e| ca_err(e.to_string()))?)
-                    .map_err(|e| ca_err(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(ca_err("no CERTIFICATE in the file".to_string()));
-            }
+            let roots = super::roots_from_pem(path).map_err(ca_err)?;
             super::client_config(config.pq, roots, &[alpn]).map_err(wrap)
         }
         OriginTrust::Spki(pin) => {

@@ -239,20 +239,10 @@ pub fn group_name(group: NamedGroup) -> String {
 
 /// The CA certificates of `path` (PEM), for client certificates.
 fn client_roots(path: &Path) -> Result<rustls::RootCertStore, FrontDoorError> {
-    let pem = |message: String| FrontDoorError::Pem {
+    super::roots_from_pem(path).map_err(|message| FrontDoorError::Pem {
         path: path.to_path_buf(),
         message,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| pem(e.to_string()))? {
-        roots
-            .add(cert.map_err(|e| pem(e.to_string()))?)
-            .map_err(|e| pem(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(pem("no certificate".into()));
-    }
-    Ok(roots)
+    })
 }
 
 /// The first DNS name of a (verified) client certificate.
@@ -360,9 +350,7 @@ impl Service {
         if let Some(guard) = &self.mcp
             && guard.serves(path)
         {
-            return guard
-                .handle(request, conn.remote.ip(), conn.client_name.as_deref())
-                .await;
+            return guard.handle(request, conn.client_name.as_deref()).await;
         }
         if let Some(route) = self.backhaul.route(path) {
             return route.forward(request, conn.remote).await;

@@ -142,6 +142,22 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The CA certificates of a PEM file, as trust anchors; an error (its text) when the file
+/// cannot be read, holds a bad certificate, or holds none.
+pub fn roots_from_pem(path: &std::path::Path) -> Result<RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no CERTIFICATE in the file".to_string());
+    }
+    Ok(roots)
+}
+
 /// A quinn server configuration for `mode` with ALPN `h3`.
 pub fn quinn_server_config(
     mode: PqMode,
