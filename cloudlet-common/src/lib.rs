@@ -176,7 +176,8 @@ pub struct PolicyConfig {
     /// Words of the sets this bank's rules occupy (at most 256): with one, the program
     /// ANDs word 0 of each set and skips the summaries.
     pub rule_words: u32,
-    pub _pad: u32,
+    /// Seed of this bank's hosts tables (see [`hosts`]).
+    pub hosts_seed: u32,
 }
 
 /// A token bucket, as the generic cell rate algorithm keeps it: a packet conforms when its
@@ -300,19 +301,60 @@ pub mod flat {
     /// Set in an entry that points to a chunk rather than holding a class.
     pub const PTR: u32 = 1 << 31;
     /// Set in an entry that holds a class for its block's addresses except single
-    /// addresses with classes of their own (hosts), which are in the family's hosts map
-    /// (`V4_HOSTS`, `V6_HOSTS`): one hash lookup instead of a walk down to the address.
+    /// addresses with classes of their own (hosts), which are in the family's hosts table
+    /// (see [`hosts`](super::hosts)): a probe or two instead of a walk down to the address.
     pub const HOSTS: u32 = 1 << 30;
     /// The class bits of an entry that is not a pointer.
     pub const CLASS: u32 = HOSTS - 1;
 }
 
-/// Key of the hosts maps: one address of `N` bytes (network order) in one bank.
+/// The hosts tables (`V4_HOSTS`, `V6_HOSTS`): single addresses with classes of their own,
+/// in open-addressed arrays the program probes itself, a few array reads where a kernel
+/// hash map costs a hash of the whole key and a bucket walk in a helper call.
+///
+/// Each bank has `2^bits` slots (the same for both banks, fixed when the program is
+/// loaded, at most half full). An address of `W` 32-bit words (network order, each word
+/// as the bytes lie in memory) goes in the first free slot from `hash(addr, seed) & mask`
+/// on, at most [`MAX_PROBES`](hosts::MAX_PROBES) slots away; user space picks the bank's
+/// seed (`PolicyConfig::hosts_seed`) so every host lies within that distance. A lookup
+/// stops at the host or at the first free slot.
+pub mod hosts {
+    /// Slots a lookup reads at most.
+    pub const MAX_PROBES: u32 = 16;
+    /// Set in [`HostSlot::class`](super::HostSlot) of a slot that holds a host.
+    pub const USED: u32 = 1 << 31;
+
+    /// The home slot of `addr` (before masking) under `seed`.
+    #[inline(always)]
+    pub fn hash<const W: usize>(addr: &[u32; W], seed: u32) -> u32 {
+        let mut h = seed ^ 0x9e37_79b9;
+        let mut i = 0;
+        while i < W {
+            h = (h ^ addr[i]).wrapping_mul(0x85eb_ca6b);
+            h ^= h >> 15;
+            i += 1;
+        }
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+}
+
+/// A slot of a hosts table: an address and its class, or free (class without
+/// [`hosts::USED`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct HostKey<const N: usize> {
-    pub bank: u32,
-    pub addr: [u8; N],
+pub struct HostSlot<const W: usize> {
+    pub addr: [u32; W],
+    pub class: u32,
+}
+
+impl<const W: usize> Default for HostSlot<W> {
+    fn default() -> Self {
+        Self {
+            addr: [0; W],
+            class: 0,
+        }
+    }
 }
 
 /// Packet fields other than addresses that rules can match: each value of a field maps, in
@@ -420,7 +462,7 @@ mod pod {
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::GenHeader {}
-    unsafe impl<const N: usize> aya::Pod for super::HostKey<N> {}
+    unsafe impl<const W: usize> aya::Pod for super::HostSlot<W> {}
 }
 
 // Layout checks: a size change here must be a deliberate change on both sides.
@@ -431,8 +473,8 @@ const _: () = assert!(core::mem::size_of::<RateLimit>() == 24);
 const _: () = assert!(core::mem::size_of::<RateKey>() == 20);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<AddrClass>() == 8);
-const _: () = assert!(core::mem::size_of::<HostKey<4>>() == 8);
-const _: () = assert!(core::mem::size_of::<HostKey<16>>() == 20);
+const _: () = assert!(core::mem::size_of::<HostSlot<1>>() == 8);
+const _: () = assert!(core::mem::size_of::<HostSlot<4>>() == 20);
 const _: () = assert!(core::mem::size_of::<GenHeader>() == trafficgen::HEADER_BYTES);
 const _: () = assert!(core::mem::size_of::<Decision>() == 16 * 4);
 const _: () = assert!(

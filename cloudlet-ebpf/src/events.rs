@@ -41,14 +41,19 @@ pub fn report(ctx: &XdpContext, fill: impl FnOnce(&mut DropEvent)) {
     let Some(mut slot) = EVENTS.reserve::<DropEvent>(0) else {
         return;
     };
-    let mut e = DropEvent {
-        // SAFETY: a helper without arguments.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        len: (ctx.data_end() - ctx.data()) as u32,
-        ifindex: ctx.ingress_ifindex() as u32,
-        ..DropEvent::default()
+    // Filled in place: a DropEvent built on the stack first would take room the rule
+    // search needs.
+    let p = slot.as_mut_ptr();
+    // SAFETY: the reserved entry is valid for writing a DropEvent, and all of it is
+    // written (zeroed, then the fields) before the reference is made.
+    let e = unsafe {
+        crate::rules::fill_words(p as *mut u32, size_of::<DropEvent>() / 4, 0);
+        &mut *p
     };
-    fill(&mut e);
-    slot.write(e);
+    // SAFETY: helpers without arguments.
+    e.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    e.len = (ctx.data_end() - ctx.data()) as u32;
+    e.ifindex = ctx.ingress_ifindex() as u32;
+    fill(e);
     slot.submit(0);
 }

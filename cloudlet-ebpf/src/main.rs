@@ -16,11 +16,11 @@ mod xsk;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, CpuMap, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, CpuMap, DevMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, HostKey, Ipv6Addr, PolicyConfig,
+    AddrClass, BANKS, Counter, Decision, EventBudget, FlatChunk, HostSlot, Ipv6Addr, PolicyConfig,
     RateKey, RateLimit, RuleEntry, SetWords, field, flat, stat,
 };
 
@@ -63,14 +63,24 @@ static V4_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS * BA
 #[map]
 static V6_TABLE: Array<FlatChunk> = Array::with_max_entries(flat::L1_CHUNKS * BANKS, 0);
 
-/// IPv4 hosts: single addresses with classes of their own, by bank, for the table entries
-/// marked `flat::HOSTS`. Sized by the loader.
+/// IPv4 hosts: single addresses with classes of their own, for the table entries marked
+/// `flat::HOSTS`; an open-addressed table per bank (see `cloudlet_common::hosts`). Sized
+/// by the loader.
 #[map]
-static V4_HOSTS: HashMap<HostKey<4>, u32> = HashMap::with_max_entries(1, 0);
+static V4_HOSTS: Array<HostSlot<1>> = Array::with_max_entries(1, 0);
 
-/// IPv6 hosts, the same. Sized by the loader.
+/// IPv6 hosts, the same.
 #[map]
-static V6_HOSTS: HashMap<HostKey<16>, u32> = HashMap::with_max_entries(1, 0);
+static V6_HOSTS: Array<HostSlot<4>> = Array::with_max_entries(1, 0);
+
+/// Slots of each bank's IPv4 hosts table, less one (a power of two less one). Set at load
+/// time: the verifier sees a constant.
+#[unsafe(no_mangle)]
+static V4_HOSTS_MASK: u32 = 0;
+
+/// The same for IPv6.
+#[unsafe(no_mangle)]
+static V6_HOSTS_MASK: u32 = 0;
 
 /// IPv4 prefixes as an LPM trie, used only by `cloudlet_lpm` (kept for comparison).
 #[map]
@@ -137,10 +147,6 @@ static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 /// destinations. User space folds classes into zones. Sized by the loader.
 #[map]
 static CLASS_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2, 0);
-
-/// Per-CPU room for the decision being built.
-#[map]
-static SCRATCH: PerCpuArray<rules::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The last decision, written only when [`TRACE`] is set.
 #[map]

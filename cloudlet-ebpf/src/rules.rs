@@ -4,16 +4,18 @@
 
 use core::{mem::MaybeUninit, ptr::addr_of_mut};
 
-use aya_ebpf::{bindings::xdp_action, cty::c_void, helpers::bpf_loop, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, cty::c_void, helpers::bpf_loop, maps::Array, programs::XdpContext,
+};
 use cloudlet_common::{
-    Counter, Decision, NO_RULE, PolicyConfig, SUMMARY_WORDS, action, decision_flags, field, reason,
-    stat,
+    Counter, Decision, HostSlot, NO_RULE, PolicyConfig, SUMMARY_WORDS, action, decision_flags,
+    field, reason, stat,
 };
 
 use crate::{
     ACTIVE, CLASS_STATS, CLASSES, CONFIG, FIELD_CLASS, REDIRECT_CPUS, REDIRECT_DEVICES, RULE_STATS,
-    RULES, SCRATCH, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_HOSTS, V4_TABLE, V4_TRIE, V6_HOSTS,
-    V6_TABLE, V6_TRIE, events, geofence,
+    RULES, SET_WORDS, STATS, TRACE, TRACE_DECISION, V4_HOSTS, V4_HOSTS_MASK, V4_TABLE, V4_TRIE,
+    V6_HOSTS, V6_HOSTS_MASK, V6_TABLE, V6_TRIE, events, geofence,
     parse::{self, Packet},
     ratelimit,
 };
@@ -27,145 +29,205 @@ pub fn run<const LPM: bool>(ctx: &XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(bank) else {
         return xdp_action::XDP_PASS;
     };
-    // The decision, built up as the packet goes (see `Scratch`).
-    let Some(d) = SCRATCH.get_ptr_mut(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
-    let scratch = unsafe { &mut *d };
-    // SAFETY: a Decision is 16 u32 words.
-    unsafe {
-        fill(
-            &mut scratch.decision as *mut Decision as *mut u32,
-            size_of::<Decision>() / 4,
-            0,
-        )
-    };
-    scratch.decision.rule = NO_RULE;
-    // Addresses, for a drop event: the parsed ones, or zero when no IP header was parsed.
-    let Scratch {
-        decision: d,
-        src: addr_src,
-        dst: addr_dst,
-    } = scratch;
-    let (act, arg) = match parse::parse(ctx) {
+    // What a drop event or a trace needs is taken from the parsed packet where it is
+    // used, so a packet that needs neither pays for no record of its decision.
+    match parse::parse(ctx) {
         Ok(pkt) => {
-            *addr_src = pkt.src;
-            *addr_dst = pkt.dst;
-            let (act, arg) = judge::<LPM>(&pkt, bank, cfg, len, d);
-            if act == action::RATE_LIMIT {
-                ratelimit::resolve(arg, &pkt, len)
+            let j = judge::<LPM>(&pkt, bank, cfg, len);
+            let (act, arg) = if j.action == action::RATE_LIMIT {
+                ratelimit::resolve(j.arg, &pkt, len)
             } else {
-                (act, arg)
+                (j.action, j.arg)
+            };
+            if act == action::DROP {
+                events::report(ctx, |e| {
+                    e.reason = j.reason;
+                    e.rule = j.rule;
+                    e.ip_version = pkt.ip_version;
+                    e.l4_proto = pkt.l4_proto;
+                    e.src_port = pkt.src_port;
+                    e.dst_port = pkt.dst_port;
+                    e.src = pkt.src;
+                    e.dst = pkt.dst;
+                });
             }
+            let code = finish(ctx, j.reason, act, arg, len);
+            trace(|d| {
+                d.reason = j.reason;
+                d.rule = j.rule;
+                d.src_class = j.src_class;
+                d.dst_class = j.dst_class;
+                d.ip_version = pkt.ip_version;
+                d.l4_proto = pkt.l4_proto;
+                d.vlan_tags = pkt.vlan_tags;
+                d.vlan_outer = pkt.vlan_outer;
+                d.flags = pkt.flags;
+                d.ext_headers = pkt.ext_headers;
+                d.src_port = pkt.src_port;
+                d.dst_port = pkt.dst_port;
+                d.tcp_flags = pkt.tcp_flags;
+                d.action = act;
+                d.xdp_code = code;
+            });
+            code
         }
         Err(u) => {
-            // SAFETY: 16 bytes each, 4-byte aligned in the map value.
-            unsafe {
-                fill(addr_src.as_mut_ptr() as *mut u32, 4, 0);
-                fill(addr_dst.as_mut_ptr() as *mut u32, 4, 0);
-            }
-            d.reason = u.reason;
-            d.vlan_tags = u.vlan_tags;
-            d.vlan_outer = u.vlan_outer;
-            d.ip_version = u.ip_version;
             let act = if u.reason == reason::NON_IP {
                 cfg.non_ip_action
             } else {
                 cfg.malformed_action
             };
-            (act, 0)
+            if act == action::DROP {
+                // No IP header parsed: no addresses, ports or rule.
+                events::report(ctx, |e| {
+                    e.reason = u.reason;
+                    e.rule = NO_RULE;
+                    e.ip_version = u.ip_version;
+                });
+            }
+            let code = finish(ctx, u.reason, act, 0, len);
+            trace(|d| {
+                d.reason = u.reason;
+                d.rule = NO_RULE;
+                d.vlan_tags = u.vlan_tags;
+                d.vlan_outer = u.vlan_outer;
+                d.ip_version = u.ip_version;
+                d.action = act;
+                d.xdp_code = code;
+            });
+            code
         }
-    };
-    if act == action::DROP {
-        // `d` holds what the parser learned either way (ports only when parsed).
-        events::report(ctx, |e| {
-            e.reason = d.reason;
-            e.rule = d.rule;
-            e.ip_version = d.ip_version;
-            e.l4_proto = d.l4_proto;
-            e.src_port = d.src_port;
-            e.dst_port = d.dst_port;
-            e.src = *addr_src;
-            e.dst = *addr_dst;
-        });
     }
-    count(&STATS, stat::reason(d.reason), len);
+}
+
+/// Counts the verdict and carries it out, returning the XDP code.
+#[inline(always)]
+fn finish(ctx: &XdpContext, why: u32, act: u32, arg: u32, len: u64) -> u32 {
+    count(&STATS, stat::reason(why), len);
     count(&STATS, stat::action(act), len);
-    let code = apply(ctx, act, arg);
+    apply(ctx, act, arg)
+}
+
+/// Records the decision `fill` describes in [`TRACE_DECISION`], in the program
+/// `cloudlet classify` loads; the attached program (TRACE zero) prunes this away.
+#[inline(always)]
+fn trace(fill: impl FnOnce(&mut Decision)) {
     // SAFETY: TRACE is a read-only global set at load time.
-    if unsafe { core::ptr::read_volatile(&TRACE) } != 0 {
-        d.action = act;
-        d.xdp_code = code;
-        if let Some(slot) = TRACE_DECISION.get_ptr_mut(0) {
-            // SAFETY: the pointer comes from the map and is valid for writes.
-            unsafe { *slot = *d };
-        }
+    if unsafe { core::ptr::read_volatile(&TRACE) } == 0 {
+        return;
     }
-    code
+    let Some(slot) = TRACE_DECISION.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the pointer comes from the map and is valid for writes; a Decision is
+    // 16 u32 words.
+    let d = unsafe {
+        fill_words(slot as *mut u32, size_of::<Decision>() / 4, 0);
+        &mut *slot
+    };
+    fill(d);
+}
+
+/// A packet's verdict from the rules, before rate limits.
+struct Judged {
+    action: u32,
+    arg: u32,
+    /// `reason::RULE` or `reason::DEFAULT`.
+    reason: u32,
+    /// The matching rule, or `NO_RULE`.
+    rule: u32,
+    src_class: u32,
+    dst_class: u32,
 }
 
 #[inline(always)]
-fn judge<const LPM: bool>(
-    pkt: &Packet,
-    bank: u32,
-    cfg: &PolicyConfig,
-    len: u64,
-    d: &mut Decision,
-) -> (u32, u32) {
-    let default_action = (cfg.default_action, cfg.default_arg);
-    d.ip_version = pkt.ip_version;
-    d.l4_proto = pkt.l4_proto;
-    d.vlan_tags = pkt.vlan_tags;
-    d.vlan_outer = pkt.vlan_outer;
-    d.flags = pkt.flags;
-    d.ext_headers = pkt.ext_headers;
-    d.src_port = pkt.src_port;
-    d.dst_port = pkt.dst_port;
-    d.tcp_flags = pkt.tcp_flags;
-
+fn judge<const LPM: bool>(pkt: &Packet, bank: u32, cfg: &PolicyConfig, len: u64) -> Judged {
     let root = cfg.table_root;
     let (src_class, dst_class) = match (pkt.ip_version == 4, LPM) {
-        (true, false) => (
-            geofence::class_flat(&V4_TABLE, &V4_HOSTS, bank, root, &pkt.src_v4()),
-            geofence::class_flat(&V4_TABLE, &V4_HOSTS, bank, root, &pkt.dst_v4()),
-        ),
+        (true, false) => {
+            let hosts = hosts_table(&V4_HOSTS, &V4_HOSTS_MASK, bank, cfg);
+            (
+                geofence::class_flat(&V4_TABLE, &hosts, root, &pkt.src_v4()),
+                geofence::class_flat(&V4_TABLE, &hosts, root, &pkt.dst_v4()),
+            )
+        }
         (true, true) => (
             geofence::class_trie(&V4_TRIE, &pkt.src_v4()),
             geofence::class_trie(&V4_TRIE, &pkt.dst_v4()),
         ),
-        (false, false) => (
-            geofence::class_flat(&V6_TABLE, &V6_HOSTS, bank, root, &pkt.src),
-            geofence::class_flat(&V6_TABLE, &V6_HOSTS, bank, root, &pkt.dst),
-        ),
+        (false, false) => {
+            let hosts = hosts_table(&V6_HOSTS, &V6_HOSTS_MASK, bank, cfg);
+            (
+                geofence::class_flat(&V6_TABLE, &hosts, root, &pkt.src),
+                geofence::class_flat(&V6_TABLE, &hosts, root, &pkt.dst),
+            )
+        }
         (false, true) => (
             geofence::class_trie(&V6_TRIE, &pkt.src),
             geofence::class_trie(&V6_TRIE, &pkt.dst),
         ),
     };
-    d.src_class = src_class;
-    d.dst_class = dst_class;
     count(&CLASS_STATS, src_class.wrapping_mul(2), len);
     count(&CLASS_STATS, dst_class.wrapping_mul(2).wrapping_add(1), len);
+    let mut j = Judged {
+        action: cfg.default_action,
+        arg: cfg.default_arg,
+        reason: reason::DEFAULT,
+        rule: NO_RULE,
+        src_class,
+        dst_class,
+    };
+    let Some(rule) = search(pkt, cfg, src_class, dst_class) else {
+        return j;
+    };
+    j.reason = reason::RULE;
+    j.rule = rule.0;
+    j.action = rule.1;
+    j.arg = rule.2;
+    count(&RULE_STATS, cfg.rule_base.wrapping_add(rule.0), len);
+    j
+}
 
-    d.reason = reason::DEFAULT;
+/// Bank `bank`'s part of a hosts table whose slots per bank less one are `mask`.
+#[inline(always)]
+fn hosts_table<'a, const W: usize>(
+    slots: &'a Array<HostSlot<W>>,
+    mask: &u32,
+    bank: u32,
+    cfg: &PolicyConfig,
+) -> geofence::Hosts<'a, W> {
+    // SAFETY: a read-only global set at load time.
+    let mask = unsafe { core::ptr::read_volatile(mask) };
+    geofence::Hosts {
+        slots,
+        mask,
+        base: bank.wrapping_mul(mask.wrapping_add(1)),
+        seed: cfg.hosts_seed,
+    }
+}
+
+/// The first rule matching a packet whose addresses are of classes `src_class` and
+/// `dst_class`: its position in the policy, action and argument.
+#[inline(always)]
+fn search(
+    pkt: &Packet,
+    cfg: &PolicyConfig,
+    src_class: u32,
+    dst_class: u32,
+) -> Option<(u32, u32, u32)> {
     let base = cfg.class_base;
     let (Some(src), Some(dst)) = (
         CLASSES.get(base.wrapping_add(src_class)),
         CLASSES.get(base.wrapping_add(dst_class)),
     ) else {
-        return default_action;
+        return None;
     };
     let mut uninit = MaybeUninit::<Scan>::uninit();
     let p = uninit.as_mut_ptr();
     // SAFETY: every field is written before the reference is made.
     let scan = unsafe {
-        fill(addr_of_mut!((*p).sets) as *mut u32, MAX_SETS, 0);
-        fill(
-            addr_of_mut!((*p).summary) as *mut u32,
-            SUMMARY_WORDS * 2,
-            u32::MAX,
-        );
+        fill_words(addr_of_mut!((*p).sets) as *mut u32, MAX_SETS, 0);
+        fill_words(addr_of_mut!((*p).summary) as *mut u32, SUMMARY_WORDS * 2, 0);
         addr_of_mut!((*p).n).write(2);
         addr_of_mut!((*p).rule_base).write(cfg.rule_base);
         addr_of_mut!((*p).rule).write(NO_RULE);
@@ -184,9 +246,7 @@ fn judge<const LPM: bool>(
         while f < FIELDS {
             if cfg.fields_used & (1 << f) != 0 {
                 let index = cfg.field_base.wrapping_add(field_index(1 << f, pkt));
-                let Some(set) = FIELD_CLASS.get(index) else {
-                    return default_action;
-                };
+                let set = FIELD_CLASS.get(index)?;
                 scan.sets[n & (MAX_SETS - 1)] = *set;
                 n += 1;
             }
@@ -196,12 +256,10 @@ fn judge<const LPM: bool>(
     }
     if cfg.rule_words == 1 {
         // Rules of one word: no summary to consult.
-        // SAFETY: the summary is SUMMARY_WORDS u64s, 8-byte aligned.
-        unsafe { fill(scan.summary.as_mut_ptr() as *mut u32, SUMMARY_WORDS * 2, 0) };
         scan.summary[0] = 1;
         scan.step();
     } else if !scan.summarize() {
-        return default_action;
+        return None;
     } else if scan.step() {
         // The first candidate word above; the others, rarely needed, in a bounded loop
         // the verifier checks once.
@@ -216,14 +274,10 @@ fn judge<const LPM: bool>(
             );
         }
     }
-    let rule = scan.rule;
-    if rule == NO_RULE {
-        return default_action;
+    if scan.rule == NO_RULE {
+        return None;
     }
-    d.rule = rule;
-    d.reason = reason::RULE;
-    count(&RULE_STATS, cfg.rule_base.wrapping_add(rule), len);
-    (scan.action, scan.arg)
+    Some((scan.rule, scan.action, scan.arg))
 }
 
 /// Writes `v` to the `n` words from `p`, one store each. LLVM would turn a run of stores
@@ -233,22 +287,13 @@ fn judge<const LPM: bool>(
 /// # Safety
 /// `p` must be valid for writing `n` aligned `u32`s.
 #[inline(always)]
-unsafe fn fill(p: *mut u32, n: usize, v: u32) {
+pub(crate) unsafe fn fill_words(p: *mut u32, n: usize, v: u32) {
     let mut i = 0;
     while i < n {
         // SAFETY: within the caller's `n` words.
         unsafe { p.add(i).write_volatile(v) };
         i += 1;
     }
-}
-
-/// What the program builds up per packet, kept in a per-CPU map rather than on the
-/// 512-byte stack, which the rule search needs.
-#[repr(C)]
-pub struct Scratch {
-    decision: Decision,
-    src: [u8; 16],
-    dst: [u8; 16],
 }
 
 /// Rule sets a packet is matched against: source class, destination class, and one per

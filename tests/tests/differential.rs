@@ -62,7 +62,7 @@ fn random_prefixes(rng: &mut Rng, n: usize) -> Vec<Prefix> {
 }
 
 fn random_prefix(rng: &mut Rng, v6: bool) -> Prefix {
-    // One in six a single address (a host: the flat tables hand these to the hosts maps).
+    // One in six a single address (a host: the flat tables hand these to the hosts tables).
     let host = rng.chance(16);
     let (bits, len) = if v6 {
         let len = if host { 128 } else { 16 + rng.below(57) as u32 };
@@ -368,11 +368,11 @@ fn xdp_verdicts_match_the_reference_evaluator() {
     assert_eq!(checked, policies * packets);
     assert!(
         marked > 0,
-        "no table entry sends its lookups to the hosts maps"
+        "no table entry sends its lookups to the hosts tables"
     );
 }
 
-/// Entries of a policy's flat tables that send their lookups to the hosts maps.
+/// Entries of a policy's flat tables that send their lookups to the hosts tables.
 fn host_entries(c: &cloudlet::dataplane::CompiledPolicy) -> usize {
     use cloudlet_common::flat::{HOSTS, PTR};
     [&c.v4_chunks, &c.v6_chunks]

@@ -397,7 +397,7 @@ pub struct CompiledPolicy {
     pub v6_prefixes: Arc<Vec<LpmEntry<16>>>,
     pub v4_ranges: Arc<Vec<Range>>,
     pub v6_ranges: Arc<Vec<Range>>,
-    /// The ranges of a single address (hosts), for the hosts maps that the flat tables'
+    /// The ranges of a single address (hosts), for the hosts tables that the flat tables'
     /// `HOSTS` entries send their lookups to.
     pub v4_hosts: Arc<Vec<Range>>,
     pub v6_hosts: Arc<Vec<Range>>,
@@ -1276,9 +1276,9 @@ fn slot(chunks: &mut Vec<FlatChunk>, ranges: &[Range], start: u128, slot_bits: u
         return ranges[0].class;
     }
     // A block of one class but for single addresses (blocklisted hosts, say): the class,
-    // marked for a lookup in the hosts map, instead of one chunk per address byte down to
+    // marked for a lookup in the hosts table, instead of one chunk per address byte down to
     // each host, which would cost a read per byte and scatter the table. Blocks that would
-    // take one chunk more are split as usual: a chunk read is cheaper than a hash lookup.
+    // take one chunk more are split as usual: a chunk read is cheaper than a probe.
     if slot_bits >= 16
         && let Some(class) = background(ranges)
     {

@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod compile;
 pub mod events;
+mod hosts;
 pub mod metrics;
 pub mod stats;
 pub mod xsk;
@@ -19,8 +20,8 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLink},
 };
 use cloudlet_common::{
-    AddrClass, BANKS, Counter, FlatChunk, HostKey, MAX_RULES, PolicyConfig, RuleEntry,
-    SUMMARY_WORDS, SetWords, field, flat::L1_CHUNKS,
+    AddrClass, BANKS, Counter, FlatChunk, MAX_RULES, PolicyConfig, RuleEntry, SUMMARY_WORDS,
+    SetWords, field, flat::L1_CHUNKS,
 };
 
 pub use compile::{CompileError, CompiledPolicy, Compiler, compile};
@@ -140,6 +141,16 @@ pub struct Capacity {
 }
 
 impl Capacity {
+    /// Slots of each bank's hosts tables (IPv4, IPv6).
+    fn host_slots(&self) -> (u32, u32) {
+        (
+            hosts::slots_for(self.v4_hosts),
+            hosts::slots_for(self.v6_hosts),
+        )
+    }
+}
+
+impl Capacity {
     /// Room for `c` and for policies somewhat larger than it.
     pub fn for_policy(c: &CompiledPolicy) -> Self {
         let grow = |n: usize, extra: usize| (n + n / 4 + extra) as u32;
@@ -185,6 +196,8 @@ struct Bank {
     rules: Arc<Vec<RuleEntry>>,
     v4_hosts: Arc<Vec<Range>>,
     v6_hosts: Arc<Vec<Range>>,
+    /// The hosts tables laid out from them.
+    host_tables: Arc<hosts::Tables>,
 }
 
 /// The policy a program's maps hold, for writing the next one beside it.
@@ -242,6 +255,8 @@ impl Loaded {
         // Size only the structures this program uses; the others get one entry.
         let size = |used: bool, n: usize| if used { n.max(1) as u32 } else { 1 };
         let trace_flag = u32::from(trace);
+        let slots = cap.host_slots();
+        let masks = (slots.0 - 1, slots.1 - 1);
         let ebpf = EbpfLoader::new()
             .map_max_entries("RULES", cap.rules * BANKS)
             .map_max_entries("RULE_STATS", cap.rules * BANKS)
@@ -252,11 +267,13 @@ impl Loaded {
             .map_max_entries("RATE_RULE_TAT", compiled.rate_limits.len().max(1) as u32)
             .map_max_entries("V4_TABLE", size(!lpm, cap.v4_chunks as usize))
             .map_max_entries("V6_TABLE", size(!lpm, cap.v6_chunks as usize))
-            .map_max_entries("V4_HOSTS", size(!lpm, (cap.v4_hosts * BANKS) as usize))
-            .map_max_entries("V6_HOSTS", size(!lpm, (cap.v6_hosts * BANKS) as usize))
+            .map_max_entries("V4_HOSTS", size(!lpm, (slots.0 * BANKS) as usize))
+            .map_max_entries("V6_HOSTS", size(!lpm, (slots.1 * BANKS) as usize))
             .map_max_entries("V4_TRIE", size(lpm, compiled.v4_prefixes.len()))
             .map_max_entries("V6_TRIE", size(lpm, compiled.v6_prefixes.len()))
             .override_global("TRACE", &trace_flag, true)
+            .override_global("V4_HOSTS_MASK", &masks.0, true)
+            .override_global("V6_HOSTS_MASK", &masks.1, true)
             .load(crate::EBPF_OBJECT)?;
         // Filled by `fill` for the flat tables; the LPM variant has none.
         let empty = || FlatTable::new(Arc::default(), 0);
@@ -335,6 +352,7 @@ impl Loaded {
             ));
         }
         let (from, to) = (w.active, 1 - w.active);
+        let tables = self.host_tables(compiled, to)?;
         let room = || DataplaneError::NoRoom("the address tables are full".into());
         let w = &mut self.written;
         let p4 = compile::patch_table(
@@ -363,7 +381,7 @@ impl Loaded {
         let mut elements = p4.writes.len() + p6.writes.len();
         write_entries(&mut self.ebpf, "V4_TABLE", &p4.writes)?;
         write_entries(&mut self.ebpf, "V6_TABLE", &p6.writes)?;
-        let retired = self.write_bank(compiled, to)?;
+        let retired = self.write_bank(compiled, to, tables)?;
         elements += retired.1;
         if !self.written.spare_counters_zero {
             zero_rule_stats(
@@ -403,8 +421,36 @@ impl Loaded {
             class_base: bank * self.capacity.classes,
             field_base: bank * field::ENTRIES,
             table_root: bank * L1_CHUNKS,
+            hosts_seed: self.written.banks[bank as usize].host_tables.seed,
             ..compiled.config
         }
+    }
+
+    /// The hosts tables of `c` for `bank`: those the bank holds when its hosts are the
+    /// same, else laid out anew (starting from the bank's seed). The LPM program has none.
+    fn host_tables(
+        &self,
+        c: &CompiledPolicy,
+        bank: u32,
+    ) -> Result<Arc<hosts::Tables>, DataplaneError> {
+        if self.kind == ProgramKind::PolicyLpm {
+            return Ok(Arc::default());
+        }
+        let old = &self.written.banks[bank as usize];
+        let same = |a: &Arc<Vec<Range>>, b: &Arc<Vec<Range>>| Arc::ptr_eq(a, b) || a == b;
+        if same(&old.v4_hosts, &c.v4_hosts) && same(&old.v6_hosts, &c.v6_hosts) {
+            return Ok(old.host_tables.clone());
+        }
+        hosts::tables(
+            &c.v4_hosts,
+            &c.v6_hosts,
+            self.capacity.host_slots(),
+            old.host_tables.seed,
+        )
+        .map(Arc::new)
+        .ok_or_else(|| {
+            DataplaneError::NoRoom("no layout of the hosts tables keeps every host in reach".into())
+        })
     }
 
     /// Writes the rule sets, classes, field entries and rules of `c` into `bank`, only
@@ -414,6 +460,7 @@ impl Loaded {
         &mut self,
         c: &CompiledPolicy,
         bank: u32,
+        host_tables: Arc<hosts::Tables>,
     ) -> Result<(Bank, usize), DataplaneError> {
         let cap = self.capacity;
         let set_base = bank * cap.sets;
@@ -463,9 +510,10 @@ impl Loaded {
         }
         // The hosts of the flat tables (the LPM tries hold them as prefixes).
         let flat = self.kind != ProgramKind::PolicyLpm;
-        if flat {
-            n += write_hosts::<4>(e, "V4_HOSTS", bank, &c.v4_hosts, &old.v4_hosts)?;
-            n += write_hosts::<16>(e, "V6_HOSTS", bank, &c.v6_hosts, &old.v6_hosts)?;
+        if flat && !Arc::ptr_eq(&host_tables, &old.host_tables) {
+            let (t, was, slots) = (&*host_tables, &*old.host_tables, cap.host_slots());
+            n += write_diff(e, "V4_HOSTS", bank * slots.0, &t.v4, &was.v4)?;
+            n += write_diff(e, "V6_HOSTS", bank * slots.1, &t.v6, &was.v6)?;
         }
         self.written.banks[bank as usize] = Bank {
             sets: c.sets.clone(),
@@ -482,6 +530,7 @@ impl Loaded {
             } else {
                 Arc::default()
             },
+            host_tables,
         };
         Ok((old, n))
     }
@@ -518,7 +567,8 @@ impl Loaded {
     }
 
     fn fill(&mut self, c: &CompiledPolicy, lpm: bool) -> Result<(), DataplaneError> {
-        self.write_bank(c, 0)?;
+        let tables = self.host_tables(c, 0)?;
+        self.write_bank(c, 0, tables)?;
         let config = self.bank_config(c, 0);
         let e = &mut self.ebpf;
         write_entries(e, "CONFIG", &[(0u32, config)])?;
@@ -791,62 +841,6 @@ fn write_diff<V: aya::Pod + PartialEq + Default>(
         .collect();
     write_entries(ebpf, name, &entries)?;
     Ok(entries.len())
-}
-
-/// Makes `bank`'s part of hosts map `name` (addresses of `N` bytes) hold `new` where it
-/// held `old`: writes the hosts that are new or changed class, removes those gone.
-/// Returns the elements changed.
-fn write_hosts<const N: usize>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    bank: u32,
-    new: &[Range],
-    old: &[Range],
-) -> Result<usize, DataplaneError> {
-    if std::ptr::eq(new, old) || new == old {
-        return Ok(0);
-    }
-    let key = |addr: u128| HostKey::<N> {
-        bank,
-        addr: std::array::from_fn(|i| addr.to_be_bytes()[16 - N + i]),
-    };
-    let was: std::collections::HashMap<u128, u32> =
-        old.iter().map(|r| (r.start, r.class)).collect();
-    let (keys, values): (Vec<HostKey<N>>, Vec<u32>) = new
-        .iter()
-        .filter(|r| was.get(&r.start) != Some(&r.class))
-        .map(|r| (key(r.start), r.class))
-        .unzip();
-    let is: std::collections::HashSet<u128> = new.iter().map(|r| r.start).collect();
-    let gone: Vec<HostKey<N>> = old
-        .iter()
-        .filter(|r| !is.contains(&r.start))
-        .map(|r| key(r.start))
-        .collect();
-    if keys.is_empty() && gone.is_empty() {
-        return Ok(0);
-    }
-    let map = ebpf.map_mut(name).ok_or(DataplaneError::Missing(name))?;
-    // Those gone first: the bank never holds more than the old or the new hosts.
-    let mut hosts: aya::maps::HashMap<_, HostKey<N>, u32> =
-        aya::maps::HashMap::try_from(&mut *map).map_err(map_err(name))?;
-    for k in &gone {
-        hosts.remove(k).map_err(map_err(name))?;
-    }
-    let batched = match &*map {
-        aya::maps::Map::HashMap(data) if !keys.is_empty() => {
-            update_batch(data, &keys, &values).map_err(batch_err(name))?
-        }
-        _ => false,
-    };
-    if !batched {
-        let mut hosts: aya::maps::HashMap<_, HostKey<N>, u32> =
-            aya::maps::HashMap::try_from(map).map_err(map_err(name))?;
-        for (k, v) in keys.iter().zip(&values) {
-            hosts.insert(k, v, 0).map_err(map_err(name))?;
-        }
-    }
-    Ok(keys.len() + gone.len())
 }
 
 /// Zeroes the per-CPU counters of `count` rules from `base` (a bank about to come into
