@@ -83,16 +83,13 @@ pub mod reason {
 /// Indexes of the `STATS` per-CPU array: one counter per reason, then one per action.
 pub mod stat {
     use super::{action, reason};
-    /// Counter index of a reason.
-    pub const fn reason(r: u32) -> u32 {
-        r
-    }
-    /// Counter index of an action (the verdict actually taken).
-    pub const fn action(a: u32) -> u32 {
-        reason::COUNT + a
+    /// Counter index of a verdict: the reason it was reached for and the action taken
+    /// (one counter per packet; user space sums them by reason and by action).
+    pub const fn verdict(r: u32, a: u32) -> u32 {
+        r * action::COUNT + a
     }
     /// Packets over a rate limit.
-    pub const RATE_LIMITED: u32 = reason::COUNT + action::COUNT;
+    pub const RATE_LIMITED: u32 = reason::COUNT * action::COUNT;
     /// Packets of an `xsk` action that found no socket for the interface and queue they
     /// came in on (dropped).
     pub const XSK_UNDELIVERED: u32 = RATE_LIMITED + 1;

@@ -265,19 +265,28 @@ pub fn read(
         xsk_undelivered: per_cpu_sum(&stats, stat::XSK_UNDELIVERED).map_err(map_err("STATS"))?,
         ..Stats::default()
     };
+    // One counter per reason and action taken: summed both ways.
+    let mut by_reason = vec![Count::default(); reason::COUNT as usize];
+    let mut by_action = vec![Count::default(); action::COUNT as usize];
+    for r in 0..reason::COUNT {
+        for a in 0..action::COUNT {
+            let c = per_cpu_sum(&stats, stat::verdict(r, a)).map_err(map_err("STATS"))?;
+            for sum in [&mut by_reason[r as usize], &mut by_action[a as usize]] {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+            }
+        }
+    }
     for a in (0..action::COUNT).filter(|a| *a != action::RATE_LIMIT) {
-        let name = Action::code_name(a);
-        let count = per_cpu_sum(&stats, stat::action(a)).map_err(map_err("STATS"))?;
         out.verdicts.push(Named {
-            name: name.to_string(),
-            count,
+            name: Action::code_name(a).to_string(),
+            count: by_action[a as usize],
         });
     }
     for r in 0..reason::COUNT {
-        let count = per_cpu_sum(&stats, stat::reason(r)).map_err(map_err("STATS"))?;
         out.reasons.push(Named {
             name: reason_name(r).to_string(),
-            count,
+            count: by_reason[r as usize],
         });
     }
 
