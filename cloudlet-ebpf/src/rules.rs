@@ -221,9 +221,6 @@ fn search(
     ) else {
         return None;
     };
-    if cfg.rule_words == 1 {
-        return first_in_word(pkt, cfg, src.src_set, dst.dst_set);
-    }
     let mut uninit = MaybeUninit::<Scan>::uninit();
     let p = uninit.as_mut_ptr();
     // SAFETY: every field is written before the reference is made.
@@ -256,7 +253,11 @@ fn search(
         }
         scan.n = n as u32;
     }
-    if !scan.summarize() {
+    if cfg.rule_words == 1 {
+        // Rules of one word: no summary to consult.
+        scan.summary[0] = 1;
+        scan.step();
+    } else if !scan.summarize() {
         return None;
     } else if scan.step() {
         // The first candidate word above; the others, rarely needed, in a bounded loop
@@ -276,35 +277,6 @@ fn search(
         return None;
     }
     Some((scan.rule, scan.action, scan.arg))
-}
-
-/// The search when the rules fill one word: the lowest slot set in the AND of every set's
-/// word 0 is the first matching rule. No summary, no search state; a packet whose
-/// addresses match no rule skips the other fields.
-#[inline(always)]
-fn first_in_word(
-    pkt: &Packet,
-    cfg: &PolicyConfig,
-    src_set: u32,
-    dst_set: u32,
-) -> Option<(u32, u32, u32)> {
-    let word = |set: u32| SET_WORDS.get(set).map(|s| s[SUMMARY_WORDS]);
-    let mut acc = word(src_set)? & word(dst_set)?;
-    if acc != 0 && cfg.fields_used != 0 {
-        let mut f = 0;
-        while f < FIELDS {
-            if cfg.fields_used & (1 << f) != 0 {
-                let index = cfg.field_base.wrapping_add(field_index(1 << f, pkt));
-                acc &= word(*FIELD_CLASS.get(index)?)?;
-            }
-            f += 1;
-        }
-    }
-    if acc == 0 {
-        return None;
-    }
-    let entry = RULES.get(cfg.rule_base.wrapping_add(acc.trailing_zeros()))?;
-    Some((entry.rule, entry.action, entry.arg))
 }
 
 /// Writes `v` to the `n` words from `p`, one store each. LLVM would turn a run of stores
