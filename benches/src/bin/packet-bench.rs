@@ -317,6 +317,9 @@ fn test_run_section(
         let compile = t.elapsed().as_secs_f64() * 1e3;
         let flat = Loaded::new(&c, ProgramKind::Policy, false)?;
         let total = t.elapsed().as_secs_f64() * 1e3;
+        // Creating the maps and loading the program, most of it the verifier's check of
+        // the program: paid at every load, whatever the policy.
+        let program = flat.timings.load.as_secs_f64() * 1e3;
         drop(flat);
         let t = Instant::now();
         let lpm = Loaded::new(&c, ProgramKind::PolicyLpm, false)?;
@@ -334,6 +337,10 @@ fn test_run_section(
             .entry("world_load_lpm_ms")
             .or_default()
             .push(lpm_load);
+        load_rounds
+            .entry("policy_program_load_ms")
+            .or_default()
+            .push(program);
         world = Some(c);
     }
     let world = world.expect("at least one round");
@@ -481,6 +488,7 @@ fn test_run_section(
             "ms",
         ),
         ("world_load_lpm_only", load["world_load_lpm_ms"], "ms"),
+        ("policy_program_load", load["policy_program_load_ms"], "ms"),
         ("world_ipv4_prefixes", st.v4_prefixes as f64, "prefixes"),
         ("world_ipv6_prefixes", st.v6_prefixes as f64, "prefixes"),
         (
