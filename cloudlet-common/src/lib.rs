@@ -80,7 +80,8 @@ pub mod reason {
     pub const FIRST_MALFORMED: u32 = MALFORMED_ETHERNET;
 }
 
-/// Indexes of the `STATS` per-CPU array: one counter per reason, then one per action.
+/// Indexes of the `STATS` per-CPU array: one counter per pair of reason and action, then
+/// the rate-limit and `xsk` counters.
 pub mod stat {
     use super::{action, reason};
     /// Counter index of a verdict: the reason it was reached for and the action taken

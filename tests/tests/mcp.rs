@@ -27,6 +27,19 @@ fn python() -> PathBuf {
     p
 }
 
+/// Runs `tests/mcp/mint.py` with the arguments `args` adds; its standard output, trimmed.
+fn mint(args: impl FnOnce(&mut Command) -> &mut Command) -> String {
+    let mut cmd = Command::new(python());
+    cmd.arg(script("mint.py"));
+    let out = args(&mut cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 fn script(name: &str) -> String {
     root().join("tests/mcp").join(name).display().to_string()
 }
@@ -66,16 +79,7 @@ impl Guard {
         let dir = TempDir::new("mcp", name);
         let d = &dir.0;
         for what in ["keys", "certs"] {
-            let out = Command::new(python())
-                .args([&script("mint.py"), what])
-                .arg(d.join(what))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            mint(|c| c.arg(what).arg(d.join(what)));
         }
         // Issuer B publishes its keys over HTTP.
         let (keys, rest) = spawn_until(
@@ -174,20 +178,13 @@ url = "http://127.0.0.1:{port}/mcp"
             // Issuer A's name and key id, another key: a forgery.
             _ => ("c-rsa.pem", "RS256", "a-rsa", ISSUER_A),
         };
-        let out = Command::new(python())
-            .args([&script("mint.py"), "token", "--key"])
-            .arg(self.path("keys").join(key))
-            .args(["--alg", alg, "--kid", kid, "--iss", iss, "--aud", AUDIENCE])
-            .args(["--sub", sub, "--roles", roles])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        mint(|c| {
+            c.args(["token", "--key"])
+                .arg(self.path("keys").join(key))
+                .args(["--alg", alg, "--kid", kid, "--iss", iss, "--aud", AUDIENCE])
+                .args(["--sub", sub, "--roles", roles])
+                .args(extra)
+        })
     }
 
     /// Runs `steps` in one SDK session; one JSON value per step (or the one line printed

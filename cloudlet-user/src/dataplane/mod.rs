@@ -148,9 +148,7 @@ impl Capacity {
             hosts::slots_for(self.v6_hosts),
         )
     }
-}
 
-impl Capacity {
     /// Room for `c` and for policies somewhat larger than it.
     pub fn for_policy(c: &CompiledPolicy) -> Self {
         let grow = |n: usize, extra: usize| (n + n / 4 + extra) as u32;

@@ -271,10 +271,8 @@ pub fn read(
     for r in 0..reason::COUNT {
         for a in 0..action::COUNT {
             let c = per_cpu_sum(&stats, stat::verdict(r, a)).map_err(map_err("STATS"))?;
-            for sum in [&mut by_reason[r as usize], &mut by_action[a as usize]] {
-                sum.packets += c.packets;
-                sum.bytes += c.bytes;
-            }
+            by_reason[r as usize].add(c);
+            by_action[a as usize].add(c);
         }
     }
     for a in (0..action::COUNT).filter(|a| *a != action::RATE_LIMIT) {
