@@ -610,16 +610,20 @@ fn rug_pulls_wait_for_approval_and_crashed_upstreams_come_back() {
     );
     assert_eq!(error_code(&out[0]), -32006, "{out:?}");
     assert_eq!(out[1]["text"], "results for still here", "{out:?}");
-    // Back after its backoff, with the changed description.
+    // Back after its backoff, with the changed description. While it is down its calls
+    // fail as unavailable (-32006); the first call after it is back lists it again and is
+    // held (-32004), never forwarded.
     let deadline = Instant::now() + Duration::from_secs(30);
     let listed = loop {
         let out = g.session(
             Some(&alice),
             "modern",
-            &[list(), call("files__weather", json!({"city": "Oslo"}))],
+            &[call("files__weather", json!({"city": "Oslo"})), list()],
         );
-        if names(&out[0]).contains(&"files__read_file".to_string()) {
-            break out;
+        match error_code(&out[0]) {
+            -32004 => break out,
+            -32006 => {}
+            _ => panic!("neither held nor unavailable: {out:?}"),
         }
         assert!(
             Instant::now() < deadline,
@@ -627,12 +631,13 @@ fn rug_pulls_wait_for_approval_and_crashed_upstreams_come_back() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    assert!(message(&listed[0]).contains("changed since it was approved"));
+    let after = names(&listed[1]);
     assert!(
-        !names(&listed[0]).contains(&"files__weather".to_string()),
+        after.contains(&"files__read_file".to_string())
+            && !after.contains(&"files__weather".to_string()),
         "{listed:?}"
     );
-    assert_eq!(error_code(&listed[1]), -32004, "{listed:?}");
-    assert!(message(&listed[1]).contains("changed since it was approved"));
     assert!(g.calls("files").iter().all(|c| c["tool"] != "weather"));
     // The operator reads and approves it.
     let cloudlet = root().join("target/debug/cloudlet");

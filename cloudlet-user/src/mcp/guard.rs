@@ -205,6 +205,9 @@ struct Session {
 struct Listing {
     tools: BTreeMap<String, Tool>,
     contexts: Vec<Context>,
+    /// Per upstream, the number of the connection its tools were listed on
+    /// ([`Upstream::generation`]): calls go out on that connection only.
+    generations: Vec<u64>,
 }
 
 /// A tool as the guard last listed it.
@@ -1127,6 +1130,20 @@ impl McpGuard {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // An upstream that cannot be listed keeps its tools, and their connection number,
+        // from before.
+        let generations: Vec<u64> = listings
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match l {
+                Ok((generation, _)) => *generation,
+                Err(_) => old.generations.get(i).copied().unwrap_or(0),
+            })
+            .collect();
+        let listings: Vec<Result<Vec<Value>, UpstreamError>> = listings
+            .into_iter()
+            .map(|l| l.map(|(_, tools)| tools))
+            .collect();
         // Each upstream's tool names, as it calls them and as clients see them (an upstream
         // that cannot be listed keeps the tools listed before).
         let mut names: Vec<Vec<String>> = Vec::new();
@@ -1229,6 +1246,7 @@ impl McpGuard {
         let out = Arc::new(Listing {
             tools: out,
             contexts,
+            generations,
         });
         *self.listing.write().unwrap_or_else(|e| e.into_inner()) = out.clone();
         out
@@ -1421,7 +1439,11 @@ impl McpGuard {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if !listing.tools.contains_key(name) {
+        // An upstream that reconnected since its tools were listed may serve other
+        // definitions now (a rug pull across a restart): list it again before any check.
+        if !listing.tools.contains_key(name)
+            || listing.generations.get(ui) != Some(&self.upstreams[ui].generation())
+        {
             listing = self.refresh().await;
         }
         let Some(tool) = listing.tools.get(name) else {
@@ -1478,7 +1500,11 @@ impl McpGuard {
             forward["_meta"] = json!({"progressToken": token});
         }
         let result = upstream
-            .request("tools/call", Some(forward))
+            .request_if(
+                listing.generations.get(ui).copied().unwrap_or(0),
+                "tools/call",
+                Some(forward),
+            )
             .await
             .map_err(|e| match e {
                 UpstreamError::Rpc {

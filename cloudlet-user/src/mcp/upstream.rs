@@ -88,6 +88,10 @@ pub enum UpstreamError {
     /// The upstream answered something that is not MCP.
     #[error("upstream {0} broke the protocol: {1}")]
     Protocol(String, String),
+    /// The upstream reconnected since the caller last listed its tools: what it serves
+    /// may have changed.
+    #[error("upstream {0} restarted since its tools were listed")]
+    Restarted(String),
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
@@ -122,6 +126,8 @@ pub struct Upstream {
     /// Why the last connection attempt or connection failed.
     last_error: Mutex<String>,
     restarts: AtomicU64,
+    /// Connections made so far; the live one's number (changed under `conn`'s write lock).
+    generation: AtomicU64,
 }
 
 impl Upstream {
@@ -135,6 +141,7 @@ impl Upstream {
             next_id: AtomicU64::new(1),
             last_error: Mutex::new("not connected yet".into()),
             restarts: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -155,6 +162,12 @@ impl Upstream {
         self.conn.read().await.is_some()
     }
 
+    /// The number of the latest connection (0 before the first): it changes whenever the
+    /// upstream reconnects, so a listing made on an older one is stale.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// Times the upstream has been reconnected after a failure.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
@@ -171,7 +184,11 @@ impl Upstream {
                         self.config.name,
                         self.describe()
                     );
-                    *self.conn.write().await = Some(conn);
+                    {
+                        let mut live = self.conn.write().await;
+                        self.generation.fetch_add(1, Ordering::Relaxed);
+                        *live = Some(conn);
+                    }
                     self.tried.send_replace(true);
                     let why = match exited {
                         Some(exited) => tokio::select! {
@@ -458,7 +475,37 @@ impl Upstream {
         method: &str,
         params: Option<Value>,
     ) -> Result<Value, UpstreamError> {
-        let conn = self.conn.read().await.clone();
+        self.request_on(None, method, params).await.map(|(_, v)| v)
+    }
+
+    /// [`request`](Self::request) on the connection numbered `generation` only: another
+    /// one gives [`UpstreamError::Restarted`].
+    pub async fn request_if(
+        &self,
+        generation: u64,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<Value, UpstreamError> {
+        self.request_on(Some(generation), method, params)
+            .await
+            .map(|(_, v)| v)
+    }
+
+    /// Sends the request on the live connection (if it is number `expect`, when given);
+    /// the connection's number and the result.
+    async fn request_on(
+        &self,
+        expect: Option<u64>,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<(u64, Value), UpstreamError> {
+        let (conn, generation) = {
+            let live = self.conn.read().await;
+            (live.clone(), self.generation())
+        };
+        if conn.is_some() && expect.is_some_and(|g| g != generation) {
+            return Err(UpstreamError::Restarted(self.config.name.clone()));
+        }
         let Some(conn) = conn else {
             let why = self
                 .last_error
@@ -467,16 +514,22 @@ impl Upstream {
                 .clone();
             return Err(self.unavailable(why));
         };
-        self.exchange(&conn, method, params).await
+        self.exchange(&conn, method, params)
+            .await
+            .map(|v| (generation, v))
     }
 
     /// All of the upstream's tools (following `nextCursor`), as it describes them.
-    pub async fn list_tools(&self) -> Result<Vec<Value>, UpstreamError> {
+    /// The number of the connection they were listed on comes with them.
+    pub async fn list_tools(&self) -> Result<(u64, Vec<Value>), UpstreamError> {
         let mut tools = Vec::new();
         let mut cursor: Option<String> = None;
+        let mut on = None;
         for _ in 0..1000 {
             let params = cursor.as_ref().map(|c| json!({ "cursor": c }));
-            let result = self.request("tools/list", params).await?;
+            // Every page from the same connection.
+            let (generation, result) = self.request_on(on, "tools/list", params).await?;
+            on = Some(generation);
             match result.get("tools") {
                 Some(Value::Array(page)) => tools.extend(page.iter().cloned()),
                 _ => return Err(self.protocol("tools/list result has no `tools` list")),
@@ -486,7 +539,7 @@ impl Upstream {
                 .and_then(Value::as_str)
                 .map(str::to_string);
             if cursor.is_none() {
-                return Ok(tools);
+                return Ok((generation, tools));
             }
         }
         Err(self.protocol("tools/list pages never end"))
@@ -914,8 +967,9 @@ done
                 "first attempt not reported"
             );
             assert!(up.is_up().await);
-            let tools = up.list_tools().await.unwrap();
+            let (first, tools) = up.list_tools().await.unwrap();
             assert_eq!(tools[0]["name"], "t");
+            assert_eq!(first, up.generation());
             let e = up
                 .request("tools/call", Some(json!({"name":"t"})))
                 .await
@@ -927,7 +981,16 @@ done
                 assert!(Instant::now() < deadline, "not restarted");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert_eq!(up.list_tools().await.unwrap().len(), 1);
+            let (second, tools) = up.list_tools().await.unwrap();
+            assert_eq!(tools.len(), 1);
+            assert!(second > first, "{second} after {first}");
+            // A request bound to the first connection is refused on the new one.
+            let e = up
+                .request_if(first, "tools/list", None)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, UpstreamError::Restarted(..)), "{e}");
+            up.request_if(second, "tools/list", None).await.unwrap();
         });
         std::fs::remove_dir_all(&dir).unwrap();
     }
