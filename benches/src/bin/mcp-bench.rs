@@ -6,8 +6,14 @@
 //! "guard" clients talk to the front door over HTTPS (HTTP/1.1, kept-alive connections),
 //! whose guard checks every call (roles, rate limit, pin, threat scan, JSON Schema),
 //! forwards it, scans the result and writes the audit log before answering.
-//! The guard runs as in cloudletd, on a single-threaded tokio runtime of its own thread.
-//! Rounds alternate the systems; figures are medians over rounds.
+//! The guard runs as in cloudletd, on a single-threaded tokio runtime of its own thread,
+//! with cloudletd's allocator. Latency rounds interleave the systems, a block of calls at a
+//! time, so the upstream's drift falls on all alike; rate rounds alternate them; figures
+//! are medians over rounds. Every client ends its session with `DELETE` when done.
+//!
+//! Two references put the guard's figure in proportion: a TLS relay (TLS and a second hop,
+//! no checks) to the same upstream, and the three paths again to an upstream that answers
+//! at once, where what each path adds shows in microseconds, without Python's time.
 //!
 //! The guard runs with its default `audit_sync = "write"` (an entry is in the kernel before
 //! its answer leaves, on disk within 100 ms), the goal's figure, and again with
@@ -38,6 +44,10 @@ use cloudlet_benches::{Figure, merge_results};
 use cloudlet_tests::daemon::{Daemon, Output, spawn_until};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
+
+/// The allocator cloudletd runs with, since the guard runs in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Opts {
     out: PathBuf,
@@ -188,6 +198,120 @@ fn start_guard(
     rx.recv()?
 }
 
+/// A TLS relay on a thread of its own, as the guard runs: it terminates TLS with `id` and
+/// copies bytes both ways to `to` on one connection per client. It does what the guard's
+/// path must do at least (TLS, a second hop), and nothing of what it checks.
+fn start_tls_relay(to: SocketAddr, id: &cloudlet::quic::SelfSigned) -> Result<SocketAddr> {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![id.cert.clone()], id.key.clone_key())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    serve_on_thread("tls-relay", listener, move |inc| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(mut out) = tokio::net::TcpStream::connect(to).await else {
+                return;
+            };
+            let _ = out.set_nodelay(true);
+            if let Ok(mut tls) = acceptor.accept(inc).await {
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut out).await;
+            }
+        }
+    })?;
+    Ok(addr)
+}
+
+/// Accepts on `listener` from a single-threaded runtime on a thread of its own, handing
+/// each connection (no Nagle) to `serve` in a task.
+fn serve_on_thread<F, Fut>(name: &str, listener: std::net::TcpListener, serve: F) -> Result<()>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                while let Ok((inc, _)) = listener.accept().await {
+                    let _ = inc.set_nodelay(true);
+                    tokio::task::spawn_local(serve(inc));
+                }
+            });
+        })?;
+    Ok(())
+}
+
+/// The web upstream's tool list, as its server answers `tools/list`.
+const FIXED_TOOLS: &str = r#"[{"description":"Search the web.","inputSchema":{"properties":{"query":{"title":"Query","type":"string"},"limit":{"default":5,"title":"Limit","type":"integer"}},"required":["query"],"type":"object","title":"searchArguments"},"name":"search","outputSchema":{"properties":{"result":{"title":"Result","type":"string"}},"required":["result"],"type":"object","title":"searchOutput"}}]"#;
+
+/// An upstream that answers at once, with what the web upstream answers for `search`:
+/// the paths to it show what they cost without Python's time and drift.
+fn start_fixed_upstream() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let tools: Value = serde_json::from_str(FIXED_TOOLS)?;
+    serve_on_thread("at-once", listener, move |inc| {
+        let tools = tools.clone();
+        async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let tools = tools.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        let result = match v["method"].as_str() {
+                            Some("initialize") => json!({
+                            "capabilities": {"tools": {"listChanged": false}},
+                            "protocolVersion": "2025-11-25",
+                            "serverInfo": {"name": "web", "version": ""}}),
+                            Some("tools/list") => json!({"tools": tools}),
+                            Some("tools/call") => json!({
+                            "content": [{"text": "results for edge nodes", "type": "text"}],
+                            "isError": false,
+                            "structuredContent": {"result": "results for edge nodes"}}),
+                            _ => Value::Null,
+                        };
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/json")
+                            .header("mcp-session-id", "at-once");
+                        let resp = if result.is_null() {
+                            resp.status(202).body(Full::new(Bytes::new()))
+                        } else {
+                            let msg = json!({"jsonrpc": "2.0", "id": v["id"], "result": result});
+                            resp.body(Full::new(Bytes::from(msg.to_string())))
+                        };
+                        anyhow::Ok(resp?)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(inc), svc)
+                .await;
+        }
+    })?;
+    Ok(addr)
+}
+
+/// A client's way to a system: its address, TLS or not, and the tool name to call.
+type System<'a> = (
+    SocketAddr,
+    Option<&'a tokio_rustls::TlsConnector>,
+    &'static str,
+);
+
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// One client connection with its MCP session.
@@ -263,6 +387,19 @@ impl Client {
         Ok((parts.headers, body))
     }
 
+    /// Ends the session, as a client that is done should.
+    async fn close(mut self) -> Result<()> {
+        let req = http::Request::delete("/mcp")
+            .header("host", &self.host)
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(Full::new(Bytes::new()))?;
+        self.send.ready().await?;
+        let resp = self.send.send_request(req).await?;
+        resp.into_body().collect().await?;
+        Ok(())
+    }
+
     /// One `tools/call`; its latency.
     async fn call(&mut self, tool: &str) -> Result<Duration> {
         self.next_id += 1;
@@ -277,6 +414,39 @@ impl Client {
         }
         Ok(took)
     }
+}
+
+/// Calls a latency round makes on one system before it turns to the next.
+const BLOCK: usize = 16;
+
+/// One latency round: one connection per system, taking turns of [`BLOCK`] calls each (the
+/// order rotates every turn) for `length`, so that the upstream's drift from second to
+/// second falls on every system alike; the latencies per system.
+async fn latency_round(systems: &[System<'_>], length: Duration) -> Result<Vec<Vec<Duration>>> {
+    let mut conns = Vec::new();
+    for &(addr, tls, tool) in systems {
+        let mut c = Client::connect(addr, tls).await?;
+        for _ in 0..5 {
+            c.call(tool).await?;
+        }
+        conns.push(c);
+    }
+    let mut lat = vec![Vec::new(); systems.len()];
+    let start = Instant::now();
+    let mut turn = 0;
+    while start.elapsed() < length {
+        for k in 0..systems.len() {
+            let which = (k + turn) % systems.len();
+            for _ in 0..BLOCK {
+                lat[which].push(conns[which].call(systems[which].2).await?);
+            }
+        }
+        turn += 1;
+    }
+    for c in conns {
+        c.close().await?;
+    }
+    Ok(lat)
 }
 
 /// One round: `clients` connections calling for `length`; latencies and calls per second.
@@ -306,15 +476,21 @@ async fn round(
                 while start.elapsed() < length {
                     lat.push(c.call(tool).await?);
                 }
-                anyhow::Ok(lat)
+                anyhow::Ok((lat, c))
             })
         })
         .collect();
     let mut all = Vec::new();
+    let mut done = Vec::new();
     for t in tasks {
-        all.extend(t.await??);
+        let (lat, c) = t.await??;
+        all.extend(lat);
+        done.push(c);
     }
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    for c in done {
+        c.close().await?;
+    }
     Ok((all, rate))
 }
 
@@ -336,6 +512,7 @@ fn main() -> Result<()> {
     let id = cloudlet::quic::self_signed(&["localhost"])?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(id.cert.clone())?;
+    let direct_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let guard_addr = start_guard(port, &dir.join("mcp-guard"), &id, AuditSync::Write)?;
     let sync_addr = start_guard(
         port,
@@ -343,7 +520,15 @@ fn main() -> Result<()> {
         &id,
         AuditSync::Fdatasync,
     )?;
-    let direct_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let relay_addr = start_tls_relay(direct_addr, &id)?;
+    let at_once_addr = start_fixed_upstream()?;
+    let at_once_guard = start_guard(
+        at_once_addr.port(),
+        &dir.join("mcp-guard-at-once"),
+        &id,
+        AuditSync::Write,
+    )?;
+    let at_once_relay = start_tls_relay(at_once_addr, &id)?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cloudlet::quic::client_config(
         PqMode::Preferred,
         roots,
@@ -353,7 +538,8 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     // Python's answer times drift by tens of percent from second to second on a busy
-    // machine: many short rounds, alternated, and their medians.
+    // machine: latency rounds interleave the systems in blocks of calls, rate rounds
+    // alternate them, and figures are medians over many short rounds.
     let (rounds, length) = if o.quick {
         (6, Duration::from_secs(1))
     } else {
@@ -361,31 +547,48 @@ fn main() -> Result<()> {
     };
     let concurrency = 8;
     println!(
-        "MCP tools/call, {rounds} rounds of {length:?} per system: 1 client (latency) and {concurrency} clients (rate)"
+        "MCP tools/call, {rounds} rounds of {length:?} per system: 1 client (latency, systems interleaved {BLOCK} calls at a time) and {concurrency} clients (rate)"
     );
-    // direct, guard, guard with `audit_sync = "fdatasync"`.
-    let systems: [(
-        SocketAddr,
-        Option<&tokio_rustls::TlsConnector>,
-        &'static str,
-    ); 3] = [
+    // direct, guard, guard with `audit_sync = "fdatasync"`, and a TLS relay.
+    let systems: [System; 4] = [
         (direct_addr, None, "search"),
         (guard_addr, Some(&tls), "web__search"),
         (sync_addr, Some(&tls), "web__search"),
+        (relay_addr, Some(&tls), "search"),
+    ];
+    // The same kinds of path to an upstream that answers at once.
+    let at_once: [System; 3] = [
+        (at_once_addr, None, "search"),
+        (at_once_guard, Some(&tls), "web__search"),
+        (at_once_relay, Some(&tls), "search"),
     ];
     let mut p50 = vec![Vec::new(); systems.len()];
     let mut p99 = vec![Vec::new(); systems.len()];
-    let mut rate = vec![Vec::new(); systems.len()];
+    let mut rate = vec![Vec::new(); 3];
+    let mut at_once_p50 = vec![Vec::new(); at_once.len()];
     rt.block_on(async {
         for r in 0..rounds {
-            // Rotate which system goes first.
-            for k in 0..systems.len() {
-                let which = (k + r) % systems.len();
-                let (addr, tls, tool) = systems[which];
-                let (mut lat, _) = round(addr, tls, tool, 1, length).await?;
+            for (which, mut lat) in latency_round(&systems, length)
+                .await?
+                .into_iter()
+                .enumerate()
+            {
                 lat.sort();
                 p50[which].push(percentile(&lat, 0.5));
                 p99[which].push(percentile(&lat, 0.99));
+            }
+            for (which, mut lat) in latency_round(&at_once, length / 4)
+                .await?
+                .into_iter()
+                .enumerate()
+            {
+                lat.sort();
+                at_once_p50[which].push(percentile(&lat, 0.5));
+            }
+            // Rotate which system goes first.
+            for k in 0..rate.len() {
+                let which = (k + r) % rate.len();
+                let (addr, tls, tool) = systems[which];
                 let (_, r) = round(addr, tls, tool, concurrency, length).await?;
                 rate[which].push(r);
             }
@@ -395,6 +598,7 @@ fn main() -> Result<()> {
     let p50: Vec<f64> = p50.into_iter().map(median).collect();
     let p99: Vec<f64> = p99.into_iter().map(median).collect();
     let rate: Vec<f64> = rate.into_iter().map(median).collect();
+    let at_once_us: Vec<f64> = at_once_p50.into_iter().map(|v| median(v) * 1e3).collect();
     let (d50, g50, d99, g99, drate, grate) = (p50[0], p50[1], p99[0], p99[1], rate[0], rate[1]);
     println!("                 direct      guard   ratio");
     println!("p50 (ms)      {d50:9.3}  {g50:9.3}   {:.2}x", g50 / d50);
@@ -403,16 +607,27 @@ fn main() -> Result<()> {
         "calls/s (x{concurrency})  {drate:9.0}  {grate:9.0}   {:.2}x",
         grate / drate
     );
-    {
-        println!(
-            "audit_sync = \"fdatasync\": p50 {:.3} ms ({:.2}x direct), {:.0} calls/s ({:.2}x); an fdatasync per answer adds {:.3} ms to the p50",
-            p50[2],
-            p50[2] / d50,
-            rate[2],
-            rate[2] / drate,
-            p50[2] - g50
-        );
-    }
+    println!(
+        "audit_sync = \"fdatasync\": p50 {:.3} ms ({:.2}x direct), {:.0} calls/s ({:.2}x); an fdatasync per answer adds {:.3} ms to the p50",
+        p50[2],
+        p50[2] / d50,
+        rate[2],
+        rate[2] / drate,
+        p50[2] - g50
+    );
+    println!(
+        "reference: a TLS relay (no checks) to the same upstream: p50 {:.3} ms ({:.2}x direct)",
+        p50[3],
+        p50[3] / d50
+    );
+    println!(
+        "to an upstream that answers at once, p50: direct {:.1} us, TLS relay {:.1} us (+{:.1}), guard {:.1} us (+{:.1})",
+        at_once_us[0],
+        at_once_us[2],
+        at_once_us[2] - at_once_us[0],
+        at_once_us[1],
+        at_once_us[1] - at_once_us[0]
+    );
     let p50_goal = g50 / d50 <= 1.10;
     let rate_goal = grate / drate >= 0.90;
     println!(
@@ -466,6 +681,36 @@ fn main() -> Result<()> {
         rate[2],
         "calls/s",
         Some(("mcp tools/call rate direct", drate)),
+    ));
+    figures.push(fig(
+        "mcp tools/call p50 tls relay",
+        p50[3],
+        "ms",
+        Some(("mcp tools/call p50 direct", d50)),
+    ));
+    figures.push(fig(
+        "mcp tools/call p50 direct, upstream answering at once",
+        at_once_us[0],
+        "us",
+        None,
+    ));
+    figures.push(fig(
+        "mcp tools/call p50 guard, upstream answering at once",
+        at_once_us[1],
+        "us",
+        Some((
+            "mcp tools/call p50 direct, upstream answering at once",
+            at_once_us[0],
+        )),
+    ));
+    figures.push(fig(
+        "mcp tools/call p50 tls relay, upstream answering at once",
+        at_once_us[2],
+        "us",
+        Some((
+            "mcp tools/call p50 direct, upstream answering at once",
+            at_once_us[0],
+        )),
     ));
     let path = merge_results(&o.out, &figures)?;
     println!("figures added to {}", path.display());

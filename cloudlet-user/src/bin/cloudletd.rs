@@ -26,6 +26,12 @@ use cloudlet::{
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// mimalloc: the front door and the MCP guard allocate and free many small buffers per
+/// request; `benches/src/bin/mcp-bench.rs` measured glibc's allocator adding tens of
+/// microseconds to a guarded call (see `docs/benchmarks.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for configuration errors (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 

@@ -554,7 +554,13 @@ impl McpGuard {
     pub fn start(config: &GuardConfig) -> Result<Arc<Self>, GuardError> {
         let files = identity::read_jwks_files(&config.issuers)?;
         let verifier = Verifier::from_jwks(&files)?;
-        let pins = PinStore::open(&config.pins, config.policy.pin_mode)?;
+        let mut pins = PinStore::open(&config.pins, config.policy.pin_mode)?;
+        if let Err(e) = pins.watch() {
+            log::warn!(
+                "MCP pins: cannot watch {}: {e}; looking at the file on every call",
+                config.pins.display()
+            );
+        }
         let log = AuditLog::open(&config.audit, config.audit_max_bytes, config.audit_keep)
             .map_err(|source| GuardError::Audit {
                 path: config.audit.clone(),
@@ -1528,7 +1534,7 @@ impl McpGuard {
                     ..Refusal::new(code::UPSTREAM_UNAVAILABLE, other.to_string())
                 },
             })?;
-        let size = result.to_string().len();
+        let size = json_size(&result);
         if size > policy.max_result_bytes {
             return Err(Refusal::new(
                 code::RESULT_TOO_LARGE,
@@ -1609,6 +1615,24 @@ async fn refresh_jwks(guard: std::sync::Weak<McpGuard>, issuer: IssuerConfig) {
         };
         tokio::time::sleep(Duration::from_secs(wait)).await;
     }
+}
+
+/// The length of `v` as compact JSON, counted without building the text.
+fn json_size(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Writing a Value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
 }
 
 fn rate_limited(why: &str, wait: Duration) -> Refusal {
@@ -1772,6 +1796,17 @@ fn check_envelope(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_size_is_the_compact_text_length() {
+        for v in [
+            json!(null),
+            json!({"content": [{"type": "text", "text": "héllo \"quoted\"\n"}], "n": 1.5}),
+            json!([1, "two", {"three": [true, false]}]),
+        ] {
+            assert_eq!(json_size(&v), v.to_string().len(), "{v}");
+        }
+    }
 
     /// Both durability modes: an entry is in the file when `record` returns, and the
     /// `write` mode's thread flushes without holding writers up.

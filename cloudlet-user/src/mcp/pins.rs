@@ -8,14 +8,20 @@
 //! `cloudlet mcp approve` (which moves a pending definition to approved). Every change is a
 //! read-modify-write under an exclusive `flock` of `FILE.lock`, written to a temporary
 //! file, synced and renamed over the old one, so a crash leaves either version whole.
-//! cloudletd re-reads the file when its modification time or size changes.
+//! cloudletd re-reads the file when its modification time or size changes, looking only
+//! after inotify reported a change in its folder (on every request where inotify cannot
+//! watch it).
 
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
     io::Write as _,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -85,6 +91,8 @@ pub struct PinStore {
     mode: PinMode,
     file: PinFile,
     stamp: Option<(SystemTime, u64)>,
+    /// Set by the folder's watch when something in it changed; `None` without a watch.
+    changed: Option<Arc<AtomicBool>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
@@ -213,7 +221,70 @@ impl PinStore {
             mode,
             file,
             stamp: stamp(path),
+            changed: None,
         })
+    }
+
+    /// Watches the store's folder with inotify from a task on the current tokio runtime,
+    /// so that [`refresh`](Self::refresh) looks at the file only after something there
+    /// changed. Without a watch (this failed, or was never called) it looks every time.
+    pub fn watch(&mut self) -> std::io::Result<()> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir)?;
+        // SAFETY: plain syscall; the descriptor is owned right after.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mask = libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_MODIFY
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_FROM
+            | libc::IN_MOVED_TO
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        // SAFETY: valid descriptor and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c_dir.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is an owned descriptor, moved into the AsyncFd and closed only with it.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)?;
+        // Whatever happened before the watch began is looked at once.
+        let changed = Arc::new(AtomicBool::new(true));
+        let flag = Arc::downgrade(&changed);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let Ok(mut ready) = afd.readable().await else {
+                    break;
+                };
+                // Drain every queued event; which ones does not matter.
+                loop {
+                    // SAFETY: reads into a local buffer of the given length.
+                    let n =
+                        unsafe { libc::read(afd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if n <= 0 {
+                        break;
+                    }
+                }
+                ready.clear_ready();
+                let Some(flag) = flag.upgrade() else { break };
+                flag.store(true, Ordering::Release);
+            }
+        });
+        self.changed = Some(changed);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -226,6 +297,11 @@ impl PinStore {
 
     /// Re-reads the file if it changed on disk (an approval).
     pub fn refresh(&mut self) {
+        if let Some(changed) = &self.changed
+            && !changed.swap(false, Ordering::AcqRel)
+        {
+            return;
+        }
         let now = stamp(&self.path);
         if now != self.stamp {
             match read(&self.path) {
@@ -323,6 +399,41 @@ mod tests {
         store.refresh();
         assert_eq!(store.check("a__t", "h2", "evil"), PinState::Approved);
         assert_ne!(store.check("a__t", "h1", "d1"), PinState::Approved);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_watched_store_reads_the_file_only_after_a_change() {
+        let path = temp("watch");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut store = PinStore::open(&path, PinMode::TrustFirst).unwrap();
+            store.watch().unwrap();
+            assert_eq!(store.check("a__t", "h1", "d1"), PinState::Approved);
+            store.check("a__t", "h2", "evil");
+            let flag = store.changed.clone().unwrap();
+            // The store's own writes raise the flag too; once looked at, it stays down.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            store.refresh();
+            assert!(!flag.load(Ordering::Acquire));
+            store.refresh();
+            assert!(!flag.load(Ordering::Acquire));
+            // An approval by another process (`cloudlet mcp approve`) is seen.
+            approve(&path, &[]).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !flag.load(Ordering::Acquire) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no inotify event for the approval"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            store.refresh();
+            assert_eq!(store.check("a__t", "h2", "evil"), PinState::Approved);
+        });
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 

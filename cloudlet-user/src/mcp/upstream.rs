@@ -985,10 +985,7 @@ done
             assert_eq!(tools.len(), 1);
             assert!(second > first, "{second} after {first}");
             // A request bound to the first connection is refused on the new one.
-            let e = up
-                .request_if(first, "tools/list", None)
-                .await
-                .unwrap_err();
+            let e = up.request_if(first, "tools/list", None).await.unwrap_err();
             assert!(matches!(e, UpstreamError::Restarted(..)), "{e}");
             up.request_if(second, "tools/list", None).await.unwrap();
         });
