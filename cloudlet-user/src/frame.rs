@@ -321,7 +321,13 @@ pub fn parse_hex_line(line: &str) -> Result<Vec<u8>, String> {
 
 /// Formats bytes as one line of lower-case hex.
 pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Reads the frames of a classic pcap file (Ethernet link type), either byte order,

@@ -67,10 +67,21 @@ impl Entry {
 
 /// SHA-256 (hex) of a JSON value as serialised.
 pub fn digest(arguments: &Value) -> String {
-    Sha256::digest(arguments.to_string().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    /// Hashes what is written to it.
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut h = Hashing(Sha256::new());
+    // Writing a Value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut h, arguments);
+    crate::frame::to_hex(&h.0.finalize())
 }
 
 /// The log file and its rotation.
@@ -247,5 +258,13 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(!a.contains("example"));
         assert_ne!(a, digest(&serde_json::json!({"to": "b@example.org"})));
+        // The SHA-256 of the arguments' compact JSON, in lower-case hex.
+        let args = serde_json::json!({"b": [1, 2.5, null], "a": "é\"x\""});
+        let text = args.to_string();
+        let expected: String = Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(digest(&args), expected);
     }
 }

@@ -546,7 +546,7 @@ fn new_session_id() -> String {
         // keeps sessions apart.
         bytes = Instant::now().elapsed().as_nanos().to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::frame::to_hex(&bytes)
 }
 
 impl McpGuard {
