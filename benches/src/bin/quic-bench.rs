@@ -17,6 +17,10 @@ use cloudlet::quic::{self, PqMode, SelfSigned};
 use cloudlet_benches::{Figure, merge_results};
 use rustls::{NamedGroup, RootCertStore};
 
+/// The allocator cloudletd runs with, since the front door runs in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Opts {
     out: PathBuf,
     quick: bool,
