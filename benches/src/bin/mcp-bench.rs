@@ -254,7 +254,7 @@ where
     Ok(())
 }
 
-/// The web upstream's tool list, as its server answers `tools/list`.
+/// The web upstream's `search` tool, as its server lists it (the only tool the bench calls).
 const FIXED_TOOLS: &str = r#"[{"description":"Search the web.","inputSchema":{"properties":{"query":{"title":"Query","type":"string"},"limit":{"default":5,"title":"Limit","type":"integer"}},"required":["query"],"type":"object","title":"searchArguments"},"name":"search","outputSchema":{"properties":{"result":{"title":"Result","type":"string"}},"required":["result"],"type":"object","title":"searchOutput"}}]"#;
 
 /// An upstream that answers at once, with what the web upstream answers for `search`:
