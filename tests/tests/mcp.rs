@@ -620,10 +620,11 @@ fn rug_pulls_wait_for_approval_and_crashed_upstreams_come_back() {
             "modern",
             &[call("files__weather", json!({"city": "Oslo"})), list()],
         );
-        match error_code(&out[0]) {
-            -32004 => break out,
-            -32006 => {}
-            _ => panic!("neither held nor unavailable: {out:?}"),
+        match out[0]["error"]["code"].as_i64() {
+            Some(-32004) => break out,
+            Some(-32006) => {}
+            Some(_) => panic!("neither held nor unavailable: {out:?}"),
+            None => panic!("the changed tool was called on the restarted upstream: {out:?}"),
         }
         assert!(
             Instant::now() < deadline,

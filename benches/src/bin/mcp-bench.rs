@@ -419,17 +419,22 @@ impl Client {
 /// Calls a latency round makes on one system before it turns to the next.
 const BLOCK: usize = 16;
 
+/// A client of `system` with its session open and a few calls made.
+async fn warm_client((addr, tls, tool): System<'_>) -> Result<Client> {
+    let mut c = Client::connect(addr, tls).await?;
+    for _ in 0..5 {
+        c.call(tool).await?;
+    }
+    Ok(c)
+}
+
 /// One latency round: one connection per system, taking turns of [`BLOCK`] calls each (the
 /// order rotates every turn) for `length`, so that the upstream's drift from second to
 /// second falls on every system alike; the latencies per system.
 async fn latency_round(systems: &[System<'_>], length: Duration) -> Result<Vec<Vec<Duration>>> {
     let mut conns = Vec::new();
-    for &(addr, tls, tool) in systems {
-        let mut c = Client::connect(addr, tls).await?;
-        for _ in 0..5 {
-            c.call(tool).await?;
-        }
-        conns.push(c);
+    for &system in systems {
+        conns.push(warm_client(system).await?);
     }
     let mut lat = vec![Vec::new(); systems.len()];
     let start = Instant::now();
@@ -449,49 +454,40 @@ async fn latency_round(systems: &[System<'_>], length: Duration) -> Result<Vec<V
     Ok(lat)
 }
 
-/// One round: `clients` connections calling for `length`; latencies and calls per second.
-async fn round(
-    addr: SocketAddr,
-    tls: Option<&tokio_rustls::TlsConnector>,
-    tool: &'static str,
-    clients: usize,
-    length: Duration,
-) -> Result<(Vec<Duration>, f64)> {
+/// One rate round: `clients` connections to `system` calling for `length`; calls per
+/// second.
+async fn rate_round(system: System<'_>, clients: usize, length: Duration) -> Result<f64> {
     let mut conns = Vec::new();
     for _ in 0..clients {
-        conns.push(Client::connect(addr, tls).await?);
+        conns.push(warm_client(system).await?);
     }
-    // Warm-up: a few calls on each connection.
-    for c in &mut conns {
-        for _ in 0..5 {
-            c.call(tool).await?;
-        }
-    }
+    let tool = system.2;
     let start = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
         .map(|mut c| {
             tokio::spawn(async move {
-                let mut lat = Vec::new();
+                let mut calls = 0u64;
                 while start.elapsed() < length {
-                    lat.push(c.call(tool).await?);
+                    c.call(tool).await?;
+                    calls += 1;
                 }
-                anyhow::Ok((lat, c))
+                anyhow::Ok((calls, c))
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let mut calls = 0;
     let mut done = Vec::new();
     for t in tasks {
-        let (lat, c) = t.await??;
-        all.extend(lat);
+        let (n, c) = t.await??;
+        calls += n;
         done.push(c);
     }
-    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    let rate = calls as f64 / start.elapsed().as_secs_f64();
     for c in done {
         c.close().await?;
     }
-    Ok((all, rate))
+    Ok(rate)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -588,9 +584,7 @@ fn main() -> Result<()> {
             // Rotate which system goes first.
             for k in 0..rate.len() {
                 let which = (k + r) % rate.len();
-                let (addr, tls, tool) = systems[which];
-                let (_, r) = round(addr, tls, tool, concurrency, length).await?;
-                rate[which].push(r);
+                rate[which].push(rate_round(systems[which], concurrency, length).await?);
             }
         }
         anyhow::Ok(())

@@ -67,21 +67,10 @@ impl Entry {
 
 /// SHA-256 (hex) of a JSON value as serialised.
 pub fn digest(arguments: &Value) -> String {
-    /// Hashes what is written to it.
-    struct Hashing(Sha256);
-    impl std::io::Write for Hashing {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.update(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut h = Hashing(Sha256::new());
-    // Writing a Value to a sink that never fails cannot fail.
+    // The hasher is a writer that never fails, so the serialisation cannot fail.
+    let mut h = Sha256::new();
     let _ = serde_json::to_writer(&mut h, arguments);
-    crate::frame::to_hex(&h.0.finalize())
+    crate::frame::to_hex(&h.finalize())
 }
 
 /// The log file and its rotation.

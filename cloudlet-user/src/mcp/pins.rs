@@ -91,8 +91,16 @@ pub struct PinStore {
     mode: PinMode,
     file: PinFile,
     stamp: Option<(SystemTime, u64)>,
-    /// Set by the folder's watch when something in it changed; `None` without a watch.
-    changed: Option<Arc<AtomicBool>>,
+    /// The folder's watch; `None` without one.
+    watch: Option<Arc<Watch>>,
+}
+
+/// What the inotify task tells [`PinStore::refresh`].
+struct Watch {
+    /// Something in the folder changed since the last look.
+    changed: AtomicBool,
+    /// The watch ended (the folder was removed or moved, or inotify failed): look every time.
+    lost: AtomicBool,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PinError + '_ {
@@ -221,7 +229,7 @@ impl PinStore {
             mode,
             file,
             stamp: stamp(path),
-            changed: None,
+            watch: None,
         })
     }
 
@@ -261,29 +269,51 @@ impl PinStore {
         }
         .map_err(std::io::Error::from)?;
         // Whatever happened before the watch began is looked at once.
-        let changed = Arc::new(AtomicBool::new(true));
-        let flag = Arc::downgrade(&changed);
+        let watch = Arc::new(Watch {
+            changed: AtomicBool::new(true),
+            lost: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&watch);
         tokio::spawn(async move {
+            // Room for many events; each is a 16-byte header and a name.
             let mut buf = [0u8; 4096];
-            loop {
+            let mut lost = false;
+            while !lost {
                 let Ok(mut ready) = afd.readable().await else {
                     break;
                 };
-                // Drain every queued event; which ones does not matter.
+                // Drain every queued event. Which ones does not matter, except the one that
+                // says the watch itself is gone.
                 loop {
                     // SAFETY: reads into a local buffer of the given length.
                     let n =
                         unsafe { libc::read(afd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                    if n <= 0 {
+                    let Ok(n) = usize::try_from(n) else { break };
+                    if n == 0 {
                         break;
+                    }
+                    let mut at = 0;
+                    while at + 16 <= n {
+                        // struct inotify_event: wd, mask, cookie, len, then `len` name bytes.
+                        let field = |o: usize| {
+                            u32::from_ne_bytes(buf[at + o..at + o + 4].try_into().unwrap_or([0; 4]))
+                        };
+                        lost |= field(4) & libc::IN_IGNORED != 0;
+                        at += 16 + field(12) as usize;
                     }
                 }
                 ready.clear_ready();
-                let Some(flag) = flag.upgrade() else { break };
-                flag.store(true, Ordering::Release);
+                let Some(watch) = weak.upgrade() else { return };
+                watch.changed.store(true, Ordering::Release);
+            }
+            if let Some(watch) = weak.upgrade() {
+                log::warn!(
+                    "MCP pins: the watch of the folder ended; looking at the file on every call"
+                );
+                watch.lost.store(true, Ordering::Release);
             }
         });
-        self.changed = Some(changed);
+        self.watch = Some(watch);
         Ok(())
     }
 
@@ -297,8 +327,9 @@ impl PinStore {
 
     /// Re-reads the file if it changed on disk (an approval).
     pub fn refresh(&mut self) {
-        if let Some(changed) = &self.changed
-            && !changed.swap(false, Ordering::AcqRel)
+        if let Some(w) = &self.watch
+            && !w.lost.load(Ordering::Acquire)
+            && !w.changed.swap(false, Ordering::AcqRel)
         {
             return;
         }
@@ -414,7 +445,8 @@ mod tests {
             store.watch().unwrap();
             assert_eq!(store.check("a__t", "h1", "d1"), PinState::Approved);
             store.check("a__t", "h2", "evil");
-            let flag = store.changed.clone().unwrap();
+            let watch = store.watch.clone().unwrap();
+            let flag = &watch.changed;
             // The store's own writes raise the flag too; once looked at, it stays down.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             store.refresh();
@@ -433,8 +465,18 @@ mod tests {
             }
             store.refresh();
             assert_eq!(store.check("a__t", "h2", "evil"), PinState::Approved);
+            // A removed folder ends the watch: the store then looks every time.
+            assert!(!watch.lost.load(Ordering::Acquire));
+            std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !watch.lost.load(Ordering::Acquire) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the end of the watch was not noticed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
         });
-        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
