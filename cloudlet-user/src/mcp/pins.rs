@@ -234,14 +234,21 @@ impl PinStore {
     }
 
     /// Watches the store's folder with inotify from a task on the current tokio runtime,
-    /// so that [`refresh`](Self::refresh) looks at the file only after something there
-    /// changed. Without a watch (this failed, or was never called) it looks every time.
+    /// so that [`refresh`](Self::refresh) looks at the file only after an event names it
+    /// (a write, a rename onto it, a removal) or the folder itself went away. Other files of
+    /// the folder, such as an audit log written on every call, wake nothing. Without a watch
+    /// (this failed, or was never called) it looks every time.
     pub fn watch(&mut self) -> std::io::Result<()> {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&dir)?;
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.as_encoded_bytes().to_vec())
+            .unwrap_or_default();
         // SAFETY: plain syscall; the descriptor is owned right after.
         let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if raw < 0 {
@@ -251,9 +258,12 @@ impl PinStore {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // Not IN_MODIFY: a file kept open and appended to, such as an audit log beside the
+        // pins, would wake the task on every write. A new version of the file is written and
+        // closed (IN_CLOSE_WRITE) or renamed onto it (IN_MOVED_TO), as `cloudlet mcp approve`
+        // does.
         let mask = libc::IN_CREATE
             | libc::IN_DELETE
-            | libc::IN_MODIFY
             | libc::IN_CLOSE_WRITE
             | libc::IN_MOVED_FROM
             | libc::IN_MOVED_TO
@@ -282,8 +292,9 @@ impl PinStore {
                 let Ok(mut ready) = afd.readable().await else {
                     break;
                 };
-                // Drain every queued event. Which ones does not matter, except the one that
+                // Drain every queued event; note those that name the file, and the one that
                 // says the watch itself is gone.
+                let mut changed = false;
                 loop {
                     // SAFETY: reads into a local buffer of the given length.
                     let n =
@@ -298,13 +309,27 @@ impl PinStore {
                         let field = |o: usize| {
                             u32::from_ne_bytes(buf[at + o..at + o + 4].try_into().unwrap_or([0; 4]))
                         };
-                        lost |= field(4) & libc::IN_IGNORED != 0;
-                        at += 16 + field(12) as usize;
+                        let (mask, len) = (field(4), field(12) as usize);
+                        // The name, NUL-padded; none for events of the folder itself.
+                        let event_name = buf
+                            .get(at + 16..(at + 16 + len).min(n))
+                            .unwrap_or_default()
+                            .split(|&b| b == 0)
+                            .next()
+                            .unwrap_or_default();
+                        lost |= mask & libc::IN_IGNORED != 0;
+                        changed |= event_name == name.as_slice()
+                            || mask
+                                & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_Q_OVERFLOW)
+                                != 0;
+                        at += 16 + len;
                     }
                 }
                 ready.clear_ready();
                 let Some(watch) = weak.upgrade() else { return };
-                watch.changed.store(true, Ordering::Release);
+                if changed || lost {
+                    watch.changed.store(true, Ordering::Release);
+                }
             }
             if let Some(watch) = weak.upgrade() {
                 log::warn!(
@@ -453,6 +478,16 @@ mod tests {
             assert!(!flag.load(Ordering::Acquire));
             store.refresh();
             assert!(!flag.load(Ordering::Acquire));
+            // Writes to another file of the folder (an audit log beside the pins) do not.
+            let other = path.with_file_name("audit.jsonl");
+            for i in 0..3 {
+                std::fs::write(&other, format!("entry {i}\n")).unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(
+                !flag.load(Ordering::Acquire),
+                "a write to another file of the folder raised the flag"
+            );
             // An approval by another process (`cloudlet mcp approve`) is seen.
             approve(&path, &[]).unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

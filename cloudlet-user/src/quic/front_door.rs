@@ -513,7 +513,21 @@ impl FrontDoor {
     pub async fn serve(self) {
         let h3 = serve_h3(self.endpoint.clone(), self.service.clone());
         let tcp = serve_tcp(self.tcp, self.tls, self.service, self.port);
-        tokio::join!(h3, tcp);
+        tokio::join!(h3, tcp, keep_a_timer_due());
+    }
+}
+
+/// Keeps a timer of the runtime due within [`TICK`]. Each request sets timers seconds away
+/// (the request head's, an upstream's); tokio wakes its own driver, an `eventfd` write and
+/// one more `epoll_wait`, whenever a timer is set earlier than the driver's next wake,
+/// which on an idle runtime is none at all. With a tick pending, the requests' timers come
+/// later than it and wake nothing.
+async fn keep_a_timer_due() {
+    const TICK: Duration = Duration::from_secs(1);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
     }
 }
 
