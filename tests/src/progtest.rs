@@ -74,6 +74,15 @@ impl Program {
         }
     }
 
+    /// Compiles `toml` and writes it into the loaded program in place (a bank swap).
+    pub fn update(&mut self, toml: &str) {
+        let compiled = compile_policy(toml);
+        self.classifier
+            .update(&compiled)
+            .unwrap_or_else(|e| panic!("updating the loaded program: {e}"));
+        self.compiled = compiled;
+    }
+
     /// The compiled policy.
     pub fn compiled(&self) -> &CompiledPolicy {
         &self.compiled

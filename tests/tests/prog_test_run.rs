@@ -5,7 +5,10 @@
 
 use cloudlet::policy::Action;
 use cloudlet::{
-    dataplane::{classify::ClassifyError, xsk::XskSockets},
+    dataplane::{
+        classify::{ClassifyError, Verdict},
+        xsk::XskSockets,
+    },
     frame::{Ext, Frame, L4, TPID_8021AD, TPID_8021Q},
 };
 use cloudlet_common::MAX_IPV6_EXT_HEADERS;
@@ -2082,4 +2085,145 @@ action = { rate_limit = { pps = 1, burst = 1, over = "pass" } }
     let v = p.classify("rule name", &f("192.0.2.1", 1));
     assert_eq!(v.rule.as_deref(), Some("per-rule"));
     assert_eq!(v.reason, "rule");
+}
+
+/// What the counters should say of `verdicts`, tallied frame by frame: packets by verdict,
+/// reason, rule, and zone of either address (`(none)` for an IP address in no zone).
+fn tally(verdicts: &[Verdict]) -> std::collections::BTreeMap<String, u64> {
+    let mut want = std::collections::BTreeMap::new();
+    for v in verdicts {
+        let mut add = |k: String| *want.entry(k).or_insert(0) += 1;
+        add(format!("verdict {}", v.verdict));
+        add(format!("reason {}", v.reason));
+        if let Some(rule) = &v.rule {
+            add(format!("rule {rule}"));
+        }
+        if v.reason == "non_ip" {
+            continue;
+        }
+        for (side, zones) in [("src", &v.src_zones), ("dst", &v.dst_zones)] {
+            if zones.is_empty() {
+                add(format!("zone (none) {side}"));
+            }
+            for z in zones {
+                add(format!("zone {z} {side}"));
+            }
+        }
+    }
+    want
+}
+
+/// The counters as read, in the keys of [`tally`] (zero counts left out).
+fn counted(p: &mut Program) -> std::collections::BTreeMap<String, u64> {
+    let compiled = p.compiled().clone();
+    let s = p
+        .classifier_mut()
+        .loaded_mut()
+        .stats(&compiled)
+        .expect("stats");
+    let mut got = std::collections::BTreeMap::new();
+    let named = s
+        .verdicts
+        .iter()
+        .map(|n| (format!("verdict {}", n.name), n.count.packets))
+        .chain(
+            s.reasons
+                .iter()
+                .map(|n| (format!("reason {}", n.name), n.count.packets)),
+        )
+        .chain(
+            s.rules
+                .iter()
+                .map(|r| (format!("rule {}", r.name), r.count.packets)),
+        )
+        .chain(s.zones.iter().flat_map(|z| {
+            [
+                (format!("zone {} src", z.name), z.src.packets),
+                (format!("zone {} dst", z.name), z.dst.packets),
+            ]
+        }));
+    for (k, n) in named.filter(|(_, n)| *n > 0) {
+        got.insert(k, n);
+    }
+    got
+}
+
+/// The counters, read in one batch lookup per map, agree with the frames' own verdicts,
+/// each frame counted once by verdict, reason, rule and zone; after an in-place update the
+/// rules' counters are those of the bank now in force, which counts from zero.
+#[test]
+fn counters_follow_the_frames_across_a_swap() {
+    let policy = |extra: &str| {
+        format!(
+            r#"
+default = "pass"
+{geoip}
+[zones.eu]
+countries = ["DE", "FR", "NL"]
+
+[zones.us]
+countries = ["US"]
+
+[[rules]]
+name = "from-eu"
+src_zone = "eu"
+action = "drop"
+{extra}
+[[rules]]
+name = "dns"
+dst_port = 53
+action = "pass"
+"#,
+            geoip = geoip_table()
+        )
+    };
+    let mut p = Program::new(&policy(""));
+    // Different numbers of each, so that no two counters agree by chance.
+    let flows = [
+        ("85.214.132.117", "192.0.2.1", 80, 1),
+        ("8.8.8.8", "192.0.2.1", 53, 2),
+        ("1.1.1.1", "62.210.16.6", 80, 3),
+        ("2001:db8::1", "2001:4860:4860::8888", 443, 4),
+        ("2001:610:1::1", "2001:db8::2", 53, 5),
+    ];
+    let frames: Vec<Vec<u8>> = flows
+        .iter()
+        .flat_map(|(src, dst, dport, n)| {
+            std::iter::repeat_n(udp(src, dst, 40000, *dport).build(), *n)
+        })
+        .chain(std::iter::once(ethernet(&[], ETH_P_ARP, &ARP_REQUEST)))
+        .collect();
+    let verdicts: Vec<Verdict> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| p.classify(&format!("frame {i}"), f))
+        .collect();
+    let want = tally(&verdicts);
+    assert!(
+        want.contains_key("rule from-eu") && want.contains_key("rule dns"),
+        "the frames must hit both rules: {want:?}"
+    );
+    assert_eq!(counted(&mut p), want);
+
+    // A rule in front: the bank swaps, and the rules count from zero there.
+    let bank = p.classifier_mut().loaded_mut().active_bank();
+    p.update(&policy(
+        "[[rules]]\nname = \"web\"\ndst_port = 80\naction = \"drop\"\n",
+    ));
+    assert_ne!(p.classifier_mut().loaded_mut().active_bank(), bank);
+    let after: Vec<Verdict> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| p.classify(&format!("frame {i} after the update"), f))
+        .collect();
+    assert!(after.iter().any(|v| v.rule.as_deref() == Some("web")));
+    let mut want = tally(&verdicts.iter().chain(&after).cloned().collect::<Vec<_>>());
+    // Rules count per bank; the rest over the program's life.
+    want.retain(|k, _| !k.starts_with("rule "));
+    for (k, n) in tally(&after) {
+        if k.starts_with("rule ") {
+            want.insert(k, n);
+        }
+    }
+    assert_eq!(counted(&mut p), want);
 }

@@ -737,12 +737,16 @@ fn raise_memlock_limit() {
 }
 
 fn batch_err(map: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    batch_call_err(map, "bpf_map_update_batch")
+}
+
+fn batch_call_err(
+    map: &'static str,
+    call: &'static str,
+) -> impl FnOnce(std::io::Error) -> DataplaneError {
     move |io_error| DataplaneError::Map {
         map,
-        source: MapError::SyscallError(aya::sys::SyscallError {
-            call: "bpf_map_update_batch",
-            io_error,
-        }),
+        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
     }
 }
 
@@ -956,35 +960,76 @@ fn update_batch<K: Copy, V: Copy>(
     update_batch_raw(map, keys, values.as_ptr().cast())
 }
 
-/// [`update_batch`] with values as the kernel lays them out: `keys.len()` values of the
-/// map's value size (per-CPU maps: one per possible CPU, each rounded up to 8 bytes).
+/// The attribute of the `BPF_MAP_*_BATCH` commands (`union bpf_attr`'s `batch`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Runs the batch command `cmd` on `map`'s descriptor with `attr`.
+fn batch_syscall(
+    cmd: libc::c_long,
+    map: &aya::maps::MapData,
+    attr: &mut BatchAttr,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    attr.map_fd = map.fd().as_fd().as_raw_fd() as u32;
+    // SAFETY: attr points to key and value arrays of `count` entries each, laid out as the
+    // map's key and value types (the callers' contract); the kernel writes back `count`
+    // and, for lookups, at most `count` keys and values.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes of one key's value in a batch: the map's value size, or for per-CPU maps one
+/// value per possible CPU, each rounded up to 8 bytes.
+fn batch_value_size(map: &aya::maps::MapData) -> std::io::Result<usize> {
+    let info = map.info().map_err(std::io::Error::other)?;
+    let value_size = info.value_size() as usize;
+    Ok(
+        if matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::PerCpuArray | aya::maps::MapType::PerCpuHash)
+        ) {
+            value_size.next_multiple_of(8) * aya::util::nr_cpus().map_err(|(_, e)| e)?
+        } else {
+            value_size
+        },
+    )
+}
+
+/// Whether a batch command's error means the kernel has no batch operations for the map.
+fn batch_unsupported(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524))
+}
+
+/// [`update_batch`] with values as the kernel lays them out: `keys.len()` values of
+/// [`batch_value_size`] bytes.
 fn update_batch_raw<K: Copy>(
     map: &aya::maps::MapData,
     keys: &[K],
     values: *const u8,
 ) -> std::io::Result<bool> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let fd = map.fd().as_fd().as_raw_fd();
-    let info = map.info().map_err(std::io::Error::other)?;
-    let value_size = info.value_size() as usize;
-    let per_key = if matches!(info.map_type(), Ok(aya::maps::MapType::PerCpuArray)) {
-        value_size.next_multiple_of(8) * aya::util::nr_cpus().map_err(|(_, e)| e)?
-    } else {
-        value_size
-    };
+    let per_key = batch_value_size(map)?;
     let mut done = 0usize;
     while done < keys.len() {
         let n = (keys.len() - done).min(1 << 16);
@@ -993,22 +1038,10 @@ fn update_batch_raw<K: Copy>(
             // SAFETY: within the caller's buffer of keys.len() values.
             values: unsafe { values.add(done * per_key) } as u64,
             count: n as u32,
-            map_fd: fd as u32,
             ..Default::default()
         };
-        // SAFETY: attr points to key and value arrays of `count` entries each, laid out
-        // as the map's key and value types; the kernel writes back only `count`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if ret != 0 {
-            let err = std::io::Error::last_os_error();
-            if done == 0 && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) {
+        if let Err(err) = batch_syscall(BPF_MAP_UPDATE_BATCH, map, &mut attr) {
+            if done == 0 && batch_unsupported(&err) {
                 return Ok(false);
             }
             return Err(err);
@@ -1016,4 +1049,60 @@ fn update_batch_raw<K: Copy>(
         done += n;
     }
     Ok(true)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+) on an array map: the values of the `count` keys
+/// from `start`, as the kernel lays them out ([`batch_value_size`] bytes a key), in as few
+/// syscalls as the kernel allows. `Ok(None)` when the map has no batch support.
+pub(crate) fn lookup_array_batch(
+    map: &aya::maps::MapData,
+    start: u32,
+    count: u32,
+) -> std::io::Result<Option<(usize, Vec<u8>)>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let per_key = batch_value_size(map)?;
+    let mut keys = vec![0u32; count as usize];
+    let mut values = vec![0u8; count as usize * per_key];
+    let mut done = 0u32;
+    while done < count {
+        // The batch position is the key before the first one wanted (none: from key 0).
+        let mut position = (start + done).wrapping_sub(1);
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if start + done == 0 {
+                0
+            } else {
+                &mut position as *mut u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys[done as usize..].as_mut_ptr() as u64,
+            values: values[done as usize * per_key..].as_mut_ptr() as u64,
+            count: count - done,
+            ..Default::default()
+        };
+        let result = batch_syscall(BPF_MAP_LOOKUP_BATCH, map, &mut attr);
+        // ENOENT: the end of the map came first; what was read is in `count`.
+        match result {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if done + attr.count < count {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the map ends before key {}", start + count - 1),
+                    ));
+                }
+            }
+            Err(e) if done == 0 && batch_unsupported(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("a batch lookup read nothing"));
+        }
+        let read = &keys[done as usize..(done + attr.count) as usize];
+        if read.iter().zip(start + done..).any(|(k, want)| *k != want) {
+            return Err(std::io::Error::other("a batch lookup skipped keys"));
+        }
+        done += attr.count;
+    }
+    Ok(Some((per_key, values)))
 }

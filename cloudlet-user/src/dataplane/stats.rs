@@ -231,38 +231,63 @@ impl Stats {
     }
 }
 
-fn per_cpu_sum(
-    map: &PerCpuArray<&aya::maps::MapData, Counter>,
-    index: u32,
-) -> Result<Count, aya::maps::MapError> {
-    let values = map.get(&index, 0)?;
-    let mut c = Count::default();
-    for v in values.iter() {
-        c.packets += v.packets;
-        c.bytes += v.bytes;
-    }
-    Ok(c)
-}
-
-fn per_cpu<'a>(
-    ebpf: &'a Ebpf,
+/// The per-CPU counters `start..start + count` of the array `name`, each summed over CPUs:
+/// in one batch lookup where the kernel has them (5.6+), else one lookup a key.
+fn counts(
+    ebpf: &Ebpf,
     name: &'static str,
-) -> Result<PerCpuArray<&'a aya::maps::MapData, Counter>, DataplaneError> {
-    PerCpuArray::try_from(ebpf.map(name).ok_or(DataplaneError::Missing(name))?)
-        .map_err(map_err(name))
+    start: u32,
+    count: u32,
+) -> Result<Vec<Count>, DataplaneError> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let map = ebpf.map(name).ok_or(DataplaneError::Missing(name))?;
+    if let aya::maps::Map::PerCpuArray(data) = map
+        && let Some((per_key, values)) = super::lookup_array_batch(data, start, count)
+            .map_err(super::batch_call_err(name, "bpf_map_lookup_batch"))?
+    {
+        // Each key: one counter per possible CPU, each 8-byte aligned.
+        let stride = std::mem::size_of::<Counter>().next_multiple_of(8);
+        let word =
+            |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        return Ok(values
+            .chunks_exact(per_key)
+            .map(|key| {
+                let mut c = Count::default();
+                for cpu in key.chunks_exact(stride) {
+                    c.packets += word(cpu, std::mem::offset_of!(Counter, packets));
+                    c.bytes += word(cpu, std::mem::offset_of!(Counter, bytes));
+                }
+                c
+            })
+            .collect());
+    }
+    let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    (start..start + count)
+        .map(|index| {
+            let values = array.get(&index, 0).map_err(map_err(name))?;
+            let mut c = Count::default();
+            for v in values.iter() {
+                c.packets += v.packets;
+                c.bytes += v.bytes;
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Reads every counter of a loaded program; the rules' counters from `rule_base` (the
-/// bank in force).
+/// bank in force). One batch lookup per counter map where the kernel has them.
 pub fn read(
     ebpf: &Ebpf,
     compiled: &CompiledPolicy,
     rule_base: u32,
 ) -> Result<Stats, DataplaneError> {
-    let stats = per_cpu(ebpf, "STATS")?;
+    let stats = counts(ebpf, "STATS", 0, stat::COUNT)?;
     let mut out = Stats {
-        rate_limited: per_cpu_sum(&stats, stat::RATE_LIMITED).map_err(map_err("STATS"))?,
-        xsk_undelivered: per_cpu_sum(&stats, stat::XSK_UNDELIVERED).map_err(map_err("STATS"))?,
+        rate_limited: stats[stat::RATE_LIMITED as usize],
+        xsk_undelivered: stats[stat::XSK_UNDELIVERED as usize],
         ..Stats::default()
     };
     // One counter per reason and action taken: summed both ways.
@@ -270,7 +295,7 @@ pub fn read(
     let mut by_action = vec![Count::default(); action::COUNT as usize];
     for r in 0..reason::COUNT {
         for a in 0..action::COUNT {
-            let c = per_cpu_sum(&stats, stat::verdict(r, a)).map_err(map_err("STATS"))?;
+            let c = stats[stat::verdict(r, a) as usize];
             by_reason[r as usize].add(c);
             by_action[a as usize].add(c);
         }
@@ -288,19 +313,21 @@ pub fn read(
         });
     }
 
-    let rule_stats = per_cpu(ebpf, "RULE_STATS")?;
-    for (i, name) in compiled.rule_names.iter().enumerate() {
-        let count =
-            per_cpu_sum(&rule_stats, rule_base + i as u32).map_err(map_err("RULE_STATS"))?;
-        let action = compiled.rule_actions[i].clone();
+    let rule_counts = counts(
+        ebpf,
+        "RULE_STATS",
+        rule_base,
+        compiled.rule_names.len() as u32,
+    )?;
+    for (i, (name, count)) in compiled.rule_names.iter().zip(rule_counts).enumerate() {
         out.rules.push(RuleCount {
             name: name.clone(),
-            action: action.to_string(),
+            action: compiled.rule_actions[i].to_string(),
             count,
         });
     }
 
-    let class_stats = per_cpu(ebpf, "CLASS_STATS")?;
+    let class_counts = counts(ebpf, "CLASS_STATS", 0, 2 * compiled.classes.len() as u32)?;
     let mut zones: Vec<ZoneCount> = compiled
         .zone_names
         .iter()
@@ -312,10 +339,8 @@ pub fn read(
         })
         .collect();
     let none = zones.len() - 1;
-    for class in 0..compiled.classes.len() {
-        let src = per_cpu_sum(&class_stats, 2 * class as u32).map_err(map_err("CLASS_STATS"))?;
-        let dst =
-            per_cpu_sum(&class_stats, 2 * class as u32 + 1).map_err(map_err("CLASS_STATS"))?;
+    for (class, pair) in class_counts.chunks_exact(2).enumerate() {
+        let (src, dst) = (pair[0], pair[1]);
         if compiled.class_zones[class] == ZoneSet::default() {
             zones[none].src.add(src);
             zones[none].dst.add(dst);
