@@ -19,6 +19,14 @@ use cloudlet_tests::progtest::{
 use cloudlet_tests::reference::{self, Facts};
 
 const ETH_P_ARP: u16 = 0x0806;
+
+/// The zones of the geo-fence tests: three countries of the EU, and the US.
+const EU_AND_US: &str = r#"[zones.eu]
+countries = ["DE", "FR", "NL"]
+
+[zones.us]
+countries = ["US"]
+"#;
 const ETH_P_LLDP: u16 = 0x88cc;
 
 fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Frame {
@@ -1150,12 +1158,7 @@ fn geo_fence_both_directions() {
         r#"
 default = "pass"
 {geoip}
-[zones.eu]
-countries = ["DE", "FR", "NL"]
-
-[zones.us]
-countries = ["US"]
-
+{zones}
 [[rules]]
 name = "admin-only-from-eu"
 src_zone = "!eu"
@@ -1167,7 +1170,8 @@ name = "nothing-to-us"
 dst_zone = "us"
 action = "drop"
 "#,
-        geoip = geoip_table()
+        geoip = geoip_table(),
+        zones = EU_AND_US,
     );
     let zone_countries = ["DE", "FR", "NL", "US"];
     let known = [
@@ -2158,12 +2162,7 @@ fn counters_follow_the_frames_across_a_swap() {
             r#"
 default = "pass"
 {geoip}
-[zones.eu]
-countries = ["DE", "FR", "NL"]
-
-[zones.us]
-countries = ["US"]
-
+{zones}
 [[rules]]
 name = "from-eu"
 src_zone = "eu"
@@ -2174,7 +2173,8 @@ name = "dns"
 dst_port = 53
 action = "pass"
 "#,
-            geoip = geoip_table()
+            geoip = geoip_table(),
+            zones = EU_AND_US,
         )
     };
     let mut p = Program::new(&policy(""));

@@ -235,7 +235,7 @@ impl PinStore {
 
     /// Watches the store's folder with inotify from a task on the current tokio runtime,
     /// so that [`refresh`](Self::refresh) looks at the file only after an event names it
-    /// (a write, a rename onto it, a removal) or the folder itself went away. Other files of
+    /// (closed after writing, renamed onto, removed) or the folder itself went away. Other files of
     /// the folder, such as an audit log written on every call, wake nothing. Without a watch
     /// (this failed, or was never called) it looks every time.
     pub fn watch(&mut self) -> std::io::Result<()> {
