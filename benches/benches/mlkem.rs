@@ -1,8 +1,8 @@
 //! The pieces of the hybrid key exchange: ML-KEM-768 key generation, encapsulation (with
 //! the encapsulation key check FIPS 203 requires) and decapsulation, in RustCrypto's
-//! `ml-kem` (what Cloudlet uses) and Cryspen's `libcrux-ml-kem` (formally verified, with
-//! AVX2 code); ring's X25519 for scale; and Cloudlet's whole X25519MLKEM768 group, client
-//! and server side.
+//! `ml-kem` (Cloudlet's client side) and Cryspen's `libcrux-ml-kem` (formally verified, with
+//! AVX2 code; Cloudlet's server side encapsulates with it); ring's X25519 for scale; and
+//! Cloudlet's whole X25519MLKEM768 group, client and server side.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ml_kem::{
