@@ -1066,13 +1066,14 @@ pub(crate) fn lookup_array_batch(
     let mut done = 0u32;
     while done < count {
         // The batch position is the key before the first one wanted (none: from key 0).
-        let mut position = (start + done).wrapping_sub(1);
+        let position = (start + done).wrapping_sub(1);
+        // Where the kernel writes the last key read (required; the keys say as much).
         let mut next = 0u32;
         let mut attr = BatchAttr {
             in_batch: if start + done == 0 {
                 0
             } else {
-                &mut position as *mut u32 as u64
+                &position as *const u32 as u64
             },
             out_batch: &mut next as *mut u32 as u64,
             keys: keys[done as usize..].as_mut_ptr() as u64,

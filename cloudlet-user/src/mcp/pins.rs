@@ -9,8 +9,8 @@
 //! read-modify-write under an exclusive `flock` of `FILE.lock`, written to a temporary
 //! file, synced and renamed over the old one, so a crash leaves either version whole.
 //! cloudletd re-reads the file when its modification time or size changes, looking only
-//! after inotify reported a change in its folder (on every request where inotify cannot
-//! watch it).
+//! after inotify reported an event naming it (on every request where inotify cannot watch
+//! its folder).
 
 use std::{
     collections::BTreeMap,
@@ -97,7 +97,7 @@ pub struct PinStore {
 
 /// What the inotify task tells [`PinStore::refresh`].
 struct Watch {
-    /// Something in the folder changed since the last look.
+    /// An event named the file (or the folder went away) since the last look.
     changed: AtomicBool,
     /// The watch ended (the folder was removed or moved, or inotify failed): look every time.
     lost: AtomicBool,
@@ -235,9 +235,9 @@ impl PinStore {
 
     /// Watches the store's folder with inotify from a task on the current tokio runtime,
     /// so that [`refresh`](Self::refresh) looks at the file only after an event names it
-    /// (closed after writing, renamed onto, removed) or the folder itself went away. Other files of
-    /// the folder, such as an audit log written on every call, wake nothing. Without a watch
-    /// (this failed, or was never called) it looks every time.
+    /// (closed after writing, renamed onto, removed) or the folder itself went away. Other
+    /// files of the folder, such as an audit log written on every call, wake nothing.
+    /// Without a watch (this failed, or was never called) it looks every time.
     pub fn watch(&mut self) -> std::io::Result<()> {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
