@@ -259,11 +259,13 @@ impl Bed {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {args:?}"))?;
-        child
+        // A command that fails before reading its input closes the pipe: its own error,
+        // below, says more than the write's.
+        let written = child
             .stdin
             .take()
             .context("stdin")?
-            .write_all(input.as_bytes())?;
+            .write_all(input.as_bytes());
         let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!(
@@ -271,7 +273,7 @@ impl Bed {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(())
+        written.with_context(|| format!("feeding {args:?}"))
     }
 }
 
