@@ -304,7 +304,7 @@ fn main() -> Result<()> {
     let (rounds, per_round, workers, bulk_bytes, bulk_rounds) = if o.quick {
         (5, 150, 4, 32 << 20, 3)
     } else {
-        (9, 600, 4, 256 << 20, 5)
+        (15, 400, 4, 256 << 20, 5)
     };
     let id = quic::self_signed(&["localhost"])?;
     let mut roots = RootCertStore::empty();
@@ -381,6 +381,19 @@ fn main() -> Result<()> {
         drop(servers);
     }
 
+    // Each round runs both modes back to back, so its ratio leaves out the machine's drift
+    // from round to round (this guest has slow and fast phases lasting seconds).
+    let paired: Vec<f64> = cpu_us[0]
+        .iter()
+        .zip(&cpu_us[1])
+        .map(|(h, c)| h / c)
+        .collect();
+    let (paired_min, paired_max) = paired
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(*r), hi.max(*r))
+        });
+    let paired_ratio = median(paired);
     let [rate_h, rate_c] = rate.map(median);
     let [cpu_h, cpu_c] = cpu_us.map(median);
     let [bulk_h, bulk_c] = mib_s.map(median);
@@ -434,11 +447,19 @@ fn main() -> Result<()> {
             f.baseline.as_deref().unwrap_or("")
         );
     }
-    let ratio = cpu_h / cpu_c;
-    if ratio.is_finite() {
+    if paired_ratio.is_finite() {
         println!(
-            "goal: hybrid server CPU per handshake at most 1.15x classical (pure Rust): {} ({ratio:.2}x)",
-            if ratio <= 1.15 { "met" } else { "NOT met" }
+            "hybrid/classical server CPU per handshake, round by round: median {paired_ratio:.3}x \
+             (rounds {paired_min:.3}x to {paired_max:.3}x; ratio of the medians above {:.3}x)",
+            cpu_h / cpu_c
+        );
+        println!(
+            "goal: hybrid server CPU per handshake at most 1.15x classical (pure Rust): {} ({paired_ratio:.2}x)",
+            if paired_ratio <= 1.15 {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
     }
     let path = merge_results(&o.out, &figures)?;
