@@ -1,8 +1,9 @@
 //! The pieces of the hybrid key exchange: ML-KEM-768 key generation, encapsulation (with
 //! the encapsulation key check FIPS 203 requires) and decapsulation, in RustCrypto's
 //! `ml-kem` (Cloudlet's client side) and Cryspen's `libcrux-ml-kem` (formally verified, with
-//! AVX2 code; Cloudlet's server side encapsulates with it); ring's X25519 for scale; and
-//! Cloudlet's whole X25519MLKEM768 group, client and server side.
+//! AVX2 code; Cloudlet's server side encapsulates with it); X25519's key generation and
+//! agreement in ring (the hybrid's classical half, and rustls' own X25519) and in
+//! x25519-dalek; and Cloudlet's whole X25519MLKEM768 group, client and server side.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ml_kem::{
@@ -74,6 +75,14 @@ fn benches(c: &mut Criterion) {
                 |s| s.len(),
             )
             .expect("agree")
+        })
+    });
+    g.bench_function("x25519-dalek/keygen+agree", |b| {
+        let peer = x25519_dalek::PublicKey::from(&x25519_dalek::EphemeralSecret::random());
+        b.iter(|| {
+            let key = x25519_dalek::EphemeralSecret::random();
+            let _ = x25519_dalek::PublicKey::from(&key);
+            key.diffie_hellman(&peer)
         })
     });
     let hybrid = cloudlet::quic::X25519MLKEM768;
