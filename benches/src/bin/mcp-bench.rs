@@ -97,7 +97,7 @@ fn start_guard(
     dir: &Path,
     id: &cloudlet::quic::SelfSigned,
     audit_sync: AuditSync,
-) -> Result<SocketAddr> {
+) -> Result<(SocketAddr, ThreadClock)> {
     std::fs::create_dir_all(dir)?;
     let (cert, key) = (id.cert.clone(), id.key.clone_key());
     let config = GuardConfig {
@@ -154,6 +154,7 @@ fn start_guard(
     std::thread::Builder::new()
         .name("guard".into())
         .spawn(move || {
+            let clock = ThreadClock::current();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -186,7 +187,7 @@ fn start_guard(
                 };
                 match started.await {
                     Ok(door) => {
-                        let _ = tx.send(Ok(door.local_addr()));
+                        let _ = tx.send(clock.map(|c| (door.local_addr(), c)));
                         door.serve().await;
                     }
                     Err(e) => {
@@ -198,10 +199,42 @@ fn start_guard(
     rx.recv()?
 }
 
+/// A thread's CPU clock, readable from any thread while that thread runs.
+#[derive(Clone, Copy)]
+struct ThreadClock(libc::clockid_t);
+
+impl ThreadClock {
+    /// The calling thread's.
+    fn current() -> Result<Self> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `clock` is a valid out-pointer; the thread is the calling one.
+        let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        if rc != 0 {
+            bail!("pthread_getcpuclockid: error {rc}");
+        }
+        Ok(Self(clock))
+    }
+
+    /// The thread's CPU time so far.
+    fn now(self) -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer; the guard threads run until the process ends.
+        let rc = unsafe { libc::clock_gettime(self.0, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime on a guard thread's clock");
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+}
+
 /// A TLS relay on a thread of its own, as the guard runs: it terminates TLS with `id` and
 /// copies bytes both ways to `to` on one connection per client. It does what the guard's
 /// path must do at least (TLS, a second hop), and nothing of what it checks.
-fn start_tls_relay(to: SocketAddr, id: &cloudlet::quic::SelfSigned) -> Result<SocketAddr> {
+fn start_tls_relay(
+    to: SocketAddr,
+    id: &cloudlet::quic::SelfSigned,
+) -> Result<(SocketAddr, ThreadClock)> {
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -212,7 +245,7 @@ fn start_tls_relay(to: SocketAddr, id: &cloudlet::quic::SelfSigned) -> Result<So
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    serve_on_thread("tls-relay", listener, move |inc| {
+    let clock = serve_on_thread("tls-relay", listener, move |inc| {
         let acceptor = acceptor.clone();
         async move {
             let Ok(mut out) = tokio::net::TcpStream::connect(to).await else {
@@ -224,12 +257,16 @@ fn start_tls_relay(to: SocketAddr, id: &cloudlet::quic::SelfSigned) -> Result<So
             }
         }
     })?;
-    Ok(addr)
+    Ok((addr, clock))
 }
 
 /// Accepts on `listener` from a single-threaded runtime on a thread of its own, handing
 /// each connection (no Nagle) to `serve` in a task.
-fn serve_on_thread<F, Fut>(name: &str, listener: std::net::TcpListener, serve: F) -> Result<()>
+fn serve_on_thread<F, Fut>(
+    name: &str,
+    listener: std::net::TcpListener,
+    serve: F,
+) -> Result<ThreadClock>
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
@@ -237,9 +274,11 @@ where
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            let _ = tx.send(ThreadClock::current());
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
@@ -251,7 +290,7 @@ where
                 }
             });
         })?;
-    Ok(())
+    rx.recv()?
 }
 
 /// The web upstream's `search` tool, as its server lists it (the only tool the bench calls).
@@ -264,7 +303,7 @@ fn start_fixed_upstream() -> Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let tools: Value = serde_json::from_str(FIXED_TOOLS)?;
-    serve_on_thread("at-once", listener, move |inc| {
+    let _ = serve_on_thread("at-once", listener, move |inc| {
         let tools = tools.clone();
         async move {
             let svc =
@@ -431,12 +470,21 @@ async fn warm_client((addr, tls, tool): System<'_>) -> Result<Client> {
 /// One latency round: one connection per system, taking turns of [`BLOCK`] calls each (the
 /// order rotates every turn) for `length`, so that the upstream's drift from second to
 /// second falls on every system alike; the latencies per system.
-async fn latency_round(systems: &[System<'_>], length: Duration) -> Result<Vec<Vec<Duration>>> {
+///
+/// With each system's guard thread clock (`None`: no guard), also the guard's CPU time per
+/// call in µs over the calls of the round (sessions' setup and teardown left out).
+async fn latency_round(
+    systems: &[System<'_>],
+    clocks: &[Option<ThreadClock>],
+    length: Duration,
+) -> Result<(Vec<Vec<Duration>>, Vec<Option<f64>>)> {
     let mut conns = Vec::new();
     for &system in systems {
         conns.push(warm_client(system).await?);
     }
     let mut lat = vec![Vec::new(); systems.len()];
+    let cpu_before: Vec<Option<Duration>> =
+        clocks.iter().map(|c| c.map(ThreadClock::now)).collect();
     let start = Instant::now();
     let mut turn = 0;
     while start.elapsed() < length {
@@ -448,10 +496,18 @@ async fn latency_round(systems: &[System<'_>], length: Duration) -> Result<Vec<V
         }
         turn += 1;
     }
+    let cpu_per_call = clocks
+        .iter()
+        .zip(&cpu_before)
+        .zip(&lat)
+        .map(|((clock, before), calls)| {
+            Some((clock.as_ref()?.now() - (*before)?).as_secs_f64() * 1e6 / calls.len() as f64)
+        })
+        .collect();
     for c in conns {
         c.close().await?;
     }
-    Ok(lat)
+    Ok((lat, cpu_per_call))
 }
 
 /// One rate round: `clients` connections to `system` calling for `length`; calls per
@@ -509,22 +565,23 @@ fn main() -> Result<()> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(id.cert.clone())?;
     let direct_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let guard_addr = start_guard(port, &dir.join("mcp-guard"), &id, AuditSync::Write)?;
-    let sync_addr = start_guard(
+    let (guard_addr, guard_clock) =
+        start_guard(port, &dir.join("mcp-guard"), &id, AuditSync::Write)?;
+    let (sync_addr, _) = start_guard(
         port,
         &dir.join("mcp-guard-fdatasync"),
         &id,
         AuditSync::Fdatasync,
     )?;
-    let relay_addr = start_tls_relay(direct_addr, &id)?;
+    let (relay_addr, relay_clock) = start_tls_relay(direct_addr, &id)?;
     let at_once_addr = start_fixed_upstream()?;
-    let at_once_guard = start_guard(
+    let (at_once_guard, at_once_clock) = start_guard(
         at_once_addr.port(),
         &dir.join("mcp-guard-at-once"),
         &id,
         AuditSync::Write,
     )?;
-    let at_once_relay = start_tls_relay(at_once_addr, &id)?;
+    let (at_once_relay, at_once_relay_clock) = start_tls_relay(at_once_addr, &id)?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cloudlet::quic::client_config(
         PqMode::Preferred,
         roots,
@@ -562,22 +619,34 @@ fn main() -> Result<()> {
     let mut p99 = vec![Vec::new(); systems.len()];
     let mut rate = vec![Vec::new(); 3];
     let mut at_once_p50 = vec![Vec::new(); at_once.len()];
+    // The guard's and the TLS relay's thread CPU per call (µs), against Python and against
+    // the upstream that answers at once.
+    let mut guard_cpu: [Vec<f64>; 2] = Default::default();
+    let mut relay_cpu: [Vec<f64>; 2] = Default::default();
     rt.block_on(async {
         for r in 0..rounds {
-            for (which, mut lat) in latency_round(&systems, length)
-                .await?
-                .into_iter()
-                .enumerate()
-            {
+            let (lats, cpu) = latency_round(
+                &systems,
+                &[None, Some(guard_clock), None, Some(relay_clock)],
+                length,
+            )
+            .await?;
+            guard_cpu[0].extend(cpu[1]);
+            relay_cpu[0].extend(cpu[3]);
+            for (which, mut lat) in lats.into_iter().enumerate() {
                 lat.sort();
                 p50[which].push(percentile(&lat, 0.5));
                 p99[which].push(percentile(&lat, 0.99));
             }
-            for (which, mut lat) in latency_round(&at_once, length / 4)
-                .await?
-                .into_iter()
-                .enumerate()
-            {
+            let (lats, cpu) = latency_round(
+                &at_once,
+                &[None, Some(at_once_clock), Some(at_once_relay_clock)],
+                length / 4,
+            )
+            .await?;
+            guard_cpu[1].extend(cpu[1]);
+            relay_cpu[1].extend(cpu[2]);
+            for (which, mut lat) in lats.into_iter().enumerate() {
                 lat.sort();
                 at_once_p50[which].push(percentile(&lat, 0.5));
             }
@@ -593,6 +662,8 @@ fn main() -> Result<()> {
     let p99: Vec<f64> = p99.into_iter().map(median).collect();
     let rate: Vec<f64> = rate.into_iter().map(median).collect();
     let at_once_us: Vec<f64> = at_once_p50.into_iter().map(|v| median(v) * 1e3).collect();
+    let [cpu_python, cpu_at_once] = guard_cpu.map(median);
+    let [relay_cpu_python, relay_cpu_at_once] = relay_cpu.map(median);
     let (d50, g50, d99, g99, drate, grate) = (p50[0], p50[1], p99[0], p99[1], rate[0], rate[1]);
     println!("                 direct      guard   ratio");
     println!("p50 (ms)      {d50:9.3}  {g50:9.3}   {:.2}x", g50 / d50);
@@ -621,6 +692,9 @@ fn main() -> Result<()> {
         at_once_us[2] - at_once_us[0],
         at_once_us[1],
         at_once_us[1] - at_once_us[0]
+    );
+    println!(
+        "thread CPU per call (latency rounds): guard {cpu_python:.1} us, TLS relay {relay_cpu_python:.1} us with the Python upstream; guard {cpu_at_once:.1} us, TLS relay {relay_cpu_at_once:.1} us with the one that answers at once"
     );
     let p50_goal = g50 / d50 <= 1.10;
     let rate_goal = grate / drate >= 0.90;
@@ -705,6 +779,25 @@ fn main() -> Result<()> {
             "mcp tools/call p50 direct, upstream answering at once",
             at_once_us[0],
         )),
+    ));
+    figures.push(fig("mcp guard thread CPU per call", cpu_python, "us", None));
+    figures.push(fig(
+        "mcp guard thread CPU per call, upstream answering at once",
+        cpu_at_once,
+        "us",
+        None,
+    ));
+    figures.push(fig(
+        "mcp tls relay thread CPU per call",
+        relay_cpu_python,
+        "us",
+        None,
+    ));
+    figures.push(fig(
+        "mcp tls relay thread CPU per call, upstream answering at once",
+        relay_cpu_at_once,
+        "us",
+        None,
     ));
     let path = merge_results(&o.out, &figures)?;
     println!("figures added to {}", path.display());

@@ -450,7 +450,10 @@ impl Answer {
         }
         b.body(
             self.body
-                .map_or_else(Bytes::new, |v| Bytes::from(v.to_string())),
+                // `to_vec` writes bytes straight; `to_string` goes through `fmt`.
+                .map_or_else(Bytes::new, |v| {
+                    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+                }),
         )
         .unwrap_or_default()
     }
