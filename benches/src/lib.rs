@@ -8,6 +8,36 @@ use std::path::Path;
 
 use serde::Serialize;
 
+/// A thread's CPU clock (`pthread_getcpuclockid`), readable from any thread while that
+/// thread runs: what a server thread spends on its work, measured from outside.
+#[derive(Clone, Copy)]
+pub struct ThreadClock(libc::clockid_t);
+
+impl ThreadClock {
+    /// The calling thread's clock.
+    pub fn current() -> anyhow::Result<Self> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `clock` is a valid out-pointer; the thread is the calling one.
+        match unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } {
+            0 => Ok(Self(clock)),
+            rc => anyhow::bail!("pthread_getcpuclockid: error {rc}"),
+        }
+    }
+
+    /// The thread's CPU time so far. Read it only while the thread runs: the clock of a
+    /// thread that has ended is invalid.
+    pub fn now(self) -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer.
+        let rc = unsafe { libc::clock_gettime(self.0, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime on a thread's CPU clock");
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+}
+
 /// The GeoIP database `cargo xtask setup` installs.
 pub const GEOIP_DATABASE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

@@ -19,6 +19,7 @@ use cloudlet_tests::progtest::{
 use cloudlet_tests::reference::{self, Facts};
 
 const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_LLDP: u16 = 0x88cc;
 
 /// The zones of the geo-fence tests: three countries of the EU, and the US.
 const EU_AND_US: &str = r#"[zones.eu]
@@ -27,7 +28,6 @@ countries = ["DE", "FR", "NL"]
 [zones.us]
 countries = ["US"]
 "#;
-const ETH_P_LLDP: u16 = 0x88cc;
 
 fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Frame {
     Frame::udp(ip(src), ip(dst), sport, dport)

@@ -40,7 +40,7 @@ use cloudlet::{
         metrics::FrontDoorMetrics,
     },
 };
-use cloudlet_benches::{Figure, merge_results};
+use cloudlet_benches::{Figure, ThreadClock, merge_results};
 use cloudlet_tests::daemon::{Daemon, Output, spawn_until};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
@@ -197,35 +197,6 @@ fn start_guard(
             });
         })?;
     rx.recv()?
-}
-
-/// A thread's CPU clock, readable from any thread while that thread runs.
-#[derive(Clone, Copy)]
-struct ThreadClock(libc::clockid_t);
-
-impl ThreadClock {
-    /// The calling thread's.
-    fn current() -> Result<Self> {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: `clock` is a valid out-pointer; the thread is the calling one.
-        let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
-        if rc != 0 {
-            bail!("pthread_getcpuclockid: error {rc}");
-        }
-        Ok(Self(clock))
-    }
-
-    /// The thread's CPU time so far.
-    fn now(self) -> Duration {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid out-pointer; the guard threads run until the process ends.
-        let rc = unsafe { libc::clock_gettime(self.0, &mut ts) };
-        assert_eq!(rc, 0, "clock_gettime on a guard thread's clock");
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-    }
 }
 
 /// A TLS relay on a thread of its own, as the guard runs: it terminates TLS with `id` and

@@ -6,7 +6,8 @@
 //! code (picked at run time; portable code elsewhere) encapsulates about 3x as fast: that is
 //! the one ML-KEM operation on a server's handshake path, and with `ml-kem` it put the
 //! server's CPU per handshake at 1.31-1.37x the classical group's, against 1.11-1.17x now
-//! (with the workspace's patched libcrux-sha3, third_party/README.md; see docs/benchmarks.md). Both implement the same standard; the unit tests below and the
+//! (with the workspace's patched libcrux-sha3, third_party/README.md; see
+//! docs/benchmarks.md). Both implement the same standard; the unit tests below and the
 //! interop tests against aws-lc-rs check each side against another implementation.
 //!
 //! Shares and secret, post-quantum part first:
