@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod config;
 pub mod guard;
+pub mod http1;
 pub mod identity;
 pub mod pins;
 pub mod policy;

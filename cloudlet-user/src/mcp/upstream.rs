@@ -19,8 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use super::http1;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -615,6 +614,7 @@ enum HttpFailure {
 }
 
 /// One POST's outcome.
+#[derive(Debug)]
 struct HttpReply {
     session: Option<String>,
     /// JSON-RPC messages in the body (one for a JSON answer, any number in an SSE stream).
@@ -636,14 +636,22 @@ impl HttpReply {
 
 /// A small HTTP/1.1 client for one Streamable HTTP endpoint, keeping idle connections.
 struct HttpClient {
-    url: http::Uri,
     authority: String,
     tls: Option<(
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
     )>,
-    headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    idle: Mutex<Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
+    /// What follows the method in every request: the target, `Host` and the configured
+    /// headers.
+    head: Vec<u8>,
+    /// Lower-case names of the configured headers, which replace the client's own.
+    configured: Vec<String>,
+    idle: Mutex<Vec<http1::Connection>>,
+}
+
+/// Whether `value` may go into a header line as it is.
+fn header_safe(value: &str) -> bool {
+    !value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
 impl HttpClient {
@@ -679,33 +687,73 @@ impl HttpClient {
         } else {
             None
         };
-        let headers = headers
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    http::HeaderName::try_from(k.as_str())
-                        .map_err(|e| format!("header {k}: {e}"))?,
-                    http::HeaderValue::try_from(v.as_str())
-                        .map_err(|e| format!("header {k}: {e}"))?,
-                ))
-            })
-            .collect::<Result<_, String>>()?;
+        let mut configured = Vec::new();
+        let mut lines = String::new();
+        for (k, v) in headers {
+            let name =
+                http::HeaderName::try_from(k.as_str()).map_err(|e| format!("header {k}: {e}"))?;
+            http::HeaderValue::try_from(v.as_str()).map_err(|e| format!("header {k}: {e}"))?;
+            if !header_safe(v) {
+                return Err(format!("header {k}: control characters in its value"));
+            }
+            lines.push_str(&format!("{}: {v}\r\n", name.as_str()));
+            configured.push(name.as_str().to_string());
+        }
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!(" {target} HTTP/1.1\r\n");
+        if !configured.iter().any(|n| n == "host") {
+            head.push_str(&format!("host: {authority}\r\n"));
+        }
+        head.push_str(&lines);
         Ok(Self {
-            url: uri,
             authority,
             tls,
-            headers,
+            head: head.into_bytes(),
+            configured,
             idle: Mutex::new(Vec::new()),
         })
     }
 
-    async fn connection(
+    /// A whole request: `method`, the client's `fields` (left out where the configuration
+    /// sets the same header) and `body` with its length.
+    fn request(
         &self,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, HttpFailure> {
+        method: &str,
+        fields: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Vec<u8>, HttpFailure> {
+        let body_len = body.map_or(0, <[u8]>::len);
+        let mut r = Vec::with_capacity(method.len() + self.head.len() + 192 + body_len);
+        r.extend_from_slice(method.as_bytes());
+        r.extend_from_slice(&self.head);
+        for (name, value) in fields {
+            if self.configured.iter().any(|n| n == name) {
+                continue;
+            }
+            if !header_safe(value) {
+                return Err(HttpFailure::Body(format!(
+                    "{name}: control characters in {value:?}"
+                )));
+            }
+            for part in [name.as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                r.extend_from_slice(part);
+            }
+        }
+        if let Some(body) = body {
+            r.extend_from_slice(format!("content-length: {body_len}\r\n\r\n").as_bytes());
+            r.extend_from_slice(body);
+        } else {
+            r.extend_from_slice(b"\r\n");
+        }
+        Ok(r)
+    }
+
+    /// An idle connection that is still open, or a new one.
+    async fn connection(&self) -> Result<http1::Connection, HttpFailure> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match idle {
-                Some(s) if !s.is_closed() => return Ok(s),
+                Some(c) if !c.is_closed() => return Ok(c),
                 Some(_) => continue,
                 None => break,
             }
@@ -714,79 +762,54 @@ impl HttpClient {
             .await
             .map_err(|e| HttpFailure::Connect(format!("connecting to {}: {e}", self.authority)))?;
         let _ = tcp.set_nodelay(true);
-        macro_rules! handshake {
-            ($io:expr) => {{
-                let (send, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new($io))
-                        .await
-                        .map_err(|e| HttpFailure::Connect(e.to_string()))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                send
-            }};
-        }
-        Ok(match &self.tls {
+        let stream = match &self.tls {
             Some((connector, name)) => {
                 let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
                     HttpFailure::Connect(format!("TLS with {}: {e}", self.authority))
                 })?;
-                handshake!(tls)
+                http1::Stream::Tls(Box::new(tls))
             }
-            None => handshake!(tcp),
-        })
+            None => http1::Stream::Plain(tcp),
+        };
+        Ok(http1::Connection::new(stream))
     }
 
     /// Sends `request` on an idle connection (or a new one) and reads the whole answer;
     /// the connection goes back to the idle ones if it stays open. Non-2xx answers are
     /// errors carrying the start of their body.
-    async fn exchange(
-        &self,
-        request: http::Request<Full<Bytes>>,
-    ) -> Result<(http::response::Parts, Bytes), HttpFailure> {
-        let mut send = self.connection().await?;
-        if send.ready().await.is_err() {
-            // Closed while idle: one fresh connection.
-            send = self.connection().await?;
-            send.ready()
+    async fn exchange(&self, request: &[u8]) -> Result<http1::Response, HttpFailure> {
+        let mut conn = self.connection().await?;
+        let (response, reusable) =
+            conn.exchange(request, MAX_MESSAGE)
                 .await
-                .map_err(|e| HttpFailure::Connect(e.to_string()))?;
-        }
-        let response = send
-            .send_request(request)
-            .await
-            .map_err(|e| HttpFailure::Connect(e.to_string()))?;
-        let (parts, body) = response.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_MESSAGE)
-            .collect()
-            .await
-            .map_err(|e| HttpFailure::Body(e.to_string()))?
-            .to_bytes();
-        if !send.is_closed() {
+                .map_err(|e| match e {
+                    http1::Http1Error::Io(_) | http1::Http1Error::Closed => {
+                        HttpFailure::Connect(format!("{}: {e}", self.authority))
+                    }
+                    other => HttpFailure::Body(other.to_string()),
+                })?;
+        if reusable {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(send);
+                .push(conn);
         }
-        if !parts.status.is_success() {
+        if !(200..300).contains(&response.status) {
+            let body = &response.body;
             return Err(HttpFailure::Status(
-                parts.status.as_u16(),
+                response.status,
                 String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
             ));
         }
-        Ok((parts, body))
+        Ok(response)
     }
 
     /// `GET` of the URL's path; the body as text (2xx only).
     async fn get(&self, timeout: Duration) -> Result<String, HttpFailure> {
         let fetch = async {
-            let request = http::Request::get(self.url.path_and_query().map_or("/", |p| p.as_str()))
-                .header(http::header::HOST, &self.authority)
-                .header(http::header::ACCEPT, "application/json")
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| HttpFailure::Body(e.to_string()))?;
-            let (_, body) = self.exchange(request).await?;
-            String::from_utf8(body.to_vec()).map_err(|e| HttpFailure::Body(e.to_string()))
+            let request = self.request("GET", &[("accept", "application/json")], None)?;
+            let response = self.exchange(&request).await?;
+            String::from_utf8(response.body.to_vec()).map_err(|e| HttpFailure::Body(e.to_string()))
         };
         tokio::time::timeout(timeout, fetch)
             .await
@@ -812,43 +835,36 @@ impl HttpClient {
         protocol: Option<&str>,
     ) -> Result<HttpReply, HttpFailure> {
         let body = serde_json::to_vec(msg).map_err(|e| HttpFailure::Body(e.to_string()))?;
-        let mut request =
-            http::Request::post(self.url.path_and_query().map_or("/", |p| p.as_str()))
-                .header(http::header::HOST, &self.authority)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::ACCEPT, "application/json, text/event-stream");
+        let mut fields = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
         if let Some(s) = session {
-            request = request.header("mcp-session-id", s);
+            fields.push(("mcp-session-id", s));
         }
         if let Some(p) = protocol {
-            request = request.header("mcp-protocol-version", p);
+            fields.push(("mcp-protocol-version", p));
         }
-        let mut request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| HttpFailure::Body(e.to_string()))?;
-        for (k, v) in &self.headers {
-            request.headers_mut().insert(k.clone(), v.clone());
-        }
-        let (parts, body) = self.exchange(request).await?;
-        let status = parts.status.as_u16();
-        let session = parts
-            .headers
-            .get("mcp-session-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let kind = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let messages = if status == 202 || body.is_empty() {
+        let request = self.request("POST", &fields, Some(&body))?;
+        let response = self.exchange(&request).await?;
+        let sse = response.content_type.as_deref().is_some_and(|k| {
+            k.get(..17)
+                .is_some_and(|k| k.eq_ignore_ascii_case("text/event-stream"))
+        });
+        let messages = if response.status == 202 || response.body.is_empty() {
             Vec::new()
-        } else if kind.starts_with("text/event-stream") {
-            sse_messages(&body)
+        } else if sse {
+            sse_messages(&response.body)
         } else {
-            vec![serde_json::from_slice(&body).map_err(|e| HttpFailure::Body(e.to_string()))?]
+            vec![
+                serde_json::from_slice(&response.body)
+                    .map_err(|e| HttpFailure::Body(e.to_string()))?,
+            ]
         };
-        Ok(HttpReply { session, messages })
+        Ok(HttpReply {
+            session: response.session,
+            messages,
+        })
     }
 }
 
@@ -916,6 +932,110 @@ mod tests {
             json!({"a":1})
         );
         assert!(rpc_result("u", json!({"jsonrpc":"2.0","id":1})).is_err());
+    }
+
+    /// An HTTPS upstream: requests carry the client's and the configured headers (these
+    /// replacing the client's own), ride one kept-alive TLS connection, and header values
+    /// with line breaks are refused before anything is sent.
+    #[test]
+    fn https_requests_share_one_connection_and_carry_their_headers() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = std::env::temp_dir().join(format!("cloudlet-https-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = crate::quic::self_signed(&["localhost"]).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, &id.cert_pem).unwrap();
+        let config = crate::quic::server_config(
+            crate::quic::PqMode::Preferred,
+            vec![id.cert.clone()],
+            id.key.clone_key(),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        runtime().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<String>();
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                let mut seen = Vec::new();
+                for n in 0.. {
+                    let end = loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        let mut b = [0u8; 4096];
+                        match tls.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => seen.extend_from_slice(&b[..k]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.parse().unwrap());
+                    while seen.len() < end + 4 + len {
+                        let mut b = [0u8; 4096];
+                        let k = tls.read(&mut b).await.unwrap();
+                        seen.extend_from_slice(&b[..k]);
+                    }
+                    let body: Value = serde_json::from_slice(&seen[end + 4..end + 4 + len]).unwrap();
+                    seen.drain(..end + 4 + len);
+                    heads_tx.send(head).unwrap();
+                    let answer = json!({"jsonrpc": "2.0", "id": body["id"], "result": {"n": n}}).to_string();
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nmcp-session-id: s-{n}\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    tls.write_all(reply.as_bytes()).await.unwrap();
+                }
+            });
+            let headers: BTreeMap<String, String> = [
+                ("authorization".to_string(), "Bearer k".to_string()),
+                ("Accept".to_string(), "application/json".to_string()),
+            ]
+            .into();
+            let client = HttpClient::new(
+                &format!("https://localhost:{port}/mcp?x=1"),
+                Some(&ca),
+                &headers,
+            )
+            .unwrap();
+            for n in 0..2 {
+                let msg = json!({"jsonrpc": "2.0", "id": 40 + n, "method": "ping"});
+                let reply = client
+                    .post(&msg, Some("s"), Some("2025-11-25"), Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                assert_eq!(reply.session.as_deref(), Some(format!("s-{n}").as_str()));
+                assert_eq!(reply.answer(40 + n).unwrap()["result"]["n"], n);
+                let head = heads.recv().await.unwrap();
+                let lines: Vec<&str> = head.split("\r\n").collect();
+                assert_eq!(lines[0], "POST /mcp?x=1 HTTP/1.1", "{head}");
+                for want in [
+                    format!("host: localhost:{port}"),
+                    "authorization: Bearer k".into(),
+                    "accept: application/json".into(),
+                    "content-type: application/json".into(),
+                    "mcp-session-id: s".into(),
+                    "mcp-protocol-version: 2025-11-25".into(),
+                ] {
+                    assert!(lines.contains(&want.as_str()), "{want} missing: {head}");
+                }
+                assert_eq!(lines.iter().filter(|l| l.starts_with("accept:")).count(), 1, "{head}");
+            }
+            let msg = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+            let e = client
+                .post(&msg, Some("s\r\nx-injected: 1"), None, Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("control characters"), "{e}");
+            assert!(heads.try_recv().is_err(), "a refused request was sent");
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn runtime() -> tokio::runtime::Runtime {
