@@ -231,6 +231,13 @@ struct Bucket {
     at: Instant,
 }
 
+/// What a rate bucket is kept for.
+#[derive(Clone, Copy)]
+enum Bucketed {
+    Identity = 0,
+    Tool = 1,
+}
+
 /// When an audit entry counts as written, so that its request may be answered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -378,7 +385,8 @@ pub struct McpGuard {
     sessions: Mutex<HashMap<String, Session>>,
     listing: RwLock<Arc<Listing>>,
     pins: Mutex<PinStore>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Rate buckets by identity and by tool pattern ([`Bucketed`]).
+    buckets: Mutex<[HashMap<String, Bucket>; 2]>,
     auditor: Auditor,
 }
 
@@ -599,7 +607,7 @@ impl McpGuard {
             sessions: Mutex::new(HashMap::new()),
             listing: RwLock::new(Arc::default()),
             pins: Mutex::new(pins),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Default::default()),
             auditor: Auditor::start(log, config.audit_sync),
         });
         for issuer in config.issuers.iter().filter(|i| i.jwks_url.is_some()) {
@@ -847,8 +855,8 @@ impl McpGuard {
         if let Some(kind) = header(&request, "content-type")
             && !kind
                 .trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/json")
+                .get(..16)
+                .is_some_and(|k| k.eq_ignore_ascii_case("application/json"))
         {
             return Answer::json(
                 415,
@@ -856,9 +864,13 @@ impl McpGuard {
             );
         }
         if let Some(accept) = header(&request, "accept") {
-            let a = accept.to_ascii_lowercase();
-            if !(a.contains("application/json") || a.contains("*/*") || a.contains("application/*"))
-            {
+            let has = |what: &str| {
+                accept
+                    .as_bytes()
+                    .windows(what.len())
+                    .any(|w| w.eq_ignore_ascii_case(what.as_bytes()))
+            };
+            if !(has("application/json") || has("*/*") || has("application/*")) {
                 return Answer::json(
                     406,
                     json!({"error": "Accept must include application/json"}),
@@ -926,7 +938,7 @@ impl McpGuard {
             // A response to a request of ours: the guard sends none.
             return Answer::empty(202);
         };
-        let params = obj.get("params").cloned().unwrap_or(Value::Null);
+        let params = obj.get("params").unwrap_or(&Value::Null);
         if !(params.is_object() || params.is_null()) {
             return Answer::json(
                 400,
@@ -940,19 +952,19 @@ impl McpGuard {
         let stateless = envelope.is_some() || method == "server/discover";
         if stateless {
             if let Err((code, message, data)) =
-                check_envelope(&request, method, &params, envelope.as_ref())
+                check_envelope(&request, method, params, envelope.as_ref())
             {
                 return Answer::json(status_of(code), rpc_error(&id, code, message, data));
             }
         } else if method == "initialize" {
-            return self.initialize(&id, &params, &caller);
+            return self.initialize(&id, params, &caller);
         } else {
             // Session era.
             if let Err(a) = self.session(&request, &id, &caller) {
                 return a;
             }
         }
-        let result = self.dispatch(method, &params, &caller, stateless).await;
+        let result = self.dispatch(method, params, &caller, stateless).await;
         match result {
             Ok(mut result) => {
                 if stateless && let Value::Object(r) = &mut result {
@@ -1310,7 +1322,7 @@ impl McpGuard {
         let mut pins = self.pins();
         let mut out = Vec::new();
         for (name, tool) in &listing.tools {
-            if !policy.roles.decide(&caller.roles, name).allowed {
+            if !policy.roles.allows(&caller.roles, name) {
                 continue;
             }
             if let Some(r) = Self::held(&mut pins, name, tool, policy) {
@@ -1329,15 +1341,25 @@ impl McpGuard {
         out
     }
 
-    /// Takes a token from the bucket `key` (`rate`); `Err(wait)` when empty.
-    fn take(&self, key: String, rate: Rate) -> Result<(), Duration> {
+    /// Takes a token from the bucket of `key` (an identity or a tool pattern, as `kind`
+    /// says) at `rate`; `Err(wait)` when empty.
+    fn take(&self, kind: Bucketed, key: &str, rate: Rate) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let buckets = &mut buckets[kind as usize];
         let now = Instant::now();
         let per_token = rate.per.as_secs_f64() / f64::from(rate.count);
-        let b = buckets.entry(key).or_insert(Bucket {
-            tokens: f64::from(rate.count),
-            at: now,
-        });
+        if !buckets.contains_key(key) {
+            buckets.insert(
+                key.to_string(),
+                Bucket {
+                    tokens: f64::from(rate.count),
+                    at: now,
+                },
+            );
+        }
+        let Some(b) = buckets.get_mut(key) else {
+            return Ok(());
+        };
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() / per_token)
             .min(f64::from(rate.count));
         b.at = now;
@@ -1392,14 +1414,15 @@ impl McpGuard {
             ));
         };
         note.tool = Some(name.to_string());
-        let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
+        let no_arguments = Value::Object(serde_json::Map::new());
+        let arguments = params.get("arguments").unwrap_or(&no_arguments);
         if !arguments.is_object() {
             return Err(Refusal::new(
                 code::INVALID_PARAMS,
                 "`arguments` must be an object",
             ));
         }
-        note.arguments = Some(audit::digest(&arguments));
+        note.arguments = Some(audit::digest(arguments));
         let upstream = name.split_once("__").and_then(|(prefix, _)| {
             self.upstreams
                 .iter()
@@ -1414,8 +1437,8 @@ impl McpGuard {
         note.upstream = Some(self.upstreams[ui].config.name.clone());
         let compiled = self.policy();
         let policy = &compiled.policy;
-        let verdict = policy.roles.decide(&caller.roles, name);
-        if !verdict.allowed {
+        if !policy.roles.allows(&caller.roles, name) {
+            let verdict = policy.roles.decide(&caller.roles, name);
             return Err(Refusal::new(
                 code::DENIED,
                 format!(
@@ -1425,7 +1448,7 @@ impl McpGuard {
             ));
         }
         if let Some(rate) = policy.per_identity
-            && let Err(wait) = self.take(format!("identity:{}", caller.subject), rate)
+            && let Err(wait) = self.take(Bucketed::Identity, &caller.subject, rate)
         {
             return Err(rate_limited(
                 &format!("{} is over its rate", caller.subject),
@@ -1436,7 +1459,7 @@ impl McpGuard {
             .per_tool
             .iter()
             .find(|(p, _)| super::policy::glob(p, name))
-            && let Err(wait) = self.take(format!("tool:{pattern}"), *rate)
+            && let Err(wait) = self.take(Bucketed::Tool, pattern, *rate)
         {
             return Err(rate_limited(
                 &format!("{name} is over its rate ({pattern})"),
@@ -1466,10 +1489,12 @@ impl McpGuard {
         }
         let mut violations = Vec::new();
         match (&tool.schema, &tool.schema_error) {
-            (Some(v), _) => violations.extend(
-                v.iter_errors(&arguments)
+            // `is_valid` first: it builds no errors.
+            (Some(v), _) if !v.is_valid(arguments) => violations.extend(
+                v.iter_errors(arguments)
                     .map(|e| format!("{}: {e}", pointer(&e.instance_path().to_string()))),
             ),
+            (Some(_), _) => {}
             (None, Some(e)) => {
                 return Err(Refusal::new(
                     code::BLOCKED,
@@ -1481,6 +1506,7 @@ impl McpGuard {
         for (pattern, argument, v) in &compiled.constraints {
             if super::policy::glob(pattern, name)
                 && let Some(value) = arguments.get(argument)
+                && !v.is_valid(value)
             {
                 violations.extend(v.iter_errors(value).map(|e| {
                     format!(
@@ -1504,7 +1530,7 @@ impl McpGuard {
             .data(json!({"violations": violations})));
         }
         let upstream = &self.upstreams[ui];
-        let mut forward = json!({"name": tool.raw, "arguments": arguments});
+        let mut forward = json!({"name": tool.raw, "arguments": arguments.clone()});
         if let Some(token) = params.get("_meta").and_then(|m| m.get("progressToken")) {
             forward["_meta"] = json!({"progressToken": token});
         }
@@ -1551,7 +1577,7 @@ impl McpGuard {
         let mut findings = tool.findings.clone();
         let ctx = &listing.contexts[tool.upstream];
         for text in result_texts(&result) {
-            findings.extend(threats::scan(&text, ctx));
+            findings.extend(threats::scan(text, ctx));
         }
         let blocked = blocking(&findings, &policy.threats);
         if !blocked.is_empty() {
@@ -1694,25 +1720,25 @@ fn schema_texts(schema: &Value) -> Vec<String> {
 
 /// The texts of a tool result the model reads: text contents, embedded text resources, and
 /// the structured content's strings.
-fn result_texts(result: &Value) -> Vec<String> {
+fn result_texts(result: &Value) -> Vec<&str> {
     let mut out = Vec::new();
     if let Some(Value::Array(content)) = result.get("content") {
         for c in content {
             if let Some(t) = c.get("text").and_then(Value::as_str) {
-                out.push(t.to_string());
+                out.push(t);
             }
             if let Some(t) = c
                 .get("resource")
                 .and_then(|r| r.get("text"))
                 .and_then(Value::as_str)
             {
-                out.push(t.to_string());
+                out.push(t);
             }
         }
     }
-    fn strings(v: &Value, out: &mut Vec<String>) {
+    fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
         match v {
-            Value::String(s) => out.push(s.clone()),
+            Value::String(s) => out.push(s),
             Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
             Value::Object(m) => m.values().for_each(|v| strings(v, out)),
             _ => {}

@@ -29,7 +29,15 @@ pub struct Verdict {
 }
 
 impl ToolPolicy {
-    /// Whether an identity with `roles` may call `tool`.
+    /// Whether an identity with `roles` may call `tool` ([`decide`](Self::decide) without
+    /// its reason).
+    pub fn allows(&self, roles: &[String], tool: &str) -> bool {
+        let known = || roles.iter().filter_map(|r| self.roles.get(r.as_str()));
+        !known().any(|role| role.deny.iter().any(|p| glob(p, tool)))
+            && known().any(|role| role.allow.iter().any(|p| glob(p, tool)))
+    }
+
+    /// Whether an identity with `roles` may call `tool`, and why.
     pub fn decide(&self, roles: &[String], tool: &str) -> Verdict {
         let known: Vec<(&String, &Role)> = roles
             .iter()
@@ -65,15 +73,24 @@ impl ToolPolicy {
 /// Whether `text` matches `pattern`: `*` any run of characters, `?` one character, the
 /// rest literally.
 pub fn glob(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    // The classic two-pointer match with backtracking to the last star.
+    if pattern.is_ascii() && text.is_ascii() {
+        // One byte per character: no copies.
+        matches(pattern.as_bytes(), text.as_bytes(), b'*', b'?')
+    } else {
+        let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+        matches(&p, &t, '*', '?')
+    }
+}
+
+/// The classic two-pointer match with backtracking to the last star.
+fn matches<C: Copy + PartialEq>(p: &[C], t: &[C], star_c: C, one: C) -> bool {
     let (mut i, mut j) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while j < t.len() {
-        if i < p.len() && (p[i] == '?' || p[i] == t[j]) {
+        if i < p.len() && (p[i] == one || p[i] == t[j]) {
             i += 1;
             j += 1;
-        } else if i < p.len() && p[i] == '*' {
+        } else if i < p.len() && p[i] == star_c {
             star = Some((i, j));
             i += 1;
         } else if let Some((si, sj)) = star {
@@ -84,7 +101,7 @@ pub fn glob(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    p[i..].iter().all(|c| *c == '*')
+    p[i..].iter().all(|c| *c == star_c)
 }
 
 #[cfg(test)]
@@ -106,6 +123,10 @@ mod tests {
             ("a*b*c", "axxbyy", false),
             ("", "", true),
             ("", "x", false),
+            ("?", "é", true),
+            ("é*", "éa", true),
+            ("*?", "日本", true),
+            ("??", "日", false),
         ] {
             assert_eq!(glob(p, t), m, "{p:?} against {t:?}");
         }
@@ -119,12 +140,27 @@ mod tests {
         )
         .unwrap();
         let dev = vec!["dev".to_string()];
+        let both = vec!["dev".to_string(), "ops".to_string()];
+        let guest = vec!["guest".to_string()];
+        for roles in [&dev, &both, &guest] {
+            for tool in [
+                "files__read",
+                "files__delete_all",
+                "mail__send",
+                "shell__run",
+            ] {
+                assert_eq!(
+                    policy.allows(roles, tool),
+                    policy.decide(roles, tool).allowed,
+                    "{roles:?} {tool}"
+                );
+            }
+        }
         assert!(policy.decide(&dev, "files__read").allowed);
         let v = policy.decide(&dev, "files__delete_all");
         assert!(!v.allowed);
         assert!(v.reason.contains("denied by role dev"), "{}", v.reason);
         assert!(!policy.decide(&dev, "mail__send").allowed);
-        let both = vec!["dev".to_string(), "ops".to_string()];
         // ops allows everything, but dev's deny still holds, and ops denies mail.
         assert!(!policy.decide(&both, "files__delete_all").allowed);
         assert!(!policy.decide(&both, "mail__send").allowed);
