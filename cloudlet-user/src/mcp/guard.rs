@@ -422,15 +422,40 @@ impl Compiled {
 /// An answer: HTTP status, JSON body (none for 202/204), extra headers.
 struct Answer {
     status: u16,
-    body: Option<Value>,
+    body: Body,
     headers: Vec<(&'static str, String)>,
+}
+
+/// An answer's body.
+enum Body {
+    None,
+    Json(Value),
+    /// JSON already written out.
+    Written(Vec<u8>),
 }
 
 impl Answer {
     fn json(status: u16, body: Value) -> Self {
         Self {
             status,
-            body: Some(body),
+            body: Body::Json(body),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The JSON-RPC answer to request `id` with `result`, written out without building
+    /// the envelope as a value.
+    fn result(id: &Value, result: &Value) -> Self {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+        // Writing a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, id);
+        out.extend_from_slice(br#","result":"#);
+        let _ = serde_json::to_writer(&mut out, result);
+        out.push(b'}');
+        Self {
+            status: 200,
+            body: Body::Written(out),
             headers: Vec::new(),
         }
     }
@@ -438,7 +463,7 @@ impl Answer {
     fn empty(status: u16) -> Self {
         Self {
             status,
-            body: None,
+            body: Body::None,
             headers: Vec::new(),
         }
     }
@@ -449,21 +474,34 @@ impl Answer {
     }
 
     fn into_response(self) -> http::Response<Bytes> {
-        let mut b = http::Response::builder().status(self.status);
-        if self.body.is_some() {
-            b = b.header(http::header::CONTENT_TYPE, "application/json");
+        let (json, body) = match self.body {
+            Body::None => (false, Bytes::new()),
+            // `to_vec` writes bytes straight; `to_string` goes through `fmt`.
+            Body::Json(v) => (
+                true,
+                Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+            ),
+            Body::Written(b) => (true, Bytes::from(b)),
+        };
+        let mut response = http::Response::new(body);
+        *response.status_mut() =
+            http::StatusCode::from_u16(self.status).unwrap_or(http::StatusCode::OK);
+        let headers = response.headers_mut();
+        if json {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
         }
         for (k, v) in self.headers {
-            b = b.header(k, v);
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::try_from(k),
+                http::HeaderValue::try_from(v),
+            ) {
+                headers.append(k, v);
+            }
         }
-        b.body(
-            self.body
-                // `to_vec` writes bytes straight; `to_string` goes through `fmt`.
-                .map_or_else(Bytes::new, |v| {
-                    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
-                }),
-        )
-        .unwrap_or_default()
+        response
     }
 }
 
@@ -735,13 +773,13 @@ impl McpGuard {
             Ok(c) => c,
             Err(answer) => {
                 // Refused credentials are audited too (why, not the token).
-                let why = answer
-                    .body
-                    .as_ref()
-                    .and_then(|b| b.get("error"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("credentials refused")
-                    .to_string();
+                let why = match &answer.body {
+                    Body::Json(b) => b.get("error"),
+                    _ => None,
+                }
+                .and_then(Value::as_str)
+                .unwrap_or("credentials refused")
+                .to_string();
                 self.audit_plain("-", "-", Decision::Denied, &why).await;
                 return answer;
             }
@@ -970,7 +1008,7 @@ impl McpGuard {
                 if stateless && let Value::Object(r) = &mut result {
                     r.entry("resultType").or_insert(json!("complete"));
                 }
-                Answer::json(200, json!({"jsonrpc": "2.0", "id": id, "result": result}))
+                Answer::result(&id, &result)
             }
             Err(r) => {
                 // The session revisions answer errors of dispatched requests with 200; an

@@ -383,10 +383,12 @@ impl Upstream {
         params: Option<Value>,
     ) -> Result<Value, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({"jsonrpc": "2.0", "id": id, "method": method});
-        if let Some(p) = params {
-            msg["params"] = p;
-        }
+        let msg = Outgoing {
+            jsonrpc: "2.0",
+            id,
+            method,
+            params: params.as_ref(),
+        };
         let timeout = self.config.timeout;
         let answer = match conn {
             Conn::Stdio(c) => {
@@ -437,7 +439,11 @@ impl Upstream {
     }
 
     /// Writes one message, a line, to the process's stdin.
-    async fn write_line(&self, c: &StdioConn, msg: &Value) -> Result<(), UpstreamError> {
+    async fn write_line(
+        &self,
+        c: &StdioConn,
+        msg: &impl serde::Serialize,
+    ) -> Result<(), UpstreamError> {
         let mut line = serde_json::to_vec(msg).map_err(|e| self.protocol(e.to_string()))?;
         line.push(b'\n');
         let mut stdin = c.stdin.lock().await;
@@ -543,6 +549,16 @@ impl Upstream {
         }
         Err(self.protocol("tools/list pages never end"))
     }
+}
+
+/// A request to an upstream, serialised as it stands.
+#[derive(serde::Serialize)]
+struct Outgoing<'a> {
+    jsonrpc: &'static str,
+    id: u64,
+    method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<&'a Value>,
 }
 
 fn initialize_params() -> Value {
@@ -818,7 +834,7 @@ impl HttpClient {
 
     async fn post(
         &self,
-        msg: &Value,
+        msg: &impl serde::Serialize,
         session: Option<&str>,
         protocol: Option<&str>,
         timeout: Duration,
@@ -830,7 +846,7 @@ impl HttpClient {
 
     async fn post_now(
         &self,
-        msg: &Value,
+        msg: &impl serde::Serialize,
         session: Option<&str>,
         protocol: Option<&str>,
     ) -> Result<HttpReply, HttpFailure> {
