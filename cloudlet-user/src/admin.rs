@@ -166,12 +166,7 @@ pub fn get(path: &Path, target: &str) -> Result<String, AdminError> {
 mod tests {
     use super::*;
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use crate::test_runtime as runtime;
 
     #[test]
     fn serves_routes_and_keeps_a_live_socket() {

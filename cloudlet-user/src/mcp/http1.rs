@@ -293,12 +293,7 @@ impl Connection {
 mod tests {
     use super::*;
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use crate::test_runtime as runtime;
 
     /// A server that reads one request head (and its `Content-Length` body) per entry of
     /// `answers` and writes the entry back, in `pieces` writes; then closes.

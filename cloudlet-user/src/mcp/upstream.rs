@@ -1054,12 +1054,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use crate::test_runtime as runtime;
 
     /// A shell-script MCP server: answers `initialize` and `tools/list`, exits on `tools/call`.
     fn script_upstream(dir: &std::path::Path) -> Arc<Upstream> {
