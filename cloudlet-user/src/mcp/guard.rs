@@ -386,7 +386,7 @@ pub struct McpGuard {
     listing: RwLock<Arc<Listing>>,
     pins: Mutex<PinStore>,
     /// Rate buckets by identity and by tool pattern ([`Bucketed`]).
-    buckets: Mutex<[HashMap<String, Bucket>; 2]>,
+    buckets: Mutex<[hashbrown::HashMap<String, Bucket>; 2]>,
     auditor: Auditor,
 }
 
@@ -1360,7 +1360,7 @@ impl McpGuard {
         let mut pins = self.pins();
         let mut out = Vec::new();
         for (name, tool) in &listing.tools {
-            if !policy.roles.allows(&caller.roles, name) {
+            if !policy.roles.decide(&caller.roles, name).allowed {
                 continue;
             }
             if let Some(r) = Self::held(&mut pins, name, tool, policy) {
@@ -1383,21 +1383,13 @@ impl McpGuard {
     /// says) at `rate`; `Err(wait)` when empty.
     fn take(&self, kind: Bucketed, key: &str, rate: Rate) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let buckets = &mut buckets[kind as usize];
         let now = Instant::now();
         let per_token = rate.per.as_secs_f64() / f64::from(rate.count);
-        if !buckets.contains_key(key) {
-            buckets.insert(
-                key.to_string(),
-                Bucket {
-                    tokens: f64::from(rate.count),
-                    at: now,
-                },
-            );
-        }
-        let Some(b) = buckets.get_mut(key) else {
-            return Ok(());
-        };
+        // The key is copied only for a new bucket.
+        let b = buckets[kind as usize].entry_ref(key).or_insert(Bucket {
+            tokens: f64::from(rate.count),
+            at: now,
+        });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() / per_token)
             .min(f64::from(rate.count));
         b.at = now;
@@ -1475,13 +1467,14 @@ impl McpGuard {
         note.upstream = Some(self.upstreams[ui].config.name.clone());
         let compiled = self.policy();
         let policy = &compiled.policy;
-        if !policy.roles.allows(&caller.roles, name) {
-            let verdict = policy.roles.decide(&caller.roles, name);
+        let verdict = policy.roles.decide(&caller.roles, name);
+        if !verdict.allowed {
             return Err(Refusal::new(
                 code::DENIED,
                 format!(
                     "{name} is not allowed for {}: {}",
-                    caller.subject, verdict.reason
+                    caller.subject,
+                    verdict.reason()
                 ),
             ));
         }
