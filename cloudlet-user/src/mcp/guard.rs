@@ -18,6 +18,7 @@
 //! audit log before its answer leaves.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex, RwLock},
@@ -25,7 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::{Value, json, value::RawValue};
 
 use super::{
     audit::{self, AuditLog, Decision, Entry},
@@ -445,12 +446,13 @@ impl Answer {
 
     /// The JSON-RPC answer to request `id` with `result`, written out without building
     /// the envelope as a value.
-    fn result(id: &Value, result: &Value) -> Self {
+    fn result(id: &Value, result: &(impl serde::Serialize + ?Sized)) -> Self {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
         // Writing a Value into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut out, id);
         out.extend_from_slice(br#","result":"#);
+        // Nor can writing a result (a Value, or JSON text written as it is).
         let _ = serde_json::to_writer(&mut out, result);
         out.push(b'}');
         Self {
@@ -553,6 +555,58 @@ impl Refusal {
         self.data = Some(data);
         self
     }
+}
+
+/// What a dispatched request gives: a value the guard made, or an upstream's result as the
+/// upstream wrote it.
+enum Done {
+    Value(Value),
+    Relayed(Box<RawValue>),
+}
+
+/// A `tools/call` as it goes upstream: the tool's own name, the caller's arguments and
+/// progress token (borrowed, not copied).
+#[derive(serde::Serialize)]
+struct Forward<'a> {
+    name: &'a str,
+    arguments: &'a Value,
+    #[serde(rename = "_meta", skip_serializing_if = "Option::is_none")]
+    meta: Option<Progress<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct Progress<'a> {
+    #[serde(rename = "progressToken")]
+    token: &'a Value,
+}
+
+/// `result` with `"resultType": "complete"` put first when it is an object without one,
+/// as the stateless revision's answers carry it.
+fn with_result_type(result: Box<RawValue>) -> Box<RawValue> {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(
+            rename = "resultType",
+            default,
+            deserialize_with = "super::upstream::present"
+        )]
+        result_type: Option<serde::de::IgnoredAny>,
+    }
+    let Some(rest) = result.get().strip_prefix('{') else {
+        return result;
+    };
+    if !matches!(
+        serde_json::from_str(result.get()),
+        Ok(Typed { result_type: None })
+    ) {
+        return result;
+    }
+    let comma = if rest.trim_start().starts_with('}') {
+        ""
+    } else {
+        ","
+    };
+    RawValue::from_string(format!(r#"{{"resultType":"complete"{comma}{rest}"#)).unwrap_or(result)
 }
 
 /// What the audit entry of a `tools/call` records beyond the decision.
@@ -1004,12 +1058,16 @@ impl McpGuard {
         }
         let result = self.dispatch(method, params, &caller, stateless).await;
         match result {
-            Ok(mut result) => {
+            Ok(Done::Value(mut result)) => {
                 if stateless && let Value::Object(r) = &mut result {
                     r.entry("resultType").or_insert(json!("complete"));
                 }
                 Answer::result(&id, &result)
             }
+            Ok(Done::Relayed(result)) if stateless => {
+                Answer::result(&id, &*with_result_type(result))
+            }
+            Ok(Done::Relayed(result)) => Answer::result(&id, &*result),
             Err(r) => {
                 // The session revisions answer errors of dispatched requests with 200; an
                 // upstream's own error is relayed as it is, with 200 too.
@@ -1125,6 +1183,22 @@ impl McpGuard {
         params: &Value,
         caller: &Caller,
         stateless: bool,
+    ) -> Result<Done, Refusal> {
+        match method {
+            "tools/call" => self.call(params, caller).await.map(Done::Relayed),
+            other => self
+                .dispatch_here(other, caller, stateless)
+                .await
+                .map(Done::Value),
+        }
+    }
+
+    /// The methods the guard answers itself.
+    async fn dispatch_here(
+        &self,
+        method: &str,
+        caller: &Caller,
+        stateless: bool,
     ) -> Result<Value, Refusal> {
         match method {
             "ping" => Ok(json!({})),
@@ -1154,7 +1228,6 @@ impl McpGuard {
                 }
                 Ok(result)
             }
-            "tools/call" => self.call(params, caller).await,
             "resources/list" => Ok(json!({"resources": []})),
             "resources/templates/list" => Ok(json!({"resourceTemplates": []})),
             "prompts/list" => Ok(json!({"prompts": []})),
@@ -1401,7 +1474,7 @@ impl McpGuard {
         }
     }
 
-    async fn call(&self, params: &Value, caller: &Caller) -> Result<Value, Refusal> {
+    async fn call(&self, params: &Value, caller: &Caller) -> Result<Box<RawValue>, Refusal> {
         let since = Instant::now();
         let mut note = CallNote::default();
         let outcome = self.call_checked(params, caller, &mut note).await;
@@ -1436,7 +1509,7 @@ impl McpGuard {
         params: &Value,
         caller: &Caller,
         note: &mut CallNote,
-    ) -> Result<(Value, Vec<Finding>), Refusal> {
+    ) -> Result<(Box<RawValue>, Vec<Finding>), Refusal> {
         let Some(name) = params.get("name").and_then(Value::as_str) else {
             return Err(Refusal::new(
                 code::INVALID_PARAMS,
@@ -1561,15 +1634,19 @@ impl McpGuard {
             .data(json!({"violations": violations})));
         }
         let upstream = &self.upstreams[ui];
-        let mut forward = json!({"name": tool.raw, "arguments": arguments.clone()});
-        if let Some(token) = params.get("_meta").and_then(|m| m.get("progressToken")) {
-            forward["_meta"] = json!({"progressToken": token});
-        }
+        let forward = Forward {
+            name: &tool.raw,
+            arguments,
+            meta: params
+                .get("_meta")
+                .and_then(|m| m.get("progressToken"))
+                .map(|token| Progress { token }),
+        };
         let result = upstream
             .request_if(
                 listing.generations.get(ui).copied().unwrap_or(0),
                 "tools/call",
-                Some(forward),
+                &forward,
             )
             .await
             .map_err(|e| match e {
@@ -1594,7 +1671,8 @@ impl McpGuard {
                     ..Refusal::new(code::UPSTREAM_UNAVAILABLE, other.to_string())
                 },
             })?;
-        let size = json_size(&result);
+        // Its JSON as the upstream wrote it, which is what the caller gets.
+        let size = result.get().len();
         if size > policy.max_result_bytes {
             return Err(Refusal::new(
                 code::RESULT_TOO_LARGE,
@@ -1607,8 +1685,14 @@ impl McpGuard {
         // Findings of the definition that the policy let through still flag the call.
         let mut findings = tool.findings.clone();
         let ctx = &listing.contexts[tool.upstream];
-        for text in result_texts(&result) {
-            findings.extend(threats::scan(text, ctx));
+        let texts = result_texts(&result).map_err(|e| {
+            Refusal::new(
+                code::BLOCKED,
+                format!("the result of {name} cannot be read for its checks: {e}"),
+            )
+        })?;
+        for text in texts {
+            findings.extend(threats::scan(&text, ctx));
         }
         let blocked = blocking(&findings, &policy.threats);
         if !blocked.is_empty() {
@@ -1677,24 +1761,6 @@ async fn refresh_jwks(guard: std::sync::Weak<McpGuard>, issuer: IssuerConfig) {
     }
 }
 
-/// The length of `v` as compact JSON, counted without building the text.
-fn json_size(v: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut n = Count(0);
-    // Writing a Value to a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut n, v);
-    n.0
-}
-
 fn rate_limited(why: &str, wait: Duration) -> Refusal {
     let ms = wait.as_millis().max(1) as u64;
     Refusal::new(
@@ -1750,8 +1816,158 @@ fn schema_texts(schema: &Value) -> Vec<String> {
 }
 
 /// The texts of a tool result the model reads: text contents, embedded text resources, and
-/// the structured content's strings.
-fn result_texts(result: &Value) -> Vec<&str> {
+/// the structured content's strings (those it repeats from the text contents once). Read
+/// from the result's text, borrowing every string without escapes; a result of another
+/// shape than the specification's is read as a value. An error when it cannot be read
+/// (nested deeper than the parser goes).
+fn result_texts(result: &RawValue) -> serde_json::Result<Vec<Cow<'_, str>>> {
+    use serde::de::DeserializeSeed as _;
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(default, borrow)]
+        content: Vec<Content<'a>>,
+        #[serde(rename = "structuredContent", default, borrow)]
+        structured: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Content<'a> {
+        #[serde(default, borrow, deserialize_with = "text")]
+        text: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        resource: Option<Resource<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Resource<'a> {
+        #[serde(default, borrow, deserialize_with = "text")]
+        text: Option<Cow<'a, str>>,
+    }
+    fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+        let mut found = Vec::new();
+        d.deserialize_any(Strings {
+            out: &mut found,
+            nested: false,
+        })?;
+        Ok(found.pop())
+    }
+    let read = || -> serde_json::Result<Vec<Cow<'_, str>>> {
+        let text = result.get();
+        if !text.starts_with('{') {
+            return Err(serde::de::Error::custom("not an object"));
+        }
+        let shape: Shape = serde_json::from_str(text)?;
+        let mut out = Vec::new();
+        for c in shape.content {
+            out.extend(c.text);
+            out.extend(c.resource.and_then(|r| r.text));
+        }
+        if let Some(s) = shape.structured {
+            let mut found = Vec::new();
+            let mut de = serde_json::Deserializer::from_str(s.get());
+            Strings {
+                out: &mut found,
+                nested: true,
+            }
+            .deserialize(&mut de)?;
+            // Structured content usually repeats the text content: scan what is new.
+            let new: Vec<_> = found.into_iter().filter(|s| !out.contains(s)).collect();
+            out.extend(new);
+        }
+        Ok(out)
+    };
+    read().or_else(|_| {
+        let v = serde_json::from_str::<Value>(result.get())?;
+        Ok(value_texts(&v)
+            .into_iter()
+            .map(|t| Cow::Owned(t.to_string()))
+            .collect())
+    })
+}
+
+/// Collects the strings of a JSON value (not its keys), borrowing those without escapes;
+/// with `nested` false, only a string or `null` is accepted.
+struct Strings<'s, 'a> {
+    out: &'s mut Vec<Cow<'a, str>>,
+    nested: bool,
+}
+
+impl<'a> serde::de::DeserializeSeed<'a> for Strings<'_, 'a> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'a>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'a> serde::de::Visitor<'a> for Strings<'_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(if self.nested { "JSON" } else { "a string" })
+    }
+    fn visit_borrowed_str<E>(self, v: &'a str) -> Result<(), E> {
+        self.out.push(Cow::Borrowed(v));
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.out.push(Cow::Owned(v.to_string()));
+        Ok(())
+    }
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.out.push(Cow::Owned(v));
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.scalar()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.scalar()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.scalar()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.scalar()
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'a>>(self, mut seq: A) -> Result<(), A::Error> {
+        if !self.nested {
+            return Err(serde::de::Error::custom("not a string"));
+        }
+        while seq
+            .next_element_seed(Strings {
+                out: &mut *self.out,
+                nested: true,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'a>>(self, mut map: A) -> Result<(), A::Error> {
+        if !self.nested {
+            return Err(serde::de::Error::custom("not a string"));
+        }
+        while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            map.next_value_seed(Strings {
+                out: &mut *self.out,
+                nested: true,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Strings<'_, '_> {
+    fn scalar<E: serde::de::Error>(self) -> Result<(), E> {
+        if self.nested {
+            Ok(())
+        } else {
+            Err(E::custom("not a string"))
+        }
+    }
+}
+
+/// [`result_texts`] of a result of another shape, read as a value.
+fn value_texts(result: &Value) -> Vec<&str> {
     let mut out = Vec::new();
     if let Some(Value::Array(content)) = result.get("content") {
         for c in content {
@@ -1857,14 +2073,78 @@ fn check_envelope(
 mod tests {
     use super::*;
 
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    /// The texts a result's checks read, from its text: those without escapes borrowed, the
+    /// structured content's new strings after the text contents; the same texts from a
+    /// result of another shape, read as a value; an error for one too deep to read.
     #[test]
-    fn json_size_is_the_compact_text_length() {
-        for v in [
-            json!(null),
-            json!({"content": [{"type": "text", "text": "héllo \"quoted\"\n"}], "n": 1.5}),
-            json!([1, "two", {"three": [true, false]}]),
+    fn result_texts_are_read_from_the_text() {
+        let r = raw(
+            r#"{"content":[{"type":"text","text":"plain"},{"type":"text","text":"esc\"aped"},
+            {"type":"resource","resource":{"uri":"file:///a","text":"in a resource"}},
+            {"type":"image","data":"aGk=","mimeType":"image/png"}],
+            "structuredContent":{"k":["plain",{"deeper":"new one"}],"n":1,"t":true,"z":null},
+            "isError":false}"#,
+        );
+        let texts = result_texts(&r).unwrap();
+        assert_eq!(
+            texts,
+            ["plain", "esc\"aped", "in a resource", "new one"].map(Cow::Borrowed)
+        );
+        assert!(
+            matches!(texts[0], Cow::Borrowed(_)),
+            "no copy of plain text"
+        );
+        assert!(matches!(texts[1], Cow::Owned(_)), "escapes are read");
+        // Other shapes: a text that is no string is no text, content that is no list none.
+        for (text, expect) in [
+            (r#"{"content":[{"text":5},{"text":"five"}]}"#, vec!["five"]),
+            (
+                r#"{"content":["loose"],"structuredContent":"s"}"#,
+                vec!["s"],
+            ),
+            (r#"{"content":{"text":"x"}}"#, vec![]),
+            (r#"["not","an","object"]"#, vec![]),
         ] {
-            assert_eq!(json_size(&v), v.to_string().len(), "{v}");
+            let r = raw(text);
+            let got = result_texts(&r).unwrap();
+            let v: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(got, value_texts(&v), "{text}");
+            assert_eq!(got, expect, "{text}");
+        }
+        let deep = format!(
+            r#"{{"structuredContent":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(result_texts(&raw(&deep)).is_err());
+    }
+
+    #[test]
+    fn stateless_results_get_their_result_type_once() {
+        for (result, expect) in [
+            ("{}", r#"{"resultType":"complete"}"#),
+            (
+                r#"{"content":[]}"#,
+                r#"{"resultType":"complete","content":[]}"#,
+            ),
+            (
+                r#"{"resultType":"partial","a":1}"#,
+                r#"{"resultType":"partial","a":1}"#,
+            ),
+            (
+                r#"{"a":{"resultType":1}}"#,
+                r#"{"resultType":"complete","a":{"resultType":1}}"#,
+            ),
+            (r#"{"resultType":null}"#, r#"{"resultType":null}"#),
+            ("[1]", "[1]"),
+        ] {
+            let out = with_result_type(raw(result));
+            assert_eq!(out.get(), expect);
+            serde_json::from_str::<Value>(out.get()).unwrap();
         }
     }
 

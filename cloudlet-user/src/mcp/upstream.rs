@@ -20,7 +20,7 @@ use std::{
 };
 
 use super::http1;
-use serde_json::{Value, json};
+use serde_json::{Value, json, value::RawValue};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     sync::{Notify, oneshot, watch},
@@ -93,7 +93,8 @@ pub enum UpstreamError {
     Restarted(String),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+/// Requests waiting on a stdio upstream, by id: each gets its answer's message as text.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Box<RawValue>>>>>;
 
 /// A live stdio connection.
 struct StdioConn {
@@ -241,8 +242,8 @@ impl Upstream {
             Transport::Stdio { command, env, cwd } => {
                 let (conn, exited) = self.start_process(command, env, cwd.as_ref())?;
                 let conn = Arc::new(Conn::Stdio(conn));
-                let init = self.exchange(&conn, "initialize", Some(initialize_params()));
-                match init.await {
+                let params = initialize_params();
+                match self.exchange(&conn, "initialize", Some(&params)).await {
                     Ok(_) => {
                         self.notify(&conn, "notifications/initialized").await?;
                         Ok((conn, Some(exited)))
@@ -270,9 +271,17 @@ impl Upstream {
                     .map_err(|e| self.unavailable(e.to_string()))?;
                 let session = reply.session.clone();
                 let answer = reply.answer(id).map_err(|e| self.protocol(e))?;
-                let result = rpc_result(&self.config.name, answer)?;
-                if let Some(v) = result.get("protocolVersion").and_then(Value::as_str) {
-                    conn.protocol = v.to_string();
+                let result = rpc_result(&self.config.name, &answer)?;
+                #[derive(serde::Deserialize)]
+                struct Initialized {
+                    #[serde(rename = "protocolVersion")]
+                    protocol_version: Option<String>,
+                }
+                if let Ok(Initialized {
+                    protocol_version: Some(v),
+                }) = serde_json::from_str(result.get())
+                {
+                    conn.protocol = v;
                 }
                 conn.session = session;
                 let conn = Arc::new(Conn::Http(conn));
@@ -348,7 +357,7 @@ impl Upstream {
                         let _ = child.start_kill();
                         break;
                     }
-                    let Ok(msg) = serde_json::from_slice::<Value>(&line) else {
+                    let Ok(msg) = serde_json::from_slice::<Box<RawValue>>(&line) else {
                         log::debug!(
                             "MCP upstream {name}: not JSON: {}",
                             String::from_utf8_lossy(&line)
@@ -375,19 +384,20 @@ impl Upstream {
         ))
     }
 
-    /// Sends a request on `conn` and waits for its result.
-    async fn exchange(
+    /// Sends a request on `conn` and waits for its result, which comes as the upstream
+    /// wrote it.
+    async fn exchange<P: serde::Serialize>(
         &self,
         conn: &Conn,
         method: &str,
-        params: Option<Value>,
-    ) -> Result<Value, UpstreamError> {
+        params: Option<&P>,
+    ) -> Result<Box<RawValue>, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = Outgoing {
             jsonrpc: "2.0",
             id,
             method,
-            params: params.as_ref(),
+            params,
         };
         let timeout = self.config.timeout;
         let answer = match conn {
@@ -435,7 +445,7 @@ impl Upstream {
                 reply.answer(id).map_err(|e| self.protocol(e))?
             }
         };
-        rpc_result(&self.config.name, answer)
+        rpc_result(&self.config.name, &answer)
     }
 
     /// Writes one message, a line, to the process's stdin.
@@ -480,30 +490,37 @@ impl Upstream {
         method: &str,
         params: Option<Value>,
     ) -> Result<Value, UpstreamError> {
-        self.request_on(None, method, params).await.map(|(_, v)| v)
+        let (_, result) = self.request_on(None, method, params.as_ref()).await?;
+        self.parsed(&result)
     }
 
-    /// [`request`](Self::request) on the connection numbered `generation` only: another
-    /// one gives [`UpstreamError::Restarted`].
+    /// Sends `method` with `params` on the connection numbered `generation` only (another
+    /// one gives [`UpstreamError::Restarted`]) and returns the result as the upstream wrote
+    /// it: what the guard relays is the upstream's own text.
     pub async fn request_if(
         &self,
         generation: u64,
         method: &str,
-        params: Option<Value>,
-    ) -> Result<Value, UpstreamError> {
-        self.request_on(Some(generation), method, params)
+        params: &impl serde::Serialize,
+    ) -> Result<Box<RawValue>, UpstreamError> {
+        self.request_on(Some(generation), method, Some(params))
             .await
             .map(|(_, v)| v)
     }
 
+    /// A result as a value.
+    fn parsed(&self, result: &RawValue) -> Result<Value, UpstreamError> {
+        serde_json::from_str(result.get()).map_err(|e| self.protocol(e.to_string()))
+    }
+
     /// Sends the request on the live connection (if it is number `expect`, when given);
     /// the connection's number and the result.
-    async fn request_on(
+    async fn request_on<P: serde::Serialize>(
         &self,
         expect: Option<u64>,
         method: &str,
-        params: Option<Value>,
-    ) -> Result<(u64, Value), UpstreamError> {
+        params: Option<&P>,
+    ) -> Result<(u64, Box<RawValue>), UpstreamError> {
         let (conn, generation) = {
             let live = self.conn.read().await;
             (live.clone(), self.generation())
@@ -533,7 +550,8 @@ impl Upstream {
         for _ in 0..1000 {
             let params = cursor.as_ref().map(|c| json!({ "cursor": c }));
             // Every page from the same connection.
-            let (generation, result) = self.request_on(on, "tools/list", params).await?;
+            let (generation, result) = self.request_on(on, "tools/list", params.as_ref()).await?;
+            let result = self.parsed(&result)?;
             on = Some(generation);
             match result.get("tools") {
                 Some(Value::Array(page)) => tools.extend(page.iter().cloned()),
@@ -553,12 +571,45 @@ impl Upstream {
 
 /// A request to an upstream, serialised as it stands.
 #[derive(serde::Serialize)]
-struct Outgoing<'a> {
+struct Outgoing<'a, P> {
     jsonrpc: &'static str,
     id: u64,
     method: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    params: Option<&'a Value>,
+    params: Option<&'a P>,
+}
+
+/// A JSON-RPC message from an upstream, read as far as routing it needs: its result stays
+/// text, relayed as the upstream wrote it (key order, number spelling and all).
+#[derive(serde::Deserialize)]
+struct Incoming<'a> {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    /// An `"error": null` beside a result (JSON-RPC 1.0's habit) is no error.
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    method: Option<String>,
+}
+
+impl Incoming<'_> {
+    /// An answer (a result or an error) to request `id`.
+    fn answers(&self, id: u64) -> bool {
+        self.id.as_ref().and_then(Value::as_u64) == Some(id)
+            && (self.result.is_some() || self.error.is_some())
+    }
+}
+
+/// For a field that is `Some` whenever its key is there, `null` included (with
+/// `#[serde(default)]` for when it is not).
+pub(super) fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 fn initialize_params() -> Value {
@@ -572,10 +623,13 @@ fn initialize_params() -> Value {
 /// Hands an upstream's message to the request waiting for it. Requests from the upstream
 /// (sampling, elicitation) are not supported by the guard and go unanswered here; the
 /// upstream's own timeout ends them.
-fn route_reply(name: &str, pending: &Pending, msg: Value) {
-    let is_reply = msg.get("result").is_some() || msg.get("error").is_some();
-    match msg.get("id").and_then(Value::as_u64) {
-        Some(id) if is_reply => {
+fn route_reply(name: &str, pending: &Pending, msg: Box<RawValue>) {
+    let Ok(incoming) = serde_json::from_str::<Incoming>(msg.get()) else {
+        log::debug!("MCP upstream {name}: not a JSON-RPC message: {}", msg.get());
+        return;
+    };
+    match incoming.id.as_ref().and_then(Value::as_u64) {
+        Some(id) if incoming.answers(id) => {
             if let Some(tx) = pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -586,16 +640,16 @@ fn route_reply(name: &str, pending: &Pending, msg: Value) {
         }
         _ => log::debug!(
             "MCP upstream {name}: ignored {}",
-            msg.get("method")
-                .and_then(Value::as_str)
-                .unwrap_or("a message")
+            incoming.method.as_deref().unwrap_or("a message")
         ),
     }
 }
 
 /// The `result` of a JSON-RPC answer, or its error.
-fn rpc_result(upstream: &str, mut answer: Value) -> Result<Value, UpstreamError> {
-    if let Some(error) = answer.get("error") {
+fn rpc_result(upstream: &str, answer: &RawValue) -> Result<Box<RawValue>, UpstreamError> {
+    let answer = serde_json::from_str::<Incoming>(answer.get())
+        .map_err(|e| UpstreamError::Protocol(upstream.to_string(), e.to_string()))?;
+    if let Some(error) = &answer.error {
         return Err(UpstreamError::Rpc {
             upstream: upstream.to_string(),
             code: error.get("code").and_then(Value::as_i64).unwrap_or(-32603),
@@ -607,8 +661,8 @@ fn rpc_result(upstream: &str, mut answer: Value) -> Result<Value, UpstreamError>
             data: error.get("data").cloned(),
         });
     }
-    match answer.get_mut("result") {
-        Some(r) => Ok(r.take()),
+    match answer.result {
+        Some(r) => Ok(r.to_owned()),
         None => Err(UpstreamError::Protocol(
             upstream.to_string(),
             "an answer with neither result nor error".into(),
@@ -634,18 +688,15 @@ enum HttpFailure {
 struct HttpReply {
     session: Option<String>,
     /// JSON-RPC messages in the body (one for a JSON answer, any number in an SSE stream).
-    messages: Vec<Value>,
+    messages: Vec<Box<RawValue>>,
 }
 
 impl HttpReply {
     /// The answer to request `id`.
-    fn answer(self, id: u64) -> Result<Value, String> {
+    fn answer(self, id: u64) -> Result<Box<RawValue>, String> {
         self.messages
             .into_iter()
-            .find(|m| {
-                m.get("id").and_then(Value::as_u64) == Some(id)
-                    && (m.get("result").is_some() || m.get("error").is_some())
-            })
+            .find(|m| serde_json::from_str::<Incoming>(m.get()).is_ok_and(|m| m.answers(id)))
             .ok_or_else(|| format!("no answer to request {id} in the response"))
     }
 }
@@ -883,17 +934,16 @@ impl HttpClient {
 }
 
 /// The JSON messages in an SSE body: each event's `data:` lines joined with newlines.
-fn sse_messages(body: &[u8]) -> Vec<Value> {
+fn sse_messages(body: &[u8]) -> Vec<Box<RawValue>> {
     let text = String::from_utf8_lossy(body);
     let mut out = Vec::new();
     let mut data = String::new();
     for line in text.lines().chain(std::iter::once("")) {
         if line.is_empty() {
-            if !data.is_empty() {
-                if let Ok(v) = serde_json::from_str(&data) {
-                    out.push(v);
-                }
-                data.clear();
+            if !data.is_empty()
+                && let Ok(v) = RawValue::from_string(std::mem::take(&mut data))
+            {
+                out.push(v);
             }
         } else if let Some(rest) = line.strip_prefix("data:") {
             if !data.is_empty() {
@@ -925,7 +975,10 @@ mod tests {
         let body = b": comment\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\n\ndata: not json\n\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\ndata: \"result\":{}}\n\n";
         let msgs = sse_messages(body);
         assert_eq!(msgs.len(), 1);
-        assert_eq!(msgs[0]["id"], 7);
+        assert_eq!(
+            msgs[0].get(),
+            "{\"jsonrpc\":\"2.0\",\"id\":7,\n\"result\":{}}"
+        );
         let reply = HttpReply {
             session: None,
             messages: msgs,
@@ -934,18 +987,31 @@ mod tests {
     }
 
     #[test]
-    fn json_rpc_errors_are_kept() {
-        let e = rpc_result(
-            "u",
-            json!({"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"bad"}}),
-        )
-        .unwrap_err();
+    fn json_rpc_errors_are_kept_and_results_relayed_as_written() {
+        let answer = |text: &str| rpc_result("u", &RawValue::from_string(text.into()).unwrap());
+        let e = answer(r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"bad"}}"#)
+            .unwrap_err();
         assert!(matches!(e, UpstreamError::Rpc { code: -32602, .. }), "{e}");
+        // Key order, spacing and numbers past f64's precision stay as the upstream wrote them.
+        let result = r#"{"z": 1, "a": 123456789012345678901234567890, "e": 1.0e3}"#;
+        let text = format!(r#"{{"jsonrpc":"2.0","id":1,"result":{result},"error":null}}"#);
+        assert_eq!(answer(&text).unwrap().get(), result);
+        // A null result is a result.
         assert_eq!(
-            rpc_result("u", json!({"jsonrpc":"2.0","id":1,"result":{"a":1}})).unwrap(),
-            json!({"a":1})
+            answer(r#"{"jsonrpc":"2.0","id":1,"result":null}"#)
+                .unwrap()
+                .get(),
+            "null"
         );
-        assert!(rpc_result("u", json!({"jsonrpc":"2.0","id":1})).is_err());
+        assert!(matches!(
+            answer(r#"{"jsonrpc":"2.0","id":1}"#),
+            Err(UpstreamError::Protocol(..))
+        ));
+        let incoming: Incoming = serde_json::from_str(&text).unwrap();
+        assert!(incoming.answers(1) && !incoming.answers(2));
+        let notification: Incoming =
+            serde_json::from_str(r#"{"jsonrpc":"2.0","method":"notifications/message"}"#).unwrap();
+        assert!(!notification.answers(1));
     }
 
     /// An HTTPS upstream: requests carry the client's and the configured headers (these
@@ -1025,7 +1091,8 @@ mod tests {
                     .await
                     .unwrap();
                 assert_eq!(reply.session.as_deref(), Some(format!("s-{n}").as_str()));
-                assert_eq!(reply.answer(40 + n).unwrap()["result"]["n"], n);
+                let answer: Value = serde_json::from_str(reply.answer(40 + n).unwrap().get()).unwrap();
+                assert_eq!(answer["result"]["n"], n);
                 let head = heads.recv().await.unwrap();
                 let lines: Vec<&str> = head.split("\r\n").collect();
                 assert_eq!(lines[0], "POST /mcp?x=1 HTTP/1.1", "{head}");
@@ -1114,9 +1181,14 @@ done
             assert_eq!(tools.len(), 1);
             assert!(second > first, "{second} after {first}");
             // A request bound to the first connection is refused on the new one.
-            let e = up.request_if(first, "tools/list", None).await.unwrap_err();
+            let e = up
+                .request_if(first, "tools/list", &json!({}))
+                .await
+                .unwrap_err();
             assert!(matches!(e, UpstreamError::Restarted(..)), "{e}");
-            up.request_if(second, "tools/list", None).await.unwrap();
+            up.request_if(second, "tools/list", &json!({}))
+                .await
+                .unwrap();
         });
         std::fs::remove_dir_all(&dir).unwrap();
     }
