@@ -594,7 +594,16 @@ struct Incoming<'a> {
     method: Option<String>,
 }
 
-impl Incoming<'_> {
+impl<'a> Incoming<'a> {
+    /// Reads a message: a JSON object (an array, which would fill the fields in order, is
+    /// refused: the guard sends no batches).
+    fn read(text: &'a str) -> serde_json::Result<Self> {
+        if !text.trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("a JSON-RPC message is an object"));
+        }
+        serde_json::from_str(text)
+    }
+
     /// An answer (a result or an error) to request `id`.
     fn answers(&self, id: u64) -> bool {
         self.id.as_ref().and_then(Value::as_u64) == Some(id)
@@ -624,7 +633,7 @@ fn initialize_params() -> Value {
 /// (sampling, elicitation) are not supported by the guard and go unanswered here; the
 /// upstream's own timeout ends them.
 fn route_reply(name: &str, pending: &Pending, msg: Box<RawValue>) {
-    let Ok(incoming) = serde_json::from_str::<Incoming>(msg.get()) else {
+    let Ok(incoming) = Incoming::read(msg.get()) else {
         log::debug!("MCP upstream {name}: not a JSON-RPC message: {}", msg.get());
         return;
     };
@@ -647,7 +656,7 @@ fn route_reply(name: &str, pending: &Pending, msg: Box<RawValue>) {
 
 /// The `result` of a JSON-RPC answer, or its error.
 fn rpc_result(upstream: &str, answer: &RawValue) -> Result<Box<RawValue>, UpstreamError> {
-    let answer = serde_json::from_str::<Incoming>(answer.get())
+    let answer = Incoming::read(answer.get())
         .map_err(|e| UpstreamError::Protocol(upstream.to_string(), e.to_string()))?;
     if let Some(error) = &answer.error {
         return Err(UpstreamError::Rpc {
@@ -696,7 +705,7 @@ impl HttpReply {
     fn answer(self, id: u64) -> Result<Box<RawValue>, String> {
         self.messages
             .into_iter()
-            .find(|m| serde_json::from_str::<Incoming>(m.get()).is_ok_and(|m| m.answers(id)))
+            .find(|m| Incoming::read(m.get()).is_ok_and(|m| m.answers(id)))
             .ok_or_else(|| format!("no answer to request {id} in the response"))
     }
 }
@@ -1007,11 +1016,18 @@ mod tests {
             answer(r#"{"jsonrpc":"2.0","id":1}"#),
             Err(UpstreamError::Protocol(..))
         ));
-        let incoming: Incoming = serde_json::from_str(&text).unwrap();
+        let incoming = Incoming::read(&text).unwrap();
         assert!(incoming.answers(1) && !incoming.answers(2));
-        let notification: Incoming =
-            serde_json::from_str(r#"{"jsonrpc":"2.0","method":"notifications/message"}"#).unwrap();
+        let notification =
+            Incoming::read(r#"{"jsonrpc":"2.0","method":"notifications/message"}"#).unwrap();
         assert!(!notification.answers(1));
+        // An array would fill the fields in order (an id, then a result): not a message.
+        assert!(serde_json::from_str::<Incoming>(r#"[1, {"a": 1}]"#).is_ok_and(|m| m.answers(1)));
+        assert!(Incoming::read(r#"[1, {"a": 1}]"#).is_err());
+        assert!(matches!(
+            answer(r#"[1, {"a": 1}]"#),
+            Err(UpstreamError::Protocol(..))
+        ));
     }
 
     /// An HTTPS upstream: requests carry the client's and the configured headers (these
