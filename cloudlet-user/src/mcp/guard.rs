@@ -1691,22 +1691,21 @@ impl McpGuard {
                 format!("the result of {name} cannot be read for its checks: {e}"),
             )
         })?;
-        let relayed = match reading {
+        let result = match reading {
             Reading::Texts(texts) => {
                 for text in texts {
                     findings.extend(threats::scan(&text, ctx));
                 }
-                None
+                result
             }
             Reading::Value(v) => {
                 for text in value_texts(&v) {
                     findings.extend(threats::scan(text, ctx));
                 }
                 // A Value writes out as JSON text.
-                RawValue::from_string(v.to_string()).ok()
+                RawValue::from_string(v.to_string()).unwrap_or(result)
             }
         };
-        let result = relayed.unwrap_or(result);
         let blocked = blocking(&findings, &policy.threats);
         if !blocked.is_empty() {
             return Err(Refusal::new(
@@ -1855,24 +1854,20 @@ fn read_result(result: &RawValue) -> serde_json::Result<Reading<'_>> {
     }
     #[derive(serde::Deserialize)]
     struct Content<'a> {
-        #[serde(default, borrow, deserialize_with = "text")]
-        text: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        text: Option<Text<'a>>,
         #[serde(default, borrow)]
         resource: Option<Resource<'a>>,
     }
     #[derive(serde::Deserialize)]
     struct Resource<'a> {
-        #[serde(default, borrow, deserialize_with = "text")]
-        text: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        text: Option<Text<'a>>,
     }
-    fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
-        let mut found = Vec::new();
-        d.deserialize_any(Strings {
-            out: &mut found,
-            nested: false,
-        })?;
-        Ok(found.pop())
-    }
+    /// A string, borrowed when it has no escapes (`borrow` on a `Cow` field does that; on an
+    /// `Option<Cow>` it would copy every one).
+    #[derive(serde::Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
     let read = || -> serde_json::Result<Vec<Cow<'_, str>>> {
         let text = result.get();
         if !text.starts_with('{') {
@@ -1881,17 +1876,13 @@ fn read_result(result: &RawValue) -> serde_json::Result<Reading<'_>> {
         let shape: Shape = serde_json::from_str(text)?;
         let mut out = Vec::new();
         for c in shape.content {
-            out.extend(c.text);
-            out.extend(c.resource.and_then(|r| r.text));
+            out.extend(c.text.map(|t| t.0));
+            out.extend(c.resource.and_then(|r| r.text).map(|t| t.0));
         }
         if let Some(s) = shape.structured {
             let mut found = Vec::new();
             let mut de = serde_json::Deserializer::from_str(s.get());
-            Strings {
-                out: &mut found,
-                nested: true,
-            }
-            .deserialize(&mut de)?;
+            Strings(&mut found).deserialize(&mut de)?;
             // Structured content usually repeats the text content: scan what is new.
             let new: Vec<_> = found.into_iter().filter(|s| !out.contains(s)).collect();
             out.extend(new);
@@ -1904,12 +1895,8 @@ fn read_result(result: &RawValue) -> serde_json::Result<Reading<'_>> {
     }
 }
 
-/// Collects the strings of a JSON value (not its keys), borrowing those without escapes;
-/// with `nested` false, only a string or `null` is accepted.
-struct Strings<'s, 'a> {
-    out: &'s mut Vec<Cow<'a, str>>,
-    nested: bool,
-}
+/// Collects the strings of a JSON value (not its keys), borrowing those without escapes.
+struct Strings<'s, 'a>(&'s mut Vec<Cow<'a, str>>);
 
 impl<'a> serde::de::DeserializeSeed<'a> for Strings<'_, 'a> {
     type Value = ();
@@ -1921,69 +1908,44 @@ impl<'a> serde::de::DeserializeSeed<'a> for Strings<'_, 'a> {
 impl<'a> serde::de::Visitor<'a> for Strings<'_, 'a> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(if self.nested { "JSON" } else { "a string" })
+        f.write_str("JSON")
     }
     fn visit_borrowed_str<E>(self, v: &'a str) -> Result<(), E> {
-        self.out.push(Cow::Borrowed(v));
+        self.0.push(Cow::Borrowed(v));
         Ok(())
     }
     fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        self.out.push(Cow::Owned(v.to_string()));
+        self.0.push(Cow::Owned(v.to_string()));
         Ok(())
     }
     fn visit_string<E>(self, v: String) -> Result<(), E> {
-        self.out.push(Cow::Owned(v));
+        self.0.push(Cow::Owned(v));
         Ok(())
     }
     fn visit_unit<E>(self) -> Result<(), E> {
         Ok(())
     }
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
-        self.scalar()
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
-        self.scalar()
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
-        self.scalar()
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
-        self.scalar()
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
     fn visit_seq<A: serde::de::SeqAccess<'a>>(self, mut seq: A) -> Result<(), A::Error> {
-        if !self.nested {
-            return Err(serde::de::Error::custom("not a string"));
-        }
-        while seq
-            .next_element_seed(Strings {
-                out: &mut *self.out,
-                nested: true,
-            })?
-            .is_some()
-        {}
+        while seq.next_element_seed(Strings(&mut *self.0))?.is_some() {}
         Ok(())
     }
     fn visit_map<A: serde::de::MapAccess<'a>>(self, mut map: A) -> Result<(), A::Error> {
-        if !self.nested {
-            return Err(serde::de::Error::custom("not a string"));
-        }
         while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
-            map.next_value_seed(Strings {
-                out: &mut *self.out,
-                nested: true,
-            })?;
+            map.next_value_seed(Strings(&mut *self.0))?;
         }
         Ok(())
-    }
-}
-
-impl Strings<'_, '_> {
-    fn scalar<E: serde::de::Error>(self) -> Result<(), E> {
-        if self.nested {
-            Ok(())
-        } else {
-            Err(E::custom("not a string"))
-        }
     }
 }
 

@@ -93,8 +93,9 @@ pub enum UpstreamError {
     Restarted(String),
 }
 
-/// Requests waiting on a stdio upstream, by id: each gets its answer's message as text.
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Box<RawValue>>>>>;
+/// Requests waiting on a stdio upstream, by id: each gets its answer's result (as the
+/// upstream wrote it) or error.
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Box<RawValue>, UpstreamError>>>>>;
 
 /// A live stdio connection.
 struct StdioConn {
@@ -270,8 +271,7 @@ impl Upstream {
                     .await
                     .map_err(|e| self.unavailable(e.to_string()))?;
                 let session = reply.session.clone();
-                let answer = reply.answer(id).map_err(|e| self.protocol(e))?;
-                let result = rpc_result(&self.config.name, &answer)?;
+                let result = rpc_result(&self.config.name, self.answer_in(&reply, id)?)?;
                 #[derive(serde::Deserialize)]
                 struct Initialized {
                     #[serde(rename = "protocolVersion")]
@@ -357,14 +357,7 @@ impl Upstream {
                         let _ = child.start_kill();
                         break;
                     }
-                    let Ok(msg) = serde_json::from_slice::<Box<RawValue>>(&line) else {
-                        log::debug!(
-                            "MCP upstream {name}: not JSON: {}",
-                            String::from_utf8_lossy(&line)
-                        );
-                        continue;
-                    };
-                    route_reply(&name, &pending, msg);
+                    route_reply(&name, &pending, &line);
                 }
                 // Fail everything in flight at once: the senders are dropped.
                 pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -400,7 +393,7 @@ impl Upstream {
             params,
         };
         let timeout = self.config.timeout;
-        let answer = match conn {
+        match conn {
             Conn::Stdio(c) => {
                 let (tx, rx) = oneshot::channel();
                 c.pending
@@ -415,14 +408,14 @@ impl Upstream {
                     return Err(e);
                 }
                 match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(answer)) => answer,
-                    Ok(Err(_)) => return Err(self.unavailable("the process exited")),
+                    Ok(Ok(outcome)) => outcome,
+                    Ok(Err(_)) => Err(self.unavailable("the process exited")),
                     Err(_) => {
                         c.pending
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .remove(&id);
-                        return Err(UpstreamError::Timeout(self.config.name.clone(), timeout));
+                        Err(UpstreamError::Timeout(self.config.name.clone(), timeout))
                     }
                 }
             }
@@ -442,10 +435,16 @@ impl Upstream {
                         return Err(self.unavailable(e.to_string()));
                     }
                 };
-                reply.answer(id).map_err(|e| self.protocol(e))?
+                rpc_result(&self.config.name, self.answer_in(&reply, id)?)
             }
-        };
-        rpc_result(&self.config.name, &answer)
+        }
+    }
+
+    /// The answer to request `id` in `reply`.
+    fn answer_in<'r>(&self, reply: &'r HttpReply, id: u64) -> Result<Incoming<'r>, UpstreamError> {
+        reply
+            .answer(id)
+            .ok_or_else(|| self.protocol(format!("no answer to request {id} in the response")))
     }
 
     /// Writes one message, a line, to the process's stdin.
@@ -604,10 +603,16 @@ impl<'a> Incoming<'a> {
         serde_json::from_str(text)
     }
 
-    /// An answer (a result or an error) to request `id`.
+    /// The request this answers (with a result or an error), if it is an answer.
+    fn answer_to(&self) -> Option<u64> {
+        self.id
+            .as_ref()
+            .and_then(Value::as_u64)
+            .filter(|_| self.result.is_some() || self.error.is_some())
+    }
+
     fn answers(&self, id: u64) -> bool {
-        self.id.as_ref().and_then(Value::as_u64) == Some(id)
-            && (self.result.is_some() || self.error.is_some())
+        self.answer_to() == Some(id)
     }
 }
 
@@ -632,22 +637,28 @@ fn initialize_params() -> Value {
 /// Hands an upstream's message to the request waiting for it. Requests from the upstream
 /// (sampling, elicitation) are not supported by the guard and go unanswered here; the
 /// upstream's own timeout ends them.
-fn route_reply(name: &str, pending: &Pending, msg: Box<RawValue>) {
-    let Ok(incoming) = Incoming::read(msg.get()) else {
-        log::debug!("MCP upstream {name}: not a JSON-RPC message: {}", msg.get());
+fn route_reply(name: &str, pending: &Pending, line: &[u8]) {
+    let Some(incoming) = std::str::from_utf8(line)
+        .ok()
+        .and_then(|text| Incoming::read(text).ok())
+    else {
+        log::debug!(
+            "MCP upstream {name}: not a JSON-RPC message: {}",
+            String::from_utf8_lossy(line)
+        );
         return;
     };
-    match incoming.id.as_ref().and_then(Value::as_u64) {
-        Some(id) if incoming.answers(id) => {
+    match incoming.answer_to() {
+        Some(id) => {
             if let Some(tx) = pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id)
             {
-                let _ = tx.send(msg);
+                let _ = tx.send(rpc_result(name, incoming));
             }
         }
-        _ => log::debug!(
+        None => log::debug!(
             "MCP upstream {name}: ignored {}",
             incoming.method.as_deref().unwrap_or("a message")
         ),
@@ -655,9 +666,7 @@ fn route_reply(name: &str, pending: &Pending, msg: Box<RawValue>) {
 }
 
 /// The `result` of a JSON-RPC answer, or its error.
-fn rpc_result(upstream: &str, answer: &RawValue) -> Result<Box<RawValue>, UpstreamError> {
-    let answer = Incoming::read(answer.get())
-        .map_err(|e| UpstreamError::Protocol(upstream.to_string(), e.to_string()))?;
+fn rpc_result(upstream: &str, answer: Incoming) -> Result<Box<RawValue>, UpstreamError> {
     if let Some(error) = &answer.error {
         return Err(UpstreamError::Rpc {
             upstream: upstream.to_string(),
@@ -702,11 +711,10 @@ struct HttpReply {
 
 impl HttpReply {
     /// The answer to request `id`.
-    fn answer(self, id: u64) -> Result<Box<RawValue>, String> {
+    fn answer(&self, id: u64) -> Option<Incoming<'_>> {
         self.messages
-            .into_iter()
-            .find(|m| Incoming::read(m.get()).is_ok_and(|m| m.answers(id)))
-            .ok_or_else(|| format!("no answer to request {id} in the response"))
+            .iter()
+            .find_map(|m| Incoming::read(m.get()).ok().filter(|m| m.answers(id)))
     }
 }
 
@@ -992,12 +1000,12 @@ mod tests {
             session: None,
             messages: msgs,
         };
-        assert!(reply.answer(7).is_ok());
+        assert!(reply.answer(7).is_some() && reply.answer(8).is_none());
     }
 
     #[test]
     fn json_rpc_errors_are_kept_and_results_relayed_as_written() {
-        let answer = |text: &str| rpc_result("u", &RawValue::from_string(text.into()).unwrap());
+        let answer = |text: &str| rpc_result("u", Incoming::read(text).unwrap());
         let e = answer(r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"bad"}}"#)
             .unwrap_err();
         assert!(matches!(e, UpstreamError::Rpc { code: -32602, .. }), "{e}");
@@ -1024,10 +1032,6 @@ mod tests {
         // An array would fill the fields in order (an id, then a result): not a message.
         assert!(serde_json::from_str::<Incoming>(r#"[1, {"a": 1}]"#).is_ok_and(|m| m.answers(1)));
         assert!(Incoming::read(r#"[1, {"a": 1}]"#).is_err());
-        assert!(matches!(
-            answer(r#"[1, {"a": 1}]"#),
-            Err(UpstreamError::Protocol(..))
-        ));
     }
 
     /// An HTTPS upstream: requests carry the client's and the configured headers (these
@@ -1107,8 +1111,9 @@ mod tests {
                     .await
                     .unwrap();
                 assert_eq!(reply.session.as_deref(), Some(format!("s-{n}").as_str()));
-                let answer: Value = serde_json::from_str(reply.answer(40 + n).unwrap().get()).unwrap();
-                assert_eq!(answer["result"]["n"], n);
+                let result = rpc_result("u", reply.answer(40 + n).unwrap()).unwrap();
+                let result: Value = serde_json::from_str(result.get()).unwrap();
+                assert_eq!(result["n"], n);
                 let head = heads.recv().await.unwrap();
                 let lines: Vec<&str> = head.split("\r\n").collect();
                 assert_eq!(lines[0], "POST /mcp?x=1 HTTP/1.1", "{head}");
